@@ -1,0 +1,1 @@
+"""finetune: placeholder until its issue lands."""

@@ -1,0 +1,1 @@
+"""pretrain: corpora, token shards, the GPT model, optimizers and the training loop."""

@@ -1,0 +1,1 @@
+"""serve: placeholder until its issue lands."""

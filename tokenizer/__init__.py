@@ -1,0 +1,1 @@
+"""tokenizer: byte-level BPE, written from scratch (placeholder until the tokenizer lands)."""

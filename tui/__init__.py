@@ -1,0 +1,1 @@
+"""tui: placeholder until its issue lands."""
