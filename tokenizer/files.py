@@ -1,0 +1,83 @@
+"""Where scratchchat keeps its artifacts, and how text corpora are read from disk.
+
+Every stage reads documents through `iter_texts`, so "a corpus" means the same thing everywhere:
+files or folders of .txt (one document per file), .jsonl ({"text": ...} per line) or .parquet
+(column `text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def scratchchat_home() -> Path:
+    """$SCRATCHCHAT_HOME, or ~/.cache/scratchchat when it is unset or empty."""
+    env = os.environ.get("SCRATCHCHAT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "scratchchat"
+
+
+def _expand(path: Path) -> list[Path]:
+    """The readable files behind one user-given path, in a stable (sorted) order."""
+    if path.is_dir():
+        # Folders may hold unrelated files (READMEs, manifests): take only what we can read.
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"unsupported file type {path.suffix or '(none)'!r} for {path}; use .txt, .jsonl or .parquet")
+    return [path]
+
+
+def _read_file(path: Path) -> Iterator[str]:
+    try:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+        elif path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}:{lineno}: \"text\" must be a string")
+                    yield text
+        else:
+            import pyarrow.parquet as pq  # imported lazily: only parquet readers pay for it
+
+            pf = pq.ParquetFile(path)
+            if "text" not in pf.schema_arrow.names:
+                raise ValueError(f"{path}: parquet file has no 'text' column")
+            # Row groups keep memory bounded on large shards.
+            for batch in pf.iter_batches(columns=["text"]):
+                for text in batch.column(0).to_pylist():
+                    if text is not None:
+                        yield text
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid UTF-8 text") from None
+    except ValueError:
+        raise
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Yield documents from files/folders of .txt, .jsonl and .parquet.
+
+    Raises ValueError with a clear message for missing or unreadable paths and unsupported files.
+    All paths are checked before the first document is yielded, so a typo fails fast.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files = [f for p in paths for f in _expand(Path(p))]
+    for f in files:
+        yield from _read_file(f)
