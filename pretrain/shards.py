@@ -1,0 +1,213 @@
+"""Token shards on disk and the loader that streams training batches from them.
+
+A shard is a flat array of token ids behind a 32-byte header:
+
+    magic b"SCTOKENS" | version u32 | itemsize u32 (2 = uint16, 4 = uint32) | count u64 | 8 bytes reserved
+
+`read_shard` memory-maps the ids, so a corpus far bigger than RAM costs nothing to open.
+`TokenLoader` treats a split's shards (`train_00000.bin`, `train_00001.bin`, ...) as one long
+stream and cuts it into (x, y) batches; its position is a small json-able dict that a
+checkpoint stores so a resumed run continues on exactly the same batches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"SCTOKENS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ8x")  # little-endian on every platform, 32 bytes
+HEADER_SIZE = HEADER.size
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+MANIFEST = "manifest.json"
+
+
+class ShardError(ValueError):
+    """A shard or token directory that cannot be used: missing, corrupt, truncated or mismatched."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32: half the disk and I/O for small vocabs."""
+    return DTYPES[2] if vocab_size <= 2**16 else DTYPES[4]
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = None) -> Path:
+    """Write `tokens` (1-D ints) as a shard, atomically (temp file + rename).
+
+    The dtype follows `vocab_size` when given (so every shard of a corpus agrees), else the largest id.
+    """
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ShardError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise ShardError(f"tokens must be integers, got {tokens.dtype}")
+    lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+    dtype = dtype_for_vocab(vocab_size if vocab_size is not None else hi + 1)
+    if lo < 0 or hi > np.iinfo(dtype).max or (vocab_size is not None and hi >= vocab_size):
+        raise ShardError(f"token ids must lie in [0, {vocab_size or np.iinfo(dtype).max + 1}), got [{lo}, {hi}]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size))
+            f.write(tokens.astype(dtype, copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_header(path: str | Path) -> tuple[np.dtype, int]:
+    """Validate a shard's header against its size; return (dtype, token count)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+    except OSError as e:
+        raise ShardError(f"cannot read shard {path}: {e.strerror or e}") from None
+    if len(raw) < HEADER_SIZE:
+        raise ShardError(f"{path} is not a token shard (only {size} bytes, header needs {HEADER_SIZE})")
+    magic, version, itemsize, count = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ShardError(f"{path} is not a token shard (bad magic {magic!r})")
+    if version != VERSION:
+        raise ShardError(f"{path} has shard format version {version}, this code reads version {VERSION}")
+    if itemsize not in DTYPES:
+        raise ShardError(f"{path} has unknown dtype code {itemsize}")
+    expected = HEADER_SIZE + count * itemsize
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise ShardError(f"{path} is {what}: {size} bytes, header promises {expected}; re-run tokenize")
+    return DTYPES[itemsize], count
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-map a shard's token ids (read-only); raises ShardError for a bad or truncated file."""
+    dtype, count = read_header(path)
+    if count == 0:  # np.memmap refuses empty maps
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
+
+
+def shard_paths(token_dir: str | Path, split: str) -> list[Path]:
+    """The split's shards in stream order (names are zero-padded, so sorting is numeric)."""
+    return sorted(Path(token_dir).glob(f"{split}_*.bin"))
+
+
+def load_manifest(token_dir: str | Path) -> dict:
+    """The token directory's manifest.json (tokenizer_hash, vocab_size, counts, bytes per split)."""
+    path = Path(token_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"no {MANIFEST} in {token_dir}; run python -m pretrain.data tokenize first") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"cannot read {path}: {e}") from None
+
+
+class TokenLoader:
+    """Streams (x, y) int64 batches of shape [batch_size, seq_len] from one split's shards.
+
+    The split's shards form one stream. Each step takes world_size consecutive windows of
+    batch_size*seq_len + 1 tokens (y is x shifted by one) and rank r keeps window r, so ranks
+    never see the same tokens and together cover the stream. The position is global (identical on
+    every rank), so any rank's `state_dict()` resumes all of them. When the stream cannot fill
+    another step it wraps to the start and counts an epoch; the short tail is skipped.
+    """
+
+    def __init__(self, token_dir: str | Path, split: str, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        self.paths = shard_paths(token_dir, split)
+        if not self.paths:
+            raise ShardError(f"no {split}_*.bin shards in {token_dir}; run python -m pretrain.data tokenize first")
+        self.shards = [read_shard(p) for p in self.paths]
+        sizes = [len(s) for s in self.shards]
+        self.starts = np.cumsum([0] + sizes)  # stream offset of each shard's first token
+        self.total = int(self.starts[-1])
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.window = batch_size * seq_len  # tokens a rank consumes per step (+1 for the last target)
+        if self.total < world_size * self.window + 1:
+            raise ShardError(f"{split} split has {self.total} tokens, fewer than one step needs "
+                             f"({world_size} x {batch_size} x {seq_len} + 1); use a smaller batch or more data")
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._wrap_if_short()  # a state loaded with a bigger batch or world size may not fit
+        x, y = self._batch(self.position + self.rank * self.window)
+        self.position += self.world_size * self.window
+        self._wrap_if_short()  # eagerly, so state_dict() always names the next batch's real position
+        return x, y
+
+    def _wrap_if_short(self) -> None:
+        if self.position + self.world_size * self.window + 1 > self.total:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One deterministic pass from the start of the stream (no wrap), independent of the train position.
+
+        Every rank yields the same number of batches, so DDP ranks can all-reduce after the loop.
+        """
+        step = self.world_size * self.window
+        n = (self.total - 1) // step
+        if max_batches is not None:
+            n = min(n, max_batches)
+        for i in range(n):
+            yield self._batch(i * step + self.rank * self.window)
+
+    def _tokens(self, start: int, count: int) -> np.ndarray:
+        """`count` stream tokens from `start`, stitched across shard boundaries, as int64."""
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts, need = [], count
+        while need:
+            lo = start + count - need - int(self.starts[k])
+            part = self.shards[k][lo:lo + need]
+            parts.append(part)
+            need -= len(part)
+            k += 1
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out.astype(np.int64)
+
+    def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = torch.from_numpy(self._tokens(start, self.window + 1))
+        if self.pin:  # page-locked memory lets the host->GPU copy overlap with compute
+            buf = buf.pin_memory()
+        buf = buf.to(self.device, non_blocking=self.pin)
+        x = buf[:-1].view(self.batch_size, self.seq_len)
+        y = buf[1:].view(self.batch_size, self.seq_len)
+        return x, y
+
+    def state_dict(self) -> dict:
+        """The next batch's position: epoch, shard index and offset in it (json-able, equal on every rank)."""
+        k = int(np.searchsorted(self.starts, self.position, side="right")) - 1
+        return {"split": self.split, "epoch": self.epoch, "shard": k,
+                "offset": self.position - int(self.starts[k]), "total_tokens": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`; refuses a state taken on different data."""
+        if state.get("total_tokens") != self.total or not 0 <= state.get("shard", -1) < len(self.shards):
+            raise ShardError(f"loader state is for a {state.get('total_tokens')}-token {state.get('split')} split, "
+                             f"this {self.split} split has {self.total} tokens: the token shards changed")
+        position = int(self.starts[state["shard"]]) + int(state["offset"])
+        if not 0 <= position < self.total:
+            raise ShardError(f"loader state offset {state['offset']} lies outside shard {state['shard']}")
+        self.epoch, self.position = int(state["epoch"]), position

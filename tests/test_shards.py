@@ -1,0 +1,139 @@
+"""Token shards: the on-disk format, its error checks, and the batch loader's determinism, resume and rank striding."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.shards import (HEADER_SIZE, ShardError, TokenLoader, load_manifest, read_header, read_shard,
+                             write_shard)
+
+
+def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):
+    """Shards of the given sizes holding one known stream (returned for comparison)."""
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, vocab, size=sum(sizes))
+    at = 0
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at:at + n], vocab_size=vocab)
+        at += n
+    return stream
+
+
+@pytest.mark.parametrize("vocab,dtype", [(65536, np.uint16), (100_277, np.uint32)])
+def test_round_trip_picks_dtype_from_vocab(tmp_path, vocab, dtype):
+    tokens = np.array([0, 1, vocab - 1, 42, vocab // 2], dtype=np.int64)
+    path = write_shard(tmp_path / "train_00000.bin", tokens, vocab_size=vocab)
+    back = read_shard(path)
+    assert back.dtype == dtype and back.tolist() == tokens.tolist()
+    assert path.stat().st_size == HEADER_SIZE + len(tokens) * np.dtype(dtype).itemsize
+    assert read_header(path) == (np.dtype(dtype), len(tokens))
+
+
+def test_dtype_from_largest_id_and_empty_shard(tmp_path):
+    assert read_shard(write_shard(tmp_path / "a.bin", np.array([65535]))).dtype == np.uint16
+    assert read_shard(write_shard(tmp_path / "b.bin", np.array([65536]))).dtype == np.uint32
+    assert len(read_shard(write_shard(tmp_path / "c.bin", np.array([], dtype=np.int64)))) == 0
+
+
+def test_write_rejects_bad_ids_and_leaves_no_file(tmp_path):
+    for bad in (np.array([-1, 3]), np.array([70_000]), np.array([[1, 2]]), np.array([1.5])):
+        with pytest.raises(ShardError):
+            write_shard(tmp_path / "x.bin", bad, vocab_size=65536 if bad.size == 1 else None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_shards_give_clear_errors(tmp_path):
+    path = write_shard(tmp_path / "s.bin", np.arange(100), vocab_size=1000)
+    raw = path.read_bytes()
+    cases = {
+        "bad magic": b"NOTTOKEN" + raw[8:],
+        "version 9": raw[:8] + struct.pack("<I", 9) + raw[12:],
+        "dtype code 3": raw[:12] + struct.pack("<I", 3) + raw[16:],
+        "truncated": raw[:-1],
+        "trailing bytes": raw + b"\0\0",
+        "header needs": raw[:10],
+    }
+    for message, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(ShardError, match=message):
+            read_shard(path)
+    with pytest.raises(ShardError, match="cannot read shard"):
+        read_shard(tmp_path / "missing.bin")
+
+
+def test_loader_batches_are_shifted_windows_of_the_stream_across_shards(tmp_path):
+    stream = make_dir(tmp_path, [37, 5, 0, 61])  # windows straddle shard boundaries and an empty shard
+    loader = TokenLoader(tmp_path, "train", batch_size=2, seq_len=4)
+    for i in range(12):
+        x, y = next(loader)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, 4)
+        start = (i % ((len(stream) - 1) // 8)) * 8
+        assert x.flatten().tolist() == stream[start:start + 8].tolist()
+        assert y.flatten().tolist() == stream[start + 1:start + 9].tolist()
+    assert loader.epoch == 1  # 103 tokens hold 12 batches of 8+1, so the 13th wrapped
+
+
+def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
+    make_dir(tmp_path, [50, 50, 50])
+    uninterrupted = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
+    reference = [next(uninterrupted) for _ in range(40)]  # several epochs
+
+    first = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
+    got = [next(first) for _ in range(17)]
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint's JSON
+    resumed = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
+    resumed.load_state_dict(state)
+    got += [next(resumed) for _ in range(23)]
+    for (x, y), (rx, ry) in zip(got, reference, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    assert resumed.epoch == uninterrupted.epoch > 0
+
+
+def test_load_state_refuses_other_data(tmp_path):
+    make_dir(tmp_path / "a", [100])
+    make_dir(tmp_path / "b", [120])
+    state = TokenLoader(tmp_path / "a", "train", 2, 4).state_dict()
+    with pytest.raises(ShardError, match="shards changed"):
+        TokenLoader(tmp_path / "b", "train", 2, 4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_are_disjoint_and_cover_the_stream(tmp_path, world_size):
+    stream = make_dir(tmp_path, [80, 80], vocab=10**6)  # ids almost surely unique, so positions are identifiable
+    B, T, steps = 2, 3, (len(stream) - 1) // (world_size * 6)
+    seen = []
+    for rank in range(world_size):
+        loader = TokenLoader(tmp_path, "train", B, T, rank=rank, world_size=world_size)
+        seen.append(np.concatenate([next(loader)[0].flatten().numpy() for _ in range(steps)]))
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not set(seen[a]) & set(seen[b])
+    covered = np.sort(np.concatenate(seen))
+    assert covered.tolist() == np.sort(stream[:steps * world_size * B * T]).tolist()
+
+
+def test_val_pass_is_deterministic_and_ignores_train_position(tmp_path):
+    stream = make_dir(tmp_path, [30, 30], split="val")
+    loader = TokenLoader(tmp_path, "val", batch_size=1, seq_len=7)
+    first = [x.flatten().tolist() for x, _ in loader.iter_val()]
+    next(loader), next(loader)
+    assert [x.flatten().tolist() for x, _ in loader.iter_val()] == first
+    assert len(first) == 8 and first[-1] == stream[49:56].tolist()
+    assert len(list(loader.iter_val(max_batches=3))) == 3
+    ranks = [list(TokenLoader(tmp_path, "val", 1, 7, rank=r, world_size=2).iter_val()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # equal counts so DDP ranks can all-reduce together
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(ShardError, match="no train_"):
+        TokenLoader(tmp_path, "train", 2, 4)
+    make_dir(tmp_path, [20])
+    with pytest.raises(ShardError, match="fewer than one step"):
+        TokenLoader(tmp_path, "train", 4, 8)
+    with pytest.raises(ValueError, match="rank"):
+        TokenLoader(tmp_path, "train", 1, 2, rank=2, world_size=2)
+    with pytest.raises(ShardError, match="tokenize first"):
+        load_manifest(tmp_path)
