@@ -1,0 +1,264 @@
+"""The GPT: a modern decoder-only transformer in one file, in the manner of nanochat.
+
+Token embedding -> [RMSNorm -> attention (rotary, QK-norm, grouped-query) -> RMSNorm -> ReLU^2 MLP] x n_layer
+-> RMSNorm -> untied lm_head -> tanh logit soft-cap. No biases; RMSNorm is functional (no parameters).
+
+Training calls `model(idx, targets)` on the fast causal SDPA path. Inference calls `model(idx, kv_cache=cache)`:
+the `KVCache` keeps one length per row, so a serving engine can batch sequences of different lengths, prefill
+many tokens and decode one at a time through the same forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65536
+    sequence_len: int = 2048  # training context; rotary tables cover 10x this for inference
+    n_layer: int = 20
+    n_head: int = 10  # query heads
+    n_kv_head: int = 10  # key/value heads (< n_head: grouped-query attention)
+    n_embd: int = 1280
+    softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, **overrides) -> "GPTConfig":
+        """One knob for the shape: width 64*depth, heads of ~128 dims (depth 20 ~ 560M params at vocab 65536)."""
+        n_embd = overrides.pop("n_embd", None) or 64 * depth
+        n_head = overrides.pop("n_head", None)
+        if n_head is None:
+            # ceil(n_embd / 128) heads, bumped until the head size is a whole even number (odd depths).
+            n_head = max(1, math.ceil(n_embd / 128))
+            while n_embd % n_head or (n_embd // n_head) % 2:
+                n_head += 1
+        n_kv_head = overrides.pop("n_kv_head", None) or n_head
+        return cls(vocab_size=vocab_size, sequence_len=sequence_len, n_layer=depth, n_head=n_head,
+                   n_kv_head=n_kv_head, n_embd=n_embd, **overrides)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x [B, T, H, D] by the angles whose cos/sin broadcast to [B, T, 1, D/2]."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows; row b holds `pos[b]` valid positions.
+
+    forward(idx [b, T], kv_cache=cache, rows=..., lengths=...) writes the new tokens of each row at positions
+    pos[row] .. pos[row]+T-1, attends over that row's prefix, then advances pos[row] by lengths[row] (default T).
+    Right-padded prefills pass `lengths`: the padding is written but lies beyond pos, so it is never attended
+    to and is overwritten by the next tokens.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Forget rows (all by default) so their slots can take new sequences."""
+        if rows is None:
+            self.pos.zero_()
+        else:
+            self.pos[torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)] = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm keeps logits tame
+        gqa = self.n_head != self.n_kv_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=gqa)
+        else:
+            kv: KVCache = cache["cache"]
+            rows, positions, span = cache["rows"], cache["positions"], cache["span"]
+            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            kc[rows[:, None], positions] = k.to(kc.dtype)
+            vc[rows[:, None], positions] = v.to(vc.dtype)
+            keys = kc[:, :span] if cache["all_rows"] else kc[rows, :span]
+            values = vc[:, :span] if cache["all_rows"] else vc[rows, :span]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                                               values.transpose(1, 2).to(q.dtype),
+                                               attn_mask=cache["mask"], enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables are derived, not learned: non-persistent buffers, so checkpoints hold only weights.
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    def _rotary_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        return angles.cos(), angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Unit-variance embeddings, fan-in scaled matrices, and zero output projections so every block
+        starts as the identity and the model starts at the uniform prediction (loss = ln(vocab))."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                fan_out, fan_in = m.weight.shape
+                nn.init.normal_(m.weight, std=fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wte.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per non-embedding weight + attention scores (nanochat's estimate)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def _cache_context(self, kv: KVCache, T: int, rows, lengths) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        device = kv.pos.device
+        all_rows = rows is None
+        rows = torch.arange(kv.batch_size, device=device) if rows is None else torch.as_tensor(rows, device=device)
+        positions = kv.pos[rows][:, None] + torch.arange(T, device=device)  # [b, T]
+        span = int(positions.max()) + 1
+        if span > min(kv.max_len, self.rotary_len):
+            raise ValueError(f"sequence of {span} tokens exceeds the cache ({kv.max_len}) or rotary table ({self.rotary_len})")
+        mask = torch.arange(span, device=device) <= positions[:, :, None]  # [b, T, span]: key j visible to query t
+        cache = {"cache": kv, "rows": rows, "positions": positions, "span": span, "mask": mask[:, None],
+                 "all_rows": all_rows}
+        return cache, self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, rows: torch.Tensor | list[int] | None = None,
+                lengths: torch.Tensor | list[int] | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, T, V] when targets is None, else the loss: mean over positions where targets != -1 and
+        loss_mask (bool or float, 1 = learn) is set; reduction="none" gives the per-position loss [B, T].
+
+        With kv_cache, idx [b, T] continues cache rows `rows` (default: all rows, b == cache batch size);
+        `lengths` [b] says how many of the T tokens are real in each right-padded row."""
+        B, T = idx.shape
+        cache = None
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
+        else:
+            cache, cos, sin = self._cache_context(kv_cache, T, rows, lengths)
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, cache)
+        logits = self.lm_head(norm(x)).float()  # the loss and soft-cap want fp32 even under bf16 autocast
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if cache is not None:
+            step = T if lengths is None else torch.as_tensor(lengths, device=kv_cache.pos.device)
+            kv_cache.pos[cache["rows"]] += step
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="none").view(B, T)
+        if reduction == "none":
+            return loss
+        weight = (targets != -1).float()
+        if loss_mask is not None:
+            weight = weight * loss_mask.float()
+        return (loss * weight).sum() / weight.sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0, stop: set[int] | None = None) -> list[int]:
+        """Continue one prompt with the KV cache: greedy at temperature 0, else seeded sampling."""
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache(self.config, 1, len(prompt) + max_new_tokens, device=device, dtype=self.lm_head.weight.dtype)
+        logits = self(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+            out.append(int(nxt))
+            if stop and out[-1] in stop:
+                break
+            logits = self(nxt, kv_cache=cache)[:, -1]
+        return out
