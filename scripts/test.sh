@@ -2,6 +2,15 @@
 # Set up the pinned environment, then run the whole test suite. This is the README's test command.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# System tools the tests drive for real: tmux (terminal client) and Chromium (web page).
+missing=()
+command -v tmux >/dev/null || missing+=(tmux)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "installing ${missing[*]} with apt..."
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 source "$root/scripts/setup.sh"
 cd "$root"
 set +e
