@@ -1,0 +1,244 @@
+"""A small OpenAI-compatible server that misbehaves on demand, and tests that our client reads it
+exactly as the official `openai` client does.
+
+The other tui tests import `FakeServer` from here. The last user message picks the behaviour:
+  [500] / [400]   fail with an OpenAI error body        [drop]    close the connection mid-answer
+  [badjson]       send a chunk that is not JSON          [stall]   send a little, then nothing
+  [slow]          0.1 s between tokens                   [long]    a 60-line answer
+  [length]        stop with finish_reason "length"       otherwise an echo with a code block.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from tui.client import Finish, ServerError, Usage, list_models, make_http, stream_chat
+
+MODEL = "fake-model"
+
+
+def answer_for(prompt: str) -> str:
+    if "[long]" in prompt:
+        return "".join(f"line {i} of a long answer\n\n" for i in range(60))
+    return f"Echo: **{prompt}**\n\n```python\nprint({prompt!r})\n```\n\nand `done`."
+
+
+def tokens_of(text: str) -> list[str]:
+    # Word-ish pieces keeping whitespace, like a tokenizer's output stream.
+    pieces, word = [], ""
+    for ch in text:
+        word += ch
+        if ch in " \n":
+            pieces.append(word)
+            word = ""
+    return pieces + ([word] if word else [])
+
+
+def chunk(delta: dict, finish: str | None = None) -> str:
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class FakeServer:
+    """Runs the fake API with uvicorn in a thread on 127.0.0.1; `.url` ends in /v1."""
+
+    def __init__(self, port: int = 0, api_key: str = "") -> None:
+        self.api_key = api_key
+        self.requests: list[dict] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        app = Starlette(routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> FakeServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "fake server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                           "code": "invalid_api_key"}}, status_code=401)
+        return None
+
+    async def models(self, request: Request) -> JSONResponse:
+        return self._denied(request) or JSONResponse(
+            {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "test"},
+                                        {"id": "other-model", "object": "model", "created": 0, "owned_by": "test"}]})
+
+    async def chat(self, request: Request):
+        if denied := self._denied(request):
+            return denied
+        body = await request.json()
+        self.requests.append(body)
+        prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        for code in (400, 500):
+            if f"[{code}]" in prompt:
+                return JSONResponse({"error": {"message": f"the fake server failed with {code} on purpose",
+                                               "type": "server_error", "param": None, "code": None}}, status_code=code)
+        pieces = tokens_of(answer_for(prompt))
+        if not body.get("stream"):
+            return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": MODEL,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}})
+        return StreamingResponse(self.events(prompt, pieces, body), media_type="text/event-stream")
+
+    async def events(self, prompt: str, pieces: list[str], body: dict):
+        yield chunk({"role": "assistant", "content": ""})
+        finish = "stop"
+        if "[length]" in prompt:
+            pieces, finish = pieces[:3], "length"
+        for i, piece in enumerate(pieces):
+            if "[slow]" in prompt:
+                await asyncio.sleep(0.1)
+            if i == 3 and "[drop]" in prompt:
+                raise ConnectionResetError("dropped on purpose")  # uvicorn aborts the half-sent response
+            if i == 3 and "[badjson]" in prompt:
+                yield "data: {this is not json\n\n"
+            if i == 3 and "[stall]" in prompt:
+                await asyncio.sleep(30)
+            yield chunk({"content": piece})
+        yield chunk({}, finish)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
+            yield f"data: {json.dumps({'id': 'chatcmpl-fake', 'object': 'chat.completion.chunk', 'created': 0, 'model': MODEL, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeServer(api_key="sk-test") as s:
+        yield s
+
+
+async def collect(url: str, prompt: str, api_key: str = "sk-test", timeout: float = 5.0) -> list:
+    http = make_http(url, api_key, timeout)
+    try:
+        return [item async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})]
+    finally:
+        await http.aclose()
+
+
+def openai_reference(url: str, prompt: str) -> tuple[str, str | None, tuple[int, int] | None]:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+    text, finish, usage = "", None, None
+    for c in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                            stream=True, stream_options={"include_usage": True}):
+        for choice in c.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+        if c.usage:
+            usage = (c.usage.prompt_tokens, c.usage.completion_tokens)
+    return text, finish, usage
+
+
+@pytest.mark.parametrize("prompt", ["hello there", "multi\nline ✓ ünïcode", "[length] cut me"])
+def test_stream_matches_openai_client(server, prompt):
+    items = asyncio.run(collect(server.url, prompt))
+    text = "".join(i for i in items if isinstance(i, str))
+    finish = [i.reason for i in items if isinstance(i, Finish)]
+    usage = [(i.prompt_tokens, i.completion_tokens) for i in items if isinstance(i, Usage)]
+    ref_text, ref_finish, ref_usage = openai_reference(server.url, prompt)
+    assert text == ref_text and text.startswith("Echo: **")
+    assert finish == [ref_finish]
+    assert usage == [ref_usage]
+
+
+def test_models_match_openai_client(server):
+    import openai
+
+    ref = [m.id for m in openai.OpenAI(base_url=server.url, api_key="sk-test", max_retries=0).models.list()]
+
+    async def ours():
+        async with make_http(server.url, "sk-test") as http:
+            return await list_models(http)
+
+    assert asyncio.run(ours()) == ref == [MODEL, "other-model"]
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("[500] boom", "server error 500: the fake server failed with 500 on purpose"),
+    ("[400] bad", "server error 400: the fake server failed with 400 on purpose"),
+    ("[drop] x", "the connection dropped mid-answer"),
+    ("[badjson] x", "server sent invalid JSON: '{this is not json'"),
+])
+def test_failures_become_one_clear_error(server, prompt, expected):
+    got: list = []
+
+    async def run():
+        http = make_http(server.url, "sk-test", 5.0)
+        try:
+            async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}):
+                got.append(item)
+        finally:
+            await http.aclose()
+
+    with pytest.raises(ServerError) as err:
+        asyncio.run(run())
+    assert str(err.value).startswith(expected)
+    if "[500]" in prompt:  # the openai client sees the same status and message
+        import openai
+
+        with pytest.raises(openai.InternalServerError, match="on purpose"):
+            openai_reference(server.url, prompt)
+    if "[drop]" in prompt or "[badjson]" in prompt:
+        partial = "".join(i for i in got if isinstance(i, str))
+        assert partial == "".join(tokens_of(answer_for(prompt))[:3])  # the partial text came through
+
+
+def test_wrong_key_timeout_and_no_server(server):
+    with pytest.raises(ServerError, match="server error 401: Incorrect API key"):
+        asyncio.run(collect(server.url, "hi", api_key="wrong"))
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="timed out"):
+        asyncio.run(collect(server.url, "[stall] x", timeout=0.3))
+    assert time.monotonic() - start < 5
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(ServerError, match=f"cannot reach the server at {dead}"):
+        asyncio.run(collect(dead, "hi"))
+
+
+def test_stream_without_done_is_an_error():
+    """A server that ends the body cleanly but never says [DONE] cut the answer short."""
+
+    async def body():
+        yield chunk({"content": "half an "})
+
+    async def handler(request):
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def run():
+        transport = httpx.ASGITransport(app=Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test/v1/") as http:
+            return [i async for i in stream_chat(http, {"messages": []})]
+
+    with pytest.raises(ServerError, match="without \\[DONE\\]"):
+        asyncio.run(run())
