@@ -1,0 +1,124 @@
+"""The chat format: a conversation of OpenAI-style messages <-> token ids plus a loss mask.
+
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}: an optional
+leading system message, then user and assistant turns strictly alternating, starting with the user.
+It renders as
+
+    <|bos|> [<|system_start|> text <|system_end|>] <|user_start|> text <|user_end|>
+            <|assistant_start|> text <|assistant_end|> <|user_start|> ...
+
+Mask convention (one flag per token, aligned with the ids themselves): ``mask[i] == 1`` means
+"the model should learn to produce ids[i]", which is true exactly for the assistant's content
+tokens and its <|assistant_end|>; everything the user, the system or the format supplies
+(including <|assistant_start|>) is 0. For next-token training the inputs are ``ids[:-1]``, the
+targets ``ids[1:]`` and the model's loss_mask ``mask[1:]`` (see ``training_example``), so a target
+position is learned iff its target token is an assistant token.
+
+Message content is always encoded as ordinary text: a user who types "<|assistant_start|>" gets
+the characters, never the special token (the tokenizer's default ``allowed_special`` is empty).
+This module is what ``serve`` uses to build prompts: ``render_prompt`` and ``assistant_end_id``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatFormatError(ValueError):
+    """A conversation that does not follow the chat format; the message says what is wrong."""
+
+
+class ConversationTooLong(ChatFormatError):
+    """The rendered conversation does not fit the context; nothing is cut silently."""
+
+    def __init__(self, length: int, max_len: int):
+        super().__init__(f"conversation renders to {length} tokens, more than the limit of {max_len}")
+        self.length, self.max_len = length, max_len
+
+
+def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict[str, str]]:
+    """Check a conversation and return it as plain {"role", "content"} dicts (extra keys dropped).
+
+    Rules: a non-empty list; each message a dict with a known role and str content; at most one
+    system message and only first; then user, assistant, user, ... For a prompt the last message
+    must be the user's (the assistant speaks next).
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ChatFormatError(f"a conversation must be a list of messages, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatFormatError(f"message {i} must be an object with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ChatFormatError(f"message {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ChatFormatError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out and out[0]["role"] == "system" else out
+    if not turns:
+        raise ChatFormatError("empty conversation: it needs at least one user message")
+    offset = len(out) - len(turns)
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            why = ("a system message may only come first" if m["role"] == "system"
+                   else "turns must alternate user/assistant, starting with user")
+            raise ChatFormatError(f"message {i + offset} is {m['role']!r} but should be {want!r}: {why}")
+    if for_prompt and turns[-1]["role"] != "user":
+        raise ChatFormatError("a prompt must end with a user message (the assistant speaks next)")
+    return out
+
+
+def _special(tok, name: str) -> int:
+    try:
+        return tok.special_tokens[name]
+    except KeyError:
+        raise ChatFormatError(f"tokenizer has no special token {name} (train it with the chat special tokens)") from None
+
+
+def assistant_end_id(tok) -> int:
+    """The token that ends the assistant's turn: generation stops when the model emits it."""
+    return _special(tok, "<|assistant_end|>")
+
+
+def render_conversation(tok, messages: Sequence[dict], max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """Render a whole conversation to (ids, mask); mask[i] == 1 iff ids[i] is learned (module doc).
+
+    Raises ChatFormatError for an invalid conversation and ConversationTooLong when max_len is
+    given and exceeded (callers split or drop it: see finetune.data.fit_conversation).
+    """
+    msgs = validate_messages(messages)
+    ids, mask = [_special(tok, "<|bos|>")], [0]
+    for m in msgs:
+        role = m["role"]
+        start, end = _special(tok, f"<|{role}_start|>"), _special(tok, f"<|{role}_end|>")
+        body = tok.encode(m["content"])
+        learn = int(role == "assistant")
+        ids += [start, *body, end]
+        mask += [0] + [learn] * (len(body) + 1)
+    if max_len is not None and len(ids) > max_len:
+        raise ConversationTooLong(len(ids), max_len)
+    return ids, mask
+
+
+def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
+    """Render a conversation that ends with a user message, followed by <|assistant_start|>.
+
+    The model continues from here; its answer ends with ``assistant_end_id(tok)``. The ids equal
+    what render_conversation produces for the same turns, so training and serving agree.
+    """
+    msgs = validate_messages(messages, for_prompt=True)
+    ids, _ = render_conversation(tok, msgs)
+    return ids + [_special(tok, "<|assistant_start|>")]
+
+
+def training_example(ids: Sequence[int], mask: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, loss_mask) for next-token training: shifts the ids and the mask together."""
+    t = torch.tensor(ids, dtype=torch.long)
+    m = torch.tensor(mask, dtype=torch.bool)
+    return t[:-1], t[1:], m[1:]
