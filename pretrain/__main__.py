@@ -1,0 +1,117 @@
+"""`python -m pretrain`: train the base GPT on a tokenized corpus (or synthetic tokens) and save checkpoints.
+
+Defaults pick themselves from the hardware: on CPU a depth-4 toy that learns visibly within minutes;
+on CUDA a depth-20 model at sequence 2048 with bf16 + torch.compile. Under torchrun it trains on every GPU.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.model import GPT, GPTConfig
+from pretrain.shards import ShardError, TokenLoader, load_manifest
+from pretrain.train import (Dist, SyntheticLoader, TrainConfig, cleanup_distributed, config_from_args,
+                            dataclass_parser, explicit_flags, flag, init_distributed, train)
+from tokenizer.files import scratchchat_home
+
+# Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
+CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, total_batch_tokens=-1, max_minutes=12.0,
+                    eval_every=100, eval_batches=8)
+CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
+
+
+@dataclass
+class PretrainConfig:
+    corpus: str = flag("default", "token corpus in $SCRATCHCHAT_HOME/tokens/<corpus>/")
+    tokens_dir: str = flag("", "explicit token directory (overrides --corpus)")
+    tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
+    synthetic: bool = flag(False, "train on seeded synthetic tokens: no corpus or tokenizer needed (benchmarks)")
+    vocab_size: int = flag(65536, "vocabulary size for --synthetic (otherwise the tokenizer's)")
+    depth: int = flag(0, "transformer layers; width = 64 x depth, heads of ~128 dims (0: 4 on CPU, 20 on CUDA)")
+    sequence_len: int = flag(0, "context length in tokens (0: 256 on CPU, 2048 on CUDA)")
+    n_embd: int = flag(0, "override the width (0: 64 x depth)")
+    n_head: int = flag(0, "override the query heads (0: from the width)")
+    n_kv_head: int = flag(0, "override the key/value heads, < n_head for grouped-query attention (0: = n_head)")
+    softcap: float = flag(15.0, "logit soft-cap (0: off)")
+    run_dir: str = flag("", "checkpoints, metrics and plots go here (default: $SCRATCHCHAT_HOME/checkpoints/base)")
+
+
+def apply_hardware_defaults(pcfg: PretrainConfig, tcfg: TrainConfig, device: torch.device, explicit: set[str]) -> None:
+    """Fill flags the user left unset from the CPU or CUDA table."""
+    table = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    for key, value in table.items():
+        target = pcfg if hasattr(pcfg, key) else tcfg
+        if key not in explicit:
+            if key == "max_minutes" and tcfg.max_steps > 0:
+                continue  # an explicit step count is the stop rule
+            setattr(target, key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = dataclass_parser(PretrainConfig, TrainConfig, description=__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    pcfg, tcfg = config_from_args(PretrainConfig, args), config_from_args(TrainConfig, args)
+    explicit = explicit_flags(parser, argv)
+    dist = Dist()
+    try:
+        dist = init_distributed(tcfg.device)
+        apply_hardware_defaults(pcfg, tcfg, dist.device, explicit)
+        tokenizer, vocab_size, meta = None, pcfg.vocab_size, {}
+        if pcfg.synthetic:
+            loader = SyntheticLoader(vocab_size, tcfg.device_batch_size, pcfg.sequence_len, tcfg.seed,
+                                     dist.rank, dist.world_size, dist.device)
+            val_batches = lambda: loader.iter_val(tcfg.eval_batches)  # noqa: E731
+            meta["corpus"] = "synthetic"
+        else:
+            from tokenizer import Tokenizer
+            token_dir = Path(pcfg.tokens_dir) if pcfg.tokens_dir else scratchchat_home() / "tokens" / pcfg.corpus
+            manifest = load_manifest(token_dir)
+            tok_path = Path(pcfg.tokenizer) if pcfg.tokenizer else scratchchat_home() / "tokenizer" / "tokenizer.json"
+            if not tok_path.is_file():
+                raise FileNotFoundError(f"no tokenizer at {tok_path}; run python -m tokenizer train first")
+            tokenizer = Tokenizer.load(tok_path)
+            if manifest.get("tokenizer_hash") != tokenizer.hash:
+                raise ShardError(f"the shards in {token_dir} were made with tokenizer "
+                                 f"{str(manifest.get('tokenizer_hash'))[:12]}, not {tok_path} ({tokenizer.hash[:12]});"
+                                 f" re-run python -m pretrain.data tokenize")
+            vocab_size = tokenizer.vocab_size
+            loader = TokenLoader(token_dir, "train", tcfg.device_batch_size, pcfg.sequence_len, dist.rank,
+                                 dist.world_size, dist.device)
+            val = TokenLoader(token_dir, "val", tcfg.device_batch_size, pcfg.sequence_len, dist.rank,
+                              dist.world_size, dist.device)
+            val_batches = lambda: val.iter_val(tcfg.eval_batches)  # noqa: E731
+            meta["corpus"] = str(token_dir)
+        config = GPTConfig.from_depth(pcfg.depth, vocab_size, pcfg.sequence_len, n_embd=pcfg.n_embd or None,
+                                      n_head=pcfg.n_head or None, n_kv_head=pcfg.n_kv_head or None,
+                                      softcap=pcfg.softcap)
+        torch.manual_seed(tcfg.seed)
+        model = GPT(config).to(dist.device)
+        run_dir = Path(pcfg.run_dir) if pcfg.run_dir else scratchchat_home() / "checkpoints" / "base"
+        if dist.is_main:
+            print(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
+                  f"({config.n_kv_head} kv), sequence {config.sequence_len}, vocab {config.vocab_size}")
+        result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tokenizer, val_batches=val_batches,
+                       dist=dist, meta=meta)
+    except (ShardError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed()
+    if dist.is_main:
+        bpb = f", val bpb {result['val_bpb']:.4f}" if result.get("val_bpb") is not None else ""
+        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, loss {result['loss']:.4f}{bpb}")
+        print(f"checkpoint: {result['checkpoint']}")
+        print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
+        print("next: python -m finetune")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""The training loop, shared by pretraining (`python -m pretrain`) and fine-tuning (`python -m finetune`).
+
+`train(model, cfg, batches, run_dir=...)` runs Muon + AdamW with a warmup / constant / warmdown schedule,
+gradient accumulation to `total_batch_tokens`, clipping, bf16 autocast + torch.compile on CUDA and DDP under
+torchrun. It evaluates validation bits per byte, samples from fixed prompts, logs to `<run_dir>/metrics.jsonl`
+and a tqdm bar, checkpoints to `<run_dir>/step_N/` and resumes exactly (model, optimizer, schedule, RNG, data).
+
+Batches are (x, y) or (x, y, loss_mask) tensors; the batch source needs `__next__`, and `state_dict()` /
+`load_state_dict()` when checkpoints should resume on the same data (TokenLoader and SyntheticLoader do).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from pretrain.checkpoint import (CheckpointError, latest_checkpoint, load_model_state, load_optimizer_state,
+                                 prune_checkpoints, save_checkpoint)
+from pretrain.model import GPT
+from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
+from pretrain.report import append_metrics, plot_metrics
+from tokenizer.files import scratchchat_home
+
+SAMPLE_PROMPTS = ("The capital of France is", "The history of", "Water is", "In the beginning")
+
+
+def flag(default, help: str):
+    """A dataclass field that is also a documented CLI flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = flag(-1, "optimizer steps to run; -1: from the token budget (--param-data-ratio)")
+    max_minutes: float = flag(0.0, "stop after this many minutes of training (0: no limit); the lr warmdown follows it")
+    param_data_ratio: float = flag(20.0, "token budget = this x parameters when --max-steps is -1 (chinchilla-like)")
+    device_batch_size: int = flag(0, "sequences per micro-batch per device (0: pick for the hardware)")
+    total_batch_tokens: int = flag(-1, "tokens per optimizer step across devices; accumulates micro-batches (-1: one)")
+    matrix_lr: float = flag(0.02, "Muon learning rate for the hidden matrices")
+    embedding_lr: float = flag(0.2, "AdamW learning rate for the token embedding (scaled by (n_embd/768)^-0.5)")
+    unembedding_lr: float = flag(0.004, "AdamW learning rate for the lm_head (scaled by (n_embd/768)^-0.5)")
+    weight_decay: float = flag(0.0, "decoupled weight decay for every group")
+    warmup_ratio: float = flag(0.0, "fraction of training spent warming the lr up from 0")
+    warmdown_ratio: float = flag(0.2, "final fraction of training in which the lr decays linearly")
+    final_lr_frac: float = flag(0.0, "lr at the end of the warmdown, as a fraction of the peak")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
+    eval_every: int = flag(250, "evaluate validation bits per byte every N steps (and at the end; 0: end only)")
+    eval_batches: int = flag(20, "validation micro-batches per evaluation (per device)")
+    sample_every: int = flag(0, "print samples from fixed prompts every N steps (0: at the end only)")
+    save_every: int = flag(0, "checkpoint every N steps (0: at the end only)")
+    keep_last: int = flag(2, "checkpoints to keep (0: all)")
+    resume: bool = flag(False, "continue the newest checkpoint in the run directory exactly")
+    compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
+    device: str = flag("auto", "cuda, cpu, mps or auto")
+    seed: int = flag(42, "seed for the model init and sampling")
+
+
+def dataclass_parser(*classes: type, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser whose flags are the fields of the given dataclasses (--snake-case)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            name = "--" + f.name.replace("_", "-")
+            kw = dict(default=f.default, help=f.metadata.get("help", ""), dest=f.name)
+            if isinstance(f.default, bool) or f.default is None:
+                group.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                group.add_argument(name, type=type(f.default), **kw)
+    return parser
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """Names of the fields the user set on the command line (so hardware defaults fill only the rest)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); else a single process."""
+    kind = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        dev = torch.device(kind)
+        if kind == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return Dist(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        torch_dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device(kind)
+        torch_dist.init_process_group("gloo")
+    return Dist(rank=rank, local_rank=local, world_size=world, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU, for MFU; None where we do not know it (CPU, unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                       ("A10G", 125e12), ("L4", 121e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def _all_reduce(t: torch.Tensor, dist: Dist, op=None) -> torch.Tensor:
+    if dist.world_size > 1:
+        torch_dist.all_reduce(t, op=op or torch_dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------- data without a corpus
+
+class SyntheticLoader:
+    """Seeded token batches for a bare machine: each row repeats a random snippet, so a model can learn to copy.
+
+    Batch i of a run is the same on any number of ranks (rank r of w takes batch index*w + r), and its
+    position is one integer, so resume and DDP behave as with real shards."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu") -> None:
+        self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.index = 0
+
+    def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        period = int(torch.randint(4, 64, (1,), generator=g))
+        snippet = torch.randint(0, self.vocab_size, (self.batch_size, period), generator=g)
+        rows = snippet.repeat(1, (self.seq_len + 1) // period + 1)[:, :self.seq_len + 1].to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def __iter__(self) -> SyntheticLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._batch(self.index * self.world_size + self.rank)
+        self.index += 1
+        return batch
+
+    def iter_val(self, max_batches: int | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(max_batches or 4):
+            yield self._batch(-1 - (i * self.world_size + self.rank))  # negative indices: never trained on
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def token_byte_lengths(tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bytes each token id decodes to (0 for special tokens), for bits per byte."""
+    return torch.tensor([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)],
+                        dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None, dist: Dist | None = None,
+                 autocast: contextlib.AbstractContextManager | None = None) -> dict:
+    """Validation loss (nats/token) and bits per byte = sum of nats over target tokens / (ln 2 * their bytes).
+
+    Special-token targets (0 bytes) are left out of bits per byte, so it measures text only and is comparable
+    across tokenizers. Sums are reduced over DDP ranks."""
+    dist = dist or Dist()
+    device = model.lm_head.weight.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats over text, bytes, nats over all, tokens
+    for x, y, *rest in batches:
+        T, V = x.size(1), model.config.vocab_size
+        rows = max(1, 2**29 // (T * V))  # bound the fp32 logits of one forward to ~2 GB
+        for i in range(0, x.size(0), rows):
+            xs, ys = x[i:i + rows], y[i:i + rows]
+            with autocast or contextlib.nullcontext():
+                nats = model(xs, ys, reduction="none").double()
+            valid = ys >= 0
+            sums[2] += nats[valid].sum()
+            sums[3] += valid.sum()
+            if token_bytes is not None:
+                nbytes = token_bytes[ys.clamp(min=0)] * valid
+                sums[0] += (nats * (nbytes > 0)).sum()
+                sums[1] += nbytes.sum()
+    _all_reduce(sums, dist)
+    out = {"val_loss": (sums[2] / sums[3].clamp(min=1)).item()}
+    if token_bytes is not None and sums[1] > 0:
+        out["val_bpb"] = (sums[0] / (math.log(2) * sums[1])).item()
+    return out
+
+
+def sample(model: GPT, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS, max_new_tokens: int = 24,
+           temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Continuations of fixed prompts (greedy by default), each starting after <|bos|> as documents do."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for p in prompts:
+        ids = [tokenizer.bos_id] + tokenizer.encode(p)
+        new = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed, stop={tokenizer.bos_id})
+        out.append(p + tokenizer.decode([t for t in new if t != tokenizer.bos_id]))
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _batch_parts(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return (batch[0], batch[1], batch[2]) if len(batch) == 3 else (batch[0], batch[1], None)
+
+
+def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokenizer=None,
+          val_batches: Callable[[], Iterable] | None = None, evaluate: Callable[[GPT], dict] | None = None,
+          dist: Dist | None = None, meta: dict | None = None, prompts: Sequence[str] = SAMPLE_PROMPTS) -> dict:
+    """Train `model` (already on its device, initialised or loaded) on `batches`; returns the final figures.
+
+    run_dir: where step_N/ checkpoints, metrics.jsonl and loss.png go (e.g. scratchchat_home()/checkpoints/base).
+    tokenizer: saved into checkpoints; with it, validation reports bits per byte and samples are printed.
+    val_batches: returns a fresh deterministic iterable of validation batches (this rank's share).
+    evaluate: extra evaluation (model -> metrics dict), e.g. chat evals in fine-tuning; runs on every rank.
+    meta: json-able facts stored in every checkpoint (e.g. the corpus, the base checkpoint).
+    """
+    dist = dist or Dist(device=model.lm_head.weight.device)
+    device, run_dir = dist.device, Path(run_dir)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                  unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
+    token_bytes = token_byte_lengths(tokenizer, device) if tokenizer is not None else None
+    metrics_path = run_dir / "metrics.jsonl"
+    say = tqdm.write if dist.is_main else (lambda *a, **k: None)
+
+    step, elapsed, tokens_seen = 0, 0.0, 0
+    if cfg.resume:
+        path = latest_checkpoint(root=run_dir)
+        if path is None:
+            raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}")
+        saved = load_model_state(path, model)
+        if tokenizer is not None and saved.get("tokenizer_hash") not in (None, tokenizer.hash):
+            raise CheckpointError(f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
+                                  f"this run uses {tokenizer.hash[:12]}")
+        load_optimizer_state(path, optimizers)
+        m = saved["meta"]
+        step, elapsed, tokens_seen = m["step"], m["elapsed"], m["tokens"]
+        if "loader" in m and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(m["loader"])
+        say(f"resumed from {path} at step {step}")
+    start_step = step
+
+    compile_on = cuda if cfg.compile is None else cfg.compile
+    train_model = torch.compile(model) if compile_on else model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[dist.local_rank] if cuda else None)
+    model.train()
+
+    # The first batch fixes the micro-batch shape, hence the accumulation and the token budget.
+    loader_state = (lambda: batches.state_dict()) if hasattr(batches, "state_dict") else (lambda: None)
+    pending_state = loader_state()
+    x, y, mask = _batch_parts(next(batches))
+    micro_tokens = x.numel() * dist.world_size
+    total_batch = cfg.total_batch_tokens if cfg.total_batch_tokens > 0 else micro_tokens
+    if total_batch % micro_tokens:
+        raise ValueError(f"--total-batch-tokens {total_batch} is not a multiple of device batch x sequence x devices"
+                         f" = {micro_tokens}")
+    grad_accum = total_batch // micro_tokens
+    if cfg.max_steps > 0:
+        total_steps = cfg.max_steps
+    else:
+        total_steps = max(1, round(cfg.param_data_ratio * model.num_params() / total_batch))
+    flops_per_token, peak = model.flops_per_token(), peak_flops(device)
+    say(f"{model.num_params():,} parameters, {flops_per_token:.3g} FLOPs/token, {total_batch:,} tokens/step "
+        f"({grad_accum} x {x.size(0)} x {x.size(1)} x {dist.world_size} devices), up to {total_steps:,} steps "
+        f"on {device}{' (compiled)' if compile_on else ''}")
+
+    def time_up() -> bool:
+        return cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
+
+    def progress() -> float:
+        p = step / total_steps
+        return max(p, elapsed / (60 * cfg.max_minutes)) if cfg.max_minutes > 0 else p
+
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step")
+    result: dict = {"val_bpb": None, "loss": None}
+    ckpt_path = None
+    while True:
+        last = step >= total_steps or time_up()
+        if (step > start_step or step == 0) and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            model.eval()
+            figures = {}
+            if val_batches is not None:
+                figures.update(evaluate_bpb(model, val_batches(), token_bytes, dist, autocast()))
+            if evaluate is not None:
+                figures.update(evaluate(model))
+            model.train()
+            if figures:
+                result.update(figures)
+                if dist.is_main:
+                    append_metrics(metrics_path, {"kind": "eval", "step": step, **figures})
+                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+        if tokenizer is not None and dist.is_main and step > start_step and (
+                last or (cfg.sample_every > 0 and step % cfg.sample_every == 0)):
+            with autocast():
+                texts = sample(model, tokenizer, prompts, seed=cfg.seed)
+            for t in texts:
+                say(f"  sample: {t!r}")
+            append_metrics(metrics_path, {"kind": "sample", "step": step, "samples": texts})
+            result["samples"] = texts
+        if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+            # The batch fetched for the next step is not consumed yet, so record the position it came from.
+            record = {**(meta or {}), "step": step, "elapsed": elapsed, "tokens": tokens_seen,
+                      "loader": pending_state, "total_steps": total_steps,
+                      "metrics": {k: v for k, v in result.items() if k in ("val_bpb", "val_loss", "loss")}}
+            ckpt_path = run_dir / f"step_{step:06d}"
+            if dist.is_main:
+                save_checkpoint(ckpt_path, model, tokenizer, record, optimizers)
+                prune_checkpoints(run_dir, cfg.keep_last)
+            if dist.world_size > 1:
+                torch_dist.barrier()
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        set_schedule(optimizers, lr_multiplier(progress(), cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
+                     step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            sync = micro == grad_accum - 1
+            ctx = train_model.no_sync() if dist.world_size > 1 and not sync else contextlib.nullcontext()
+            with ctx, autocast():
+                loss = train_model(x, y, loss_mask=mask)
+            with ctx:
+                (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+            pending_state = loader_state()
+            x, y, mask = _batch_parts(next(batches))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_val = (_all_reduce(loss_sum, dist) / (grad_accum * dist.world_size)).item()  # .item() syncs the device
+        dt = time.perf_counter() - t0
+        if cfg.max_minutes > 0 and dist.world_size > 1:  # every rank must follow rank 0's clock: same lr, same stop
+            dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
+            torch_dist.broadcast(dt_t, 0)
+            dt = dt_t.item()
+        step += 1
+        elapsed += dt
+        tokens_seen += total_batch
+        tok_s = total_batch / dt
+        record = {"kind": "train", "step": step, "loss": loss_val, "lr_mult": optimizers[0].param_groups[0]["lr"]
+                  / optimizers[0].param_groups[0]["initial_lr"], "tokens": tokens_seen, "tok_per_s": tok_s,
+                  "elapsed": elapsed}
+        if peak:
+            record["mfu"] = flops_per_token * tok_s / (peak * dist.world_size)
+        result["loss"] = loss_val
+        if dist.is_main:
+            append_metrics(metrics_path, record)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}",
+                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+            bar.update(1)
+    bar.close()
+
+    if dist.is_main:
+        name = run_dir.name
+        plot = plot_metrics(metrics_path, run_dir / "loss.png", title=name)
+        if plot is not None:
+            plot_metrics(metrics_path, scratchchat_home() / "report" / f"{name}_loss.png", title=name)
+    result.update(step=step, elapsed=elapsed, tokens=tokens_seen, checkpoint=str(ckpt_path) if ckpt_path else None,
+                  total_steps=total_steps)
+    return result
