@@ -59,6 +59,7 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = N
         with os.fdopen(fd, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size))
             f.write(tokens.astype(dtype, copy=False).tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; artifacts are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
