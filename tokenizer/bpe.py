@@ -221,11 +221,12 @@ class Tokenizer:
         special_tokens: list[str] = CHAT_SPECIAL_TOKENS,
         *,
         progress: bool = False,
-        workers: int = 1,
+        workers: int | None = None,
     ) -> Tokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges from `texts`.
 
-        Stops early (smaller vocab_size) if the texts run out of pairs. `workers` processes count chunks.
+        Stops early (smaller vocab_size) if the texts run out of pairs. `workers` processes (None: all
+        cores) split and count the text.
         """
         from tokenizer.train import count_chunks, learn_merges
 
@@ -237,6 +238,10 @@ class Tokenizer:
             )
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError("special tokens must be distinct")
+        try:
+            regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"invalid split pattern: {e}") from None
         counts = count_chunks(texts, pattern, workers)
         if not counts:
             raise ValueError("no text to train on: the input is empty")

@@ -25,7 +25,10 @@ def _expand(path: Path) -> list[Path]:
     """The readable files behind one user-given path, in a stable (sorted) order."""
     if path.is_dir():
         # Folders may hold unrelated files (READMEs, manifests): take only what we can read.
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not found:
+            raise ValueError(f"no .txt, .jsonl or .parquet files in folder {path}")
+        return found
     if not path.exists():
         raise ValueError(f"no such file or folder: {path}")
     if path.suffix not in SUFFIXES:

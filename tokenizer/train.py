@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections import Counter, defaultdict
+import multiprocessing
+import sys
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
+from itertools import chain, islice
 
 import regex
 
 # Pair (left, right) packed into one int: ints hash faster than tuples, and ordering by the packed
 # value is ordering by (left, right), which is exactly our tie-break.
 _K = 1 << 32
-_BATCH_CHARS = 1 << 22  # texts per worker task in parallel counting: big enough that IPC is noise
+_BATCH_CHARS = 1 << 20  # texts per worker task in parallel counting: big enough that IPC is noise
 
 
 def _count_batch(pattern: str, texts: list[str]) -> Counter[str]:
@@ -48,36 +50,32 @@ def _batches(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def count_chunks(texts: Iterable[str], pattern: str, workers: int = 1) -> Counter[str]:
-    """How often each chunk of the split pattern occurs in `texts` (counted in `workers` processes)."""
-    if workers <= 1:
-        return _count_batch(pattern, texts)  # type: ignore[arg-type]  # any iterable works here
+def count_chunks(texts: Iterable[str], pattern: str, workers: int | None = None) -> Counter[str]:
+    """How often each chunk of the split pattern occurs in `texts`, counted in `workers` processes
+    (None: all cores). A corpus that fits in one batch is counted here: a pool would cost more."""
+    workers = workers or os.cpu_count() or 1
+    batches = _batches(texts, _BATCH_CHARS)
+    first = next(batches, [])
+    second = next(batches, None)
+    if workers <= 1 or second is None:
+        counts = _count_batch(pattern, first)
+        for batch in ([] if second is None else chain([second], batches)):
+            counts.update(_count_batch(pattern, batch))
+        return counts
     counts: Counter[str] = Counter()
-    with ProcessPoolExecutor(workers) as pool:
-        batches = _batches(texts, _BATCH_CHARS)
-        # Keep a bounded number of batches in flight so a huge corpus is never held in memory at once.
-        pending = [pool.submit(_count_batch, pattern, b) for b in islice(batches, 2 * workers)]
+    # fork shares the already-imported modules; elsewhere the default start method is used.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    with ProcessPoolExecutor(workers, ctx) as pool:
+        batches = chain([first, second], batches)
+        # A bounded number of batches in flight, so a huge corpus is never all in memory at once.
+        pending = deque(pool.submit(_count_batch, pattern, b) for b in islice(batches, 2 * workers))
         while pending:
-            part = pending.pop(0).result()
+            part = pending.popleft().result()
             nxt = next(batches, None)
             if nxt is not None:
                 pending.append(pool.submit(_count_batch, pattern, nxt))
             counts.update(part)
     return counts
-
-
-def _merge_word(word: list[int], a: int, b: int, z: int) -> list[int]:
-    """Replace every (a, b) in `word` with z, left to right (so "aaa" with (a, a) gives [z, a])."""
-    out = []
-    i, n = 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(z)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
 
 
 def learn_merges(
@@ -135,16 +133,42 @@ def learn_merges(
         grown: set[int] = set()  # pairs containing z whose counts rose: they need fresh heap entries
         for wi in where.pop(key):
             word = words[wi]
-            new = _merge_word(word, a, b, z)
-            if len(new) == len(word):  # the index is lazy too: this chunk lost the pair earlier
-                continue
             count = freqs[wi]
-            for x, y in zip(word, word[1:]):
-                stats[x * _K + y] -= count
-            for x, y in zip(new, new[1:]):
-                k2 = x * _K + y
-                stats[k2] += count
-                if x == z or y == z:
+            n = len(word)
+            new: list[int] = []
+            zs: list[int] = []  # positions of z in new
+            copied = pos = 0
+            last = -3  # start of the previous occurrence
+            # Left to right, non-overlapping ("aaa" with (a, a) gives [z, a]). Only pairs next to an
+            # occurrence change; (a, b) itself is dropped from stats after the loop.
+            while True:
+                try:
+                    j = word.index(a, pos)
+                except ValueError:
+                    break
+                if j + 1 < n and word[j + 1] == b:
+                    if j > 0 and last != j - 2:  # right after another occurrence, that one's right pair is this one's left
+                        stats[word[j - 1] * _K + a] -= count
+                    if j + 2 < n:
+                        stats[b * _K + word[j + 2]] -= count
+                    new += word[copied:j]
+                    zs.append(len(new))
+                    new.append(z)
+                    copied = pos = j + 2
+                    last = j
+                else:
+                    pos = j + 1
+            if not zs:  # the index is lazy too: this chunk lost the pair to an earlier merge
+                continue
+            new += word[copied:]
+            m = len(new)
+            for q in zs:
+                # (z, z) is counted once, as the left pair of the second z.
+                pairs = [new[q - 1] * _K + z] if q > 0 else []
+                if q + 1 < m and new[q + 1] != z:
+                    pairs.append(z * _K + new[q + 1])
+                for k2 in pairs:
+                    stats[k2] += count
                     where[k2].add(wi)
                     grown.add(k2)
             words[wi] = new
@@ -155,6 +179,3 @@ def learn_merges(
         bar.close()
     return tokens, merges
 
-
-def default_workers() -> int:
-    return os.cpu_count() or 1

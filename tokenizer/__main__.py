@@ -1,0 +1,142 @@
+"""`python -m tokenizer`: train a BPE tokenizer, encode text with it, and measure its compression.
+
+  python -m tokenizer train --input corpus/ --vocab-size 8192   # -> $SCRATCHCHAT_HOME/tokenizer/tokenizer.json
+  echo "hello" | python -m tokenizer encode                     # ids, one line
+  python -m tokenizer stats --input held_out.txt                # bytes per token, vs GPT-2 / cl100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, Tokenizer
+from tokenizer.files import iter_texts, scratchchat_home
+from tokenizer.reference import reference_tokenizers
+
+PATTERNS = {"gpt4": GPT4_PATTERN, "cl100k": CL100K_PATTERN, "o200k": O200K_PATTERN, "gpt2": GPT2_PATTERN}
+
+
+def default_tokenizer_path() -> Path:
+    return scratchchat_home() / "tokenizer" / "tokenizer.json"
+
+
+def flag(default=MISSING, help: str = "", **kw):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field that is also a CLI flag: the help text travels with the field."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    input: list[str] = flag(help="files or folders of .txt / .jsonl / .parquet", nargs="+")
+    vocab_size: int = flag(help="total vocabulary: 256 bytes + merges + special tokens")
+    out: str = flag("", "where to write tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
+    pattern: str = flag("gpt4", f"split pattern: one of {', '.join(PATTERNS)}, or a regex")
+    workers: int = flag(0, "processes that split the text (0: all cores)")
+
+
+@dataclass
+class EncodeConfig:
+    text: str = flag(None, "text to encode (default: read stdin)", nargs="?")
+    tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
+    allow_special: bool = flag(False, "encode special-token spellings as special tokens instead of text")
+
+
+@dataclass
+class StatsConfig:
+    input: list[str] = flag(help="held-out files or folders of .txt / .jsonl / .parquet", nargs="+")
+    tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    for f in fields(config):
+        kw = {k: v for k, v in f.metadata.items() if k != "help"}
+        positional = kw.get("nargs") == "?"
+        name = f.name if positional else "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(name, action="store_true", help=f.metadata["help"])
+            continue
+        typ = int if f.type in ("int", int) else str
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        parser.add_argument(name, type=typ, help=f.metadata["help"], **kw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, config, help_ in [
+        ("train", TrainConfig, "train a tokenizer on text files"),
+        ("encode", EncodeConfig, "print the token ids of a text"),
+        ("stats", StatsConfig, "bytes per token on held-out text, next to GPT-2 and cl100k"),
+    ]:
+        _add_flags(sub.add_parser(name, help=help_, description=help_), config)
+    return p
+
+
+def _load(path: str) -> Tokenizer:
+    return Tokenizer.load(Path(path) if path else default_tokenizer_path())
+
+
+def train(cfg: TrainConfig) -> None:
+    pattern = PATTERNS.get(cfg.pattern, cfg.pattern)
+    out = Path(cfg.out) if cfg.out else default_tokenizer_path()
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name like {out / 'tokenizer.json'}")
+    t0 = time.time()
+    tok = Tokenizer.train(iter_texts(cfg.input), cfg.vocab_size, pattern, progress=True, workers=cfg.workers or None)
+    if tok.vocab_size < cfg.vocab_size:
+        print(f"note: the text only had pairs for {tok.vocab_size} tokens (asked for {cfg.vocab_size})", file=sys.stderr)
+    tok.save(out)
+    print(f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s -> {out}")
+    print("next: python -m pretrain.data tokenize  (encode the corpus into token shards)")
+
+
+def encode(cfg: EncodeConfig) -> None:
+    tok = _load(cfg.tokenizer)
+    text = sys.stdin.read() if cfg.text is None else cfg.text
+    ids = tok.encode(text, allowed_special="all" if cfg.allow_special else frozenset())
+    print(" ".join(map(str, ids)))
+
+
+def stats(cfg: StatsConfig) -> None:
+    tok = _load(cfg.tokenizer)
+    texts = list(iter_texts(cfg.input))
+    n_bytes = sum(len(t.encode("utf-8", "replace")) for t in texts)
+    if n_bytes == 0:
+        raise ValueError("no text in --input")
+    print(f"{n_bytes:,} bytes in {len(texts):,} documents")
+    print(f"{'tokenizer':<12} {'vocab':>8} {'tokens':>12} {'bytes/token':>12}")
+    for name, t in [("ours", tok), *reference_tokenizers(["gpt2", "cl100k"]).items()]:
+        n_tokens = sum(map(len, t.encode_batch(texts)))
+        print(f"{name:<12} {t.vocab_size:>8,} {n_tokens:>12,} {n_bytes / max(n_tokens, 1):>12.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    run, config = {"train": (train, TrainConfig), "encode": (encode, EncodeConfig), "stats": (stats, StatsConfig)}[command]
+    try:
+        run(config(**args))
+    except ValueError as e:  # every error a user can cause is raised as ValueError with a readable message
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
