@@ -258,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--base-url", default=None, help="where the shards live (default: $SCRATCHCHAT_FINEWEB_URL or Hugging Face)")
     f.add_argument("--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
     f.add_argument("--retries", type=int, default=5, help="retries per file, with exponential backoff (default: %(default)s)")
+    f.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling after each (default: %(default)s)")
 
     u = sub.add_parser("user", help="make a corpus from your own .txt / .jsonl / .parquet files and folders")
     u.add_argument("--name", required=True, help="corpus name (letters, digits, '-', '_', '.')")
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"--out {default_tokenizer_path()})"))
         elif args.command == "fineweb-edu":
             out = data_dir("fineweb-edu")
-            manifest = fineweb_corpus(args.shards, out, args.val_shard, args.base_url, args.workers, args.retries)
+            manifest = fineweb_corpus(args.shards, out, args.val_shard, args.base_url, args.workers, args.retries,
+                                      args.backoff)
             print(f"{len(manifest['files'])} shard(s), {sum(f['docs'] for f in manifest['files'].values()):,} documents")
             print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus fineweb-edu")
         else:

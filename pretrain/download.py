@@ -74,7 +74,7 @@ def _fetch_once(client: httpx.Client, url: str, part: Path, on_bytes) -> int:
                 offset = 0
                 total = int(r.headers["content-length"]) if "content-length" in r.headers else -1
             with open(part, "ab" if offset else "wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
+                for chunk in r.iter_bytes():  # no chunk_size: write what arrived, so a drop keeps it
                     f.write(chunk)
                     on_bytes(len(chunk))
     except httpx.TransportError as e:  # refused, reset, timed out, body cut short
