@@ -137,3 +137,63 @@ def test_loader_errors(tmp_path):
         TokenLoader(tmp_path, "train", 1, 2, rank=2, world_size=2)
     with pytest.raises(ShardError, match="tokenize first"):
         load_manifest(tmp_path)
+
+
+# ---- python -m pretrain.data tokenize: corpus parquet -> shards, end to end with the real tokenizer ----
+
+def test_tokenize_end_to_end(tmp_path, monkeypatch, capsys):
+    import pyarrow.parquet as pq
+
+    from pretrain import data
+    from tokenizer import Tokenizer
+
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path / "home"))
+    assert data.main(["tokenize", "--corpus", "notes"]) == 1
+    assert "run python -m pretrain.data user --name notes" in capsys.readouterr().err
+    (tmp_path / "in").mkdir()
+    for i in range(80):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"Note {i}: the river ran past the mill, né {i * 7}. " * (2 + i % 5))
+    assert data.main(["user", "--name", "notes", "--input", str(tmp_path / "in"), "--val-fraction", "0.2"]) == 0
+    assert data.main(["tokenize", "--corpus", "notes"]) == 1
+    assert "error: no tokenizer at" in capsys.readouterr().err
+
+    corpus = tmp_path / "home" / "data" / "notes"
+    train_docs = pq.read_table(corpus / "train.parquet")["text"].to_pylist()
+    val_docs = pq.read_table(corpus / "val.parquet")["text"].to_pylist()
+    tok = Tokenizer.train(train_docs, vocab_size=300)
+    tok_path = tmp_path / "home" / "tokenizer" / "tokenizer.json"
+    tok_path.parent.mkdir(parents=True)
+    tok.save(tok_path)
+    assert data.main(["tokenize", "--corpus", "notes", "--shard-tokens", "2000", "--chunk-chars", "3000"]) == 0
+    assert "next: python -m pretrain" in capsys.readouterr().out
+
+    out = tmp_path / "home" / "tokens" / "notes"
+    manifest = load_manifest(out)
+    assert manifest["tokenizer_hash"] == tok.hash and manifest["vocab_size"] == tok.vocab_size
+    assert manifest["dtype"] == "uint16"
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        expected = [t for d in docs for t in [tok.bos_id] + tok.encode(d)]  # each document opens with <|bos|>
+        info = manifest["splits"][split]
+        got = np.concatenate([read_shard(out / f) for f in info["files"]])
+        assert got.tolist() == expected and info["tokens"] == len(expected) and info["docs"] == len(docs)
+        assert info["shard_counts"][:-1] == [2000] * (len(info["files"]) - 1)
+        assert info["utf8_bytes"] == sum(len(d.encode("utf-8")) for d in docs)
+    assert len(manifest["splits"]["train"]["files"]) >= 3
+    x, y = next(TokenLoader(out, "train", 2, 16))
+    assert x[0, 0].item() == tok.bos_id
+
+    stamp = (out / "train_00000.bin").stat().st_mtime_ns
+    assert data.main(["tokenize", "--corpus", "notes", "--shard-tokens", "2000"]) == 0
+    assert "up to date" in capsys.readouterr().out and (out / "train_00000.bin").stat().st_mtime_ns == stamp
+    # Bigger shards: a fresh set replaces the old one, leaving no stale train_00002.bin behind for the loader.
+    assert data.main(["tokenize", "--corpus", "notes", "--shard-tokens", "1000000"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_00000.bin", "val_00000.bin"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    # A damaged shard makes the next run rebuild instead of trusting the manifest.
+    with open(out / "val_00000.bin", "ab") as f:
+        f.write(b"\0")
+    assert data.main(["tokenize", "--corpus", "notes", "--shard-tokens", "1000000"]) == 0
+    assert "up to date" not in capsys.readouterr().out and read_shard(out / "val_00000.bin") is not None
+    (tmp_path / "bad.json").write_text("{")
+    assert data.main(["tokenize", "--corpus", "notes", "--tokenizer", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot load tokenizer")
