@@ -360,13 +360,14 @@ class SFTLoader:
     """
 
     def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int,
-                 pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu"):
         if not examples:
             raise DataError("no training examples left after fitting conversations to the context")
         if any(len(ids) > seq_len + 1 for ids, _ in examples):
             raise ValueError("an example is longer than seq_len + 1; fit conversations first")
         self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
         self.epoch, self.row = 0, 0  # position: the next global row to read in this epoch
         self._rows: list[tuple[list[int], list[int]]] | None = None
 
@@ -400,9 +401,23 @@ class SFTLoader:
             if self.row % self.world_size == self.rank:
                 batch.append(self._rows[self.row])
             self.row += 1
-        t = torch.tensor([ids for ids, _ in batch], dtype=torch.long)
-        m = torch.tensor([mask for _, mask in batch], dtype=torch.bool)
+        return self._tensors(batch)
+
+    def _tensors(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = torch.tensor([ids for ids, _ in rows], dtype=torch.long, device=self.device)
+        m = torch.tensor([mask for _, mask in rows], dtype=torch.bool, device=self.device)
         return t[:, :-1], t[:, 1:], m[:, 1:]
+
+    def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed pass over this rank's rows as (inputs, targets) with unlearned targets set to -1.
+
+        The -1 targets make the pretraining loop's validation measure the assistant tokens only."""
+        rows = self._pack(0)[self.rank::self.world_size]
+        for b in range(0, len(rows), self.batch_size):
+            if max_batches is not None and b // self.batch_size >= max_batches:
+                return
+            x, y, m = self._tensors(rows[b:b + self.batch_size])
+            yield x, y.masked_fill(~m, -1)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row, "seed": self.seed}
