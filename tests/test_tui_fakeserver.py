@@ -5,6 +5,7 @@ The other tui tests import `FakeServer` from here. The last user message picks t
   [500] / [400]   fail with an OpenAI error body        [drop]    close the connection mid-answer
   [badjson]       send a chunk that is not JSON          [stall]   send a little, then nothing
   [slow]          0.1 s between tokens                   [long]    a 60-line answer
+  [trickle]       0.01 s between tokens
   [length]        stop with finish_reason "length"       otherwise an echo with a code block.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ MODEL = "fake-model"
 
 def answer_for(prompt: str) -> str:
     if "[long]" in prompt:
-        return "".join(f"line {i} of a long answer\n\n" for i in range(60))
+        return "".join(f"row{i}\n\n" for i in range(60))
     return f"Echo: **{prompt}**\n\n```python\nprint({prompt!r})\n```\n\nand `done`."
 
 
@@ -113,8 +114,8 @@ class FakeServer:
         if "[length]" in prompt:
             pieces, finish = pieces[:3], "length"
         for i, piece in enumerate(pieces):
-            if "[slow]" in prompt:
-                await asyncio.sleep(0.1)
+            if "[slow]" in prompt or "[trickle]" in prompt:
+                await asyncio.sleep(0.1 if "[slow]" in prompt else 0.01)
             if i == 3 and "[drop]" in prompt:
                 raise ConnectionResetError("dropped on purpose")  # uvicorn aborts the half-sent response
             if i == 3 and "[badjson]" in prompt:

@@ -1,0 +1,304 @@
+"""The chat app driven with Textual's Pilot against the fake server: what is on screen and in the store."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from test_tui_fakeserver import MODEL, FakeServer, answer_for, tokens_of
+from textual.widgets import Input, Markdown, OptionList, Static
+
+from tui.app import ChatApp, ChatsScreen, Config, MessageView, SettingsScreen
+from tui.store import Store
+
+SIZE = (100, 32)
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeServer() as s:
+        yield s
+
+
+@pytest.fixture
+def app(server, tmp_path):
+    store = Store(tmp_path / "chats.db")
+    yield ChatApp(Config(url=server.url, db=store.path, timeout=2.0, retry=0.1, export_dir=tmp_path / "exports"), store)
+    store.close()
+
+
+async def until(pilot, condition, timeout: float = 5.0) -> None:
+    """Let the app run until condition() holds; fail with the screen's state if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting; messages on screen: {views_text(pilot.app)}"
+        await pilot.pause(0.02)
+
+
+def views_text(app: ChatApp) -> list[tuple[str, str, str]]:
+    """(role, body, status line) of every message on screen."""
+    out = []
+    for v in app.query(MessageView):
+        body = v.query_one(".body")
+        text = body.source if isinstance(body, Markdown) else str(body.render())
+        out.append((v.message.role, text, str(v.query_one(".meta", Static).render())))
+    return out
+
+
+async def ready(pilot) -> None:
+    await until(pilot, lambda: pilot.app.server_ok)
+
+
+async def say(pilot, text: str, wait: bool = True, type_it: bool = False) -> None:
+    """Put a prompt in the input (typed key by key if type_it), press Enter, and by default
+    wait for the answer to finish. Typing costs ~70 ms a key here, so most tests paste."""
+    app = pilot.app
+    before = len(app.store.messages(app.chat.id)) if app.chat.id else 0
+    app.prompt.focus()
+    if type_it:
+        await pilot.press(*("ctrl+j" if ch == "\n" else ch for ch in text))
+    else:
+        app.prompt.insert(text)
+    await pilot.press("enter")
+    if wait:
+        await until(pilot, lambda: app.chat.id and len(app.store.messages(app.chat.id)) == before + 2
+                    and not app._generating)
+        await pilot.pause()
+
+
+async def test_prompt_streams_answer_with_usage_and_persists(app, server):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.sub_title == f"● {MODEL}"
+        assert app.focused is app.prompt
+        await say(pilot, "hello", type_it=True)
+        (role1, text1, _), (role2, text2, meta) = views_text(app)
+        assert (role1, text1) == ("user", "hello")
+        assert role2 == "assistant" and text2 == answer_for("hello")
+        n = len(tokens_of(answer_for("hello")))
+        assert meta.startswith(f"{n} tokens · prompt 7 · ") and meta.endswith(" tok/s")
+        stored = app.store.messages(app.chat.id)
+        assert [(m.role, m.content, m.status) for m in stored] == [
+            ("user", "hello", "done"), ("assistant", answer_for("hello"), "done")]
+        assert stored[1].completion_tokens == n and stored[1].tokens_per_s > 0
+        assert app.store.get_chat(app.chat.id).title == "hello" == app.title
+        assert server.requests[-1]["model"] == MODEL and server.requests[-1]["stream"] is True
+        assert server.requests[-1]["messages"] == [{"role": "user", "content": "hello"}]
+        # The rendered markdown highlights the code block: a fence widget holds the code.
+        assert "print('hello')" in str(app.query_one("MarkdownFence").code)
+
+
+async def test_multiline_prompt_and_history_recall(app, server):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "first")
+        await say(pilot, "two\nlines", type_it=True)
+        assert server.requests[-1]["messages"][-1]["content"] == "two\nlines"
+        assert app.prompt.text == ""
+        await pilot.press("up")
+        assert app.prompt.text == "two\nlines"
+        await pilot.press("up")
+        assert app.prompt.text == "first"
+        await pilot.press("down", "down")  # down from the last line walks forward
+        assert app.prompt.text == "two\nlines"
+        await pilot.press("down", "down")
+        assert app.prompt.text == ""
+
+
+@pytest.mark.parametrize("prompt, error, partial", [
+    ("[500] please", "server error 500: the fake server failed with 500 on purpose", False),
+    ("[drop] please", "the connection dropped mid-answer", True),
+    ("[badjson] please", "server sent invalid JSON", True),
+    ("[stall] please", "the server timed out", True),
+])
+async def test_server_failures_show_in_conversation_and_app_keeps_working(app, prompt, error, partial):
+    app.http.timeout = httpx.Timeout(0.5)  # so [stall] times out quickly
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, prompt)
+        _, text, meta = views_text(app)[-1]
+        assert f"⚠ error: {error}" in meta
+        assert ("partial answer kept" in meta) is partial
+        assert (text == "Echo: **" + prompt.split()[0] + " please**\n") is partial
+        answer_view = list(app.query(MessageView))[-1]
+        assert answer_view.has_class("partial")
+        stored = app.store.messages(app.chat.id)[-1]
+        assert stored.status == "error" and stored.error.startswith(error) and stored.content == text
+        await say(pilot, "again")  # the app still works
+        assert views_text(app)[-1][1] == answer_for("again")
+        assert app.store.messages(app.chat.id)[-1].status == "done"
+
+
+async def test_escape_stops_generation_keeping_partial(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "[slow] take your time", wait=False)
+        await until(pilot, lambda: app._generating and len(views_text(app)[-1][1]) > 10)
+        await pilot.press("escape")
+        await until(pilot, lambda: not app._generating)
+        stored = app.store.messages(app.chat.id)[-1]
+        assert stored.status == "stopped"
+        assert 10 < len(stored.content) < len(answer_for("[slow] take your time"))
+        assert views_text(app)[-1][1] == stored.content
+        assert "stopped — partial answer" in views_text(app)[-1][2]
+
+
+async def test_regenerate_and_edit_resend(app, server):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "one")
+        await say(pilot, "two")
+        n = len(server.requests)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: len(server.requests) == n + 1 and not app._generating)
+        await pilot.pause()
+        assert server.requests[-1]["messages"] == server.requests[-2]["messages"]  # same history, new answer
+        assert [(m.role, m.content) for m in app.store.messages(app.chat.id)] == [
+            ("user", "one"), ("assistant", answer_for("one")), ("user", "two"), ("assistant", answer_for("two"))]
+        assert len(views_text(app)) == 4
+
+        await pilot.press("ctrl+t")
+        assert app.prompt.text == "two" and "editing" in app.prompt.border_title
+        await pilot.press("backspace", "backspace", "backspace", *"three", "enter")
+        await until(pilot, lambda: not app._generating and len(app.store.messages(app.chat.id)) == 4
+                    and app.store.messages(app.chat.id)[-1].status == "done")
+        await pilot.pause()
+        assert [(m.role, m.content) for m in app.store.messages(app.chat.id)] == [
+            ("user", "one"), ("assistant", answer_for("one")), ("user", "three"), ("assistant", answer_for("three"))]
+        assert [t for _, t, _ in views_text(app)] == ["one", answer_for("one"), "three", answer_for("three")]
+
+
+async def test_copy_answer_and_code_blocks(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "copy me")
+        await pilot.press("ctrl+o")
+        assert app.clipboard == answer_for("copy me")
+        await pilot.press("ctrl+b")
+        assert app.clipboard == "print('copy me')\n"
+
+
+async def test_settings_apply_to_chat_and_requests(app, server):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "hi")
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        await pilot.press(*"Be brief.")
+        app.screen.query_one("#temperature", Input).value = "5"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)  # rejected, still open
+        assert "between 0 and 2" in str(app.screen.query_one("#settings_error", Static).render())
+        app.screen.query_one("#temperature", Input).value = "0.25"
+        app.screen.query_one("#max_tokens", Input).value = "64"
+        app.screen.query_one("#model", Input).value = "other-model"
+        await pilot.press("ctrl+s")
+        assert not isinstance(app.screen, SettingsScreen)
+        chat = app.store.get_chat(app.chat.id)
+        assert (chat.system_prompt, chat.temperature, chat.max_tokens, chat.model) == ("Be brief.", 0.25, 64, "other-model")
+        assert app.sub_title == "● other-model"
+        await say(pilot, "again")
+        req = server.requests[-1]
+        assert req["messages"][0] == {"role": "system", "content": "Be brief."}
+        assert (req["temperature"], req["max_tokens"], req["model"]) == (0.25, 64, "other-model")
+
+
+async def test_chat_list_open_rename_export_delete(app, tmp_path):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "alpha chat")
+        first = app.chat.id
+        await pilot.press("ctrl+n")
+        assert views_text(app) == [] and app.chat.id == 0
+        await say(pilot, "beta chat")
+        await pilot.press("ctrl+l")
+        assert isinstance(app.screen, ChatsScreen)
+        options = app.screen.query_one(OptionList)
+        labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert labels[0].startswith("beta chat") and labels[1].startswith("alpha chat")
+        await pilot.press("down", "r")
+        app.screen.query_one(Input).value = "Renamed"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.store.get_chat(first).title == "Renamed"
+        await pilot.press("m", "j")
+        md = (tmp_path / "exports" / f"renamed-{first}.md").read_text()
+        assert md.startswith("# Renamed\n") and "## User\n\nalpha chat" in md and "## Assistant" in md
+        data = json.loads((tmp_path / "exports" / f"renamed-{first}.json").read_text())
+        assert data["chat"]["title"] == "Renamed"
+        assert [m["content"] for m in data["messages"]] == ["alpha chat", answer_for("alpha chat")]
+        await pilot.press("enter")  # open the highlighted (renamed) chat
+        await pilot.pause()
+        assert app.chat.id == first and app.title == "Renamed"
+        assert [t for _, t, _ in views_text(app)] == ["alpha chat", answer_for("alpha chat")]
+        await pilot.press("ctrl+l", "d", "n")  # the newest chat is highlighted first: beta
+        assert len(app.store.list_chats()) == 2
+        await pilot.press("d", "y")
+        await pilot.pause()
+        assert [c.title for c in app.store.list_chats()] == ["Renamed"]
+        await pilot.press("escape")
+        assert app.chat.id == first
+        await pilot.press("ctrl+l", "d", "y", "escape")  # deleting the open chat leaves a fresh one
+        await pilot.pause()
+        assert app.store.list_chats() == [] and app.chat.id == 0 and views_text(app) == []
+
+
+async def test_server_down_at_start_then_up(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    store = Store(tmp_path / "chats.db")
+    app = ChatApp(Config(url=url, db=store.path, timeout=2.0, retry=0.1), store)
+    async with app.run_test(size=SIZE) as pilot:
+        banner = app.query_one("#banner", Static)
+        await until(pilot, lambda: banner.has_class("down"))
+        text = str(banner.render())
+        assert f"No server answering at {url}" in text and "python -m serve" in text
+        assert app.sub_title == "○ no server"
+        await pilot.press(*"typing works")  # the UI is not frozen while it retries
+        assert app.prompt.text == "typing works"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.chat.id and not app._generating and len(app.store.messages(app.chat.id)) == 2)
+        assert f"cannot reach the server at {url}" in views_text(app)[-1][2]
+        with FakeServer(port=port):
+            await until(pilot, lambda: app.server_ok)
+            assert not banner.has_class("down") and app.sub_title == f"● {MODEL}"
+            await pilot.press("ctrl+r")
+            await until(pilot, lambda: app.store.messages(app.chat.id)[-1].status == "done")
+    store.close()
+
+
+async def test_follows_stream_only_at_bottom(app):
+    async with app.run_test(size=(80, 16)) as pilot:
+        await ready(pilot)
+        await say(pilot, "[trickle] [long]", wait=False)
+        conv = app.conversation
+        await until(pilot, lambda: conv.max_scroll_y > 10)
+        assert conv.scroll_y == conv.max_scroll_y  # following
+        conv.scroll_page_up(animate=False)  # what PageUp or the mouse wheel do
+        await pilot.pause()
+        held = conv.scroll_y
+        grown = conv.max_scroll_y
+        await until(pilot, lambda: conv.max_scroll_y > grown + 3)
+        assert conv.scroll_y == held  # not yanked back down
+        conv.scroll_end(animate=False)
+        await pilot.pause()
+        grown = conv.max_scroll_y
+        await until(pilot, lambda: conv.max_scroll_y > grown + 3)
+        await pilot.pause()
+        assert conv.scroll_y == conv.max_scroll_y  # following again
+        await pilot.press("escape")
+
+
+async def test_help_screen_lists_keys(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        help_text = app.screen.query_one(Markdown).source
+        for key in ("Esc", "ctrl+r", "ctrl+t", "ctrl+o", "ctrl+b", "ctrl+n", "ctrl+l", "ctrl+s", "ctrl+j"):
+            assert f"| {key}" in help_text
+        await pilot.press("escape")
+        assert app.screen is app.screen_stack[0]

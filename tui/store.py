@@ -1,0 +1,228 @@
+"""Conversations persisted in SQLite, safe against crashes and kills.
+
+WAL journaling plus one transaction per change means a process killed at any instant
+leaves the previous committed state: never a torn row. An answer is written while it
+streams (status "streaming"); rows still "streaming" when a store is opened belong to
+a process that died, and `recover()` marks them "interrupted" so the UI can say so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    temperature REAL NOT NULL DEFAULT 0.7,
+    max_tokens INTEGER NOT NULL DEFAULT 512,
+    model TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'done',
+    error TEXT NOT NULL DEFAULT '',
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    tokens_per_s REAL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
+"""
+
+# Message statuses: done, streaming (being written), stopped (user pressed Esc), length (hit
+# max tokens), error (the server failed; `error` says how), interrupted (the app died mid-answer).
+
+
+@dataclass
+class Chat:
+    id: int
+    title: str
+    created: float
+    updated: float
+    system_prompt: str = ""
+    temperature: float = 0.7
+    max_tokens: int = 512
+    model: str = ""
+
+
+@dataclass
+class Message:
+    id: int
+    chat_id: int
+    role: str
+    content: str
+    status: str = "done"
+    error: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_s: float | None = None
+    created: float = field(default=0.0)
+
+
+class StoreError(Exception):
+    """The store file cannot be opened or is not a scratchchat store."""
+
+
+def default_db_path() -> Path:
+    """$XDG_DATA_HOME/scratchchat/chats.db, falling back to ~/.local/share."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "scratchchat" / "chats.db"
+
+
+class Store:
+    """All reads and writes of chats and messages. One connection, used from one thread."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we open transactions ourselves with `with self._tx()`.
+            self.db = sqlite3.connect(self.path, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process kill; only an OS crash may lose the last commits.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open chat store at {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> sqlite3.Connection:
+        # sqlite3.Connection as a context manager commits or rolls back; BEGIN makes it explicit.
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def recover(self) -> int:
+        """Mark answers left "streaming" by a dead process as "interrupted"; return how many."""
+        with self._tx() as db:
+            return db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'").rowcount
+
+    # chats
+
+    def create_chat(self, title: str = "New chat", **settings) -> Chat:
+        now = self.clock()
+        chat = Chat(id=0, title=title, created=now, updated=now, **settings)
+        fields = {k: v for k, v in asdict(chat).items() if k != "id"}
+        with self._tx() as db:
+            cur = db.execute(
+                f"INSERT INTO chats ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                tuple(fields.values()),
+            )
+        chat.id = cur.lastrowid
+        return chat
+
+    def get_chat(self, chat_id: int) -> Chat | None:
+        row = self.db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
+        return Chat(**dict(row)) if row else None
+
+    def list_chats(self) -> list[Chat]:
+        """Most recently used first."""
+        rows = self.db.execute("SELECT * FROM chats ORDER BY updated DESC, id DESC").fetchall()
+        return [Chat(**dict(r)) for r in rows]
+
+    def update_chat(self, chat_id: int, **fields) -> None:
+        """Change title or settings (system_prompt, temperature, max_tokens, model)."""
+        allowed = {"title", "system_prompt", "temperature", "max_tokens", "model"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"can only update {sorted(allowed)}, got {sorted(fields)}")
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE chats SET {sets} WHERE id=?", (*fields.values(), chat_id))
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM chats WHERE id=?", (chat_id,))
+
+    # messages
+
+    def add_message(self, chat_id: int, role: str, content: str, status: str = "done") -> Message:
+        now = self.clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO messages (chat_id, role, content, status, created) VALUES (?, ?, ?, ?, ?)",
+                (chat_id, role, content, status, now),
+            )
+            db.execute("UPDATE chats SET updated=? WHERE id=?", (now, chat_id))
+        return Message(id=cur.lastrowid, chat_id=chat_id, role=role, content=content, status=status, created=now)
+
+    def update_message(self, message: Message) -> None:
+        """Write the message's content, status, error and usage in one transaction."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE messages SET content=?, status=?, error=?, prompt_tokens=?, completion_tokens=?,"
+                " tokens_per_s=? WHERE id=?",
+                (message.content, message.status, message.error, message.prompt_tokens,
+                 message.completion_tokens, message.tokens_per_s, message.id),
+            )
+
+    def messages(self, chat_id: int) -> list[Message]:
+        rows = self.db.execute("SELECT * FROM messages WHERE chat_id=? ORDER BY id", (chat_id,)).fetchall()
+        return [Message(**dict(r)) for r in rows]
+
+    def delete_messages_from(self, chat_id: int, message_id: int) -> None:
+        """Drop a message and everything after it (regenerate, edit and resend)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM messages WHERE chat_id=? AND id>=?", (chat_id, message_id))
+
+    def user_prompts(self, limit: int = 200) -> list[str]:
+        """Recent prompts across all chats, oldest first, for up-arrow recall."""
+        rows = self.db.execute(
+            "SELECT content FROM messages WHERE role='user' ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    # export
+
+    def export_json(self, chat_id: int) -> str:
+        chat = self.get_chat(chat_id)
+        if chat is None:
+            raise ValueError(f"no chat with id {chat_id}")
+        return json.dumps(
+            {"chat": asdict(chat), "messages": [asdict(m) for m in self.messages(chat_id)]},
+            indent=2, ensure_ascii=False,
+        )
+
+    def export_markdown(self, chat_id: int) -> str:
+        chat = self.get_chat(chat_id)
+        if chat is None:
+            raise ValueError(f"no chat with id {chat_id}")
+        lines = [f"# {chat.title}", ""]
+        if chat.model:
+            lines += [f"*model: {chat.model}, temperature {chat.temperature}, max tokens {chat.max_tokens}*", ""]
+        if chat.system_prompt:
+            lines += ["## System", "", chat.system_prompt, ""]
+        for m in self.messages(chat_id):
+            lines += [f"## {m.role.capitalize()}", "", m.content, ""]
+            if m.status != "done":
+                lines += [f"*({m.status}{': ' + m.error if m.error else ''})*", ""]
+        return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temp file + rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
