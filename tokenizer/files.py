@@ -53,23 +53,30 @@ def _read_file(path: Path) -> Iterator[str]:
                         raise ValueError(f"{path}:{lineno}: \"text\" must be a string")
                     yield text
         else:
-            import pyarrow.parquet as pq  # imported lazily: only parquet readers pay for it
-
-            pf = pq.ParquetFile(path)
-            if "text" not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: parquet file has no 'text' column")
-            # Row groups keep memory bounded on large shards.
-            for batch in pf.iter_batches(columns=["text"]):
-                for text in batch.column(0).to_pylist():
-                    if text is not None:
-                        yield text
+            yield from _read_parquet(path)
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not valid UTF-8 text") from None
-    except ValueError:
-        raise
-    except Exception as e:  # pyarrow raises its own error types for corrupt files
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    import pyarrow as pa  # imported lazily: only parquet readers pay for it
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: parquet file has no 'text' column")
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"{path}: the 'text' column holds {kind}, not strings")
+        # Row groups keep memory bounded on large shards.
+        for batch in pf.iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text
+    except pa.ArrowException as e:  # corrupt or truncated files
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
