@@ -102,8 +102,11 @@ class _HTMLText(html.parser.HTMLParser):
     def handle_data(self, data: str) -> None:
         if self.skip or not self.main_depth:
             return
-        # Outside <pre>, source line breaks are just layout: they become spaces.
-        self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+        if not self.pre:  # outside <pre>, source line breaks and indentation are just layout
+            data = re.sub(r"\s+", " ", data)
+            if not self.parts or self.parts[-1].endswith("\n"):
+                data = data.lstrip()
+        self.parts.append(data)
 
 
 def html_to_text(markup: str, main_only: bool = False) -> str:

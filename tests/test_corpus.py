@@ -37,6 +37,7 @@ def test_html_to_text_strips_markup_keeps_code_layout():
     whole = normalize(html_to_text(page))
     assert "Home" in whole and "Copyright" in whole and "alert" not in whole and "color" not in whole
     assert html_to_text("<strong>a:</strong> b<br><br>c &eacute;") == "a: b\n\nc \u00e9"
+    assert normalize(html_to_text("<dl><dt>\n   class <em>X</em>(a)</dt><dd>\n  <p>Docs.</p></dd></dl>")) == "class X(a)\n\nDocs."
 
 
 def write_wiki(root, entries):
