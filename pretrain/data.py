@@ -136,6 +136,39 @@ def _doc_chunks(files: list[Path], chunk_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
+class _ShardWriter:
+    """Cuts a stream of token arrays into shards of exactly `shard_tokens` (the last one shorter)."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int) -> None:
+        self.out_dir, self.split, self.shard_tokens, self.vocab_size = out_dir, split, shard_tokens, vocab_size
+        self.pending: list[np.ndarray] = []
+        self.buffered = 0
+        self.names: list[str] = []
+        self.counts: list[int] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.buffered += len(tokens)
+        if self.buffered >= self.shard_tokens:
+            self._flush(final=False)
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=np.uint32)
+        at = 0
+        while len(stream) - at >= self.shard_tokens or (final and at < len(stream)):
+            piece = stream[at:at + self.shard_tokens]
+            name = f"{self.split}_{len(self.names):05d}.bin"
+            write_shard(self.out_dir / name, piece, vocab_size=self.vocab_size)
+            self.names.append(name)
+            self.counts.append(len(piece))
+            at += len(piece)
+        self.pending = [stream[at:]] if at < len(stream) else []
+        self.buffered = len(stream) - at
+
+
 def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
     """The existing tokens manifest when it matches `wanted` and every shard is intact, else None."""
     manifest = _previous_manifest(out_dir)
@@ -177,36 +210,19 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
     try:
         for split, info in corpus["splits"].items():
             files = [corpus_dir / f for f in info["files"]]
-            names, counts, buf, docs, nbytes, ntokens = [], [], [], 0, 0, 0
-            buffered = 0
-
-            def flush(final: bool) -> None:
-                nonlocal buf, buffered
-                stream = np.concatenate(buf) if buf else np.zeros(0, dtype=dtype)
-                at = 0
-                while len(stream) - at >= shard_tokens or (final and at < len(stream)):
-                    piece = stream[at:at + shard_tokens]
-                    name = f"{split}_{len(names):05d}.bin"
-                    write_shard(tmp / name, piece, vocab_size=tok.vocab_size)
-                    names.append(name)
-                    counts.append(len(piece))
-                    at += len(piece)
-                buf = [stream[at:]] if at < len(stream) else []
-                buffered = len(stream) - at
-
+            writer = _ShardWriter(tmp, split, shard_tokens, tok.vocab_size)
+            docs = nbytes = 0
             bar = tqdm(total=info.get("docs"), unit=" docs", desc=f"tokenizing {split}", disable=not progress)
             for chunk in _doc_chunks(files, chunk_chars):
                 for ids in tok.encode_batch(chunk, workers=workers):
-                    buf += [bos, np.asarray(ids, dtype=dtype)]
-                    buffered += 1 + len(ids)
-                    ntokens += 1 + len(ids)
+                    writer.add(bos)
+                    writer.add(np.asarray(ids, dtype=dtype))
                 docs += len(chunk)
                 nbytes += sum(len(t.encode("utf-8")) for t in chunk)
                 bar.update(len(chunk))
-                if buffered >= shard_tokens:
-                    flush(final=False)
-            flush(final=True)
+            writer.close()
             bar.close()
+            names, counts, ntokens = writer.names, writer.counts, sum(writer.counts)
             splits[split] = {"files": names, "shard_counts": counts, "tokens": ntokens, "docs": docs,
                              "utf8_bytes": nbytes, "bytes_per_token": round(nbytes / max(ntokens, 1), 4)}
         manifest = {"config": wanted, "corpus": corpus_dir.name, "tokenizer_hash": tok.hash,
