@@ -1,0 +1,138 @@
+"""Checkpoints: round trips of model, tokenizer and optimizer state; atomic layout; clear errors for bad files."""
+import json
+
+import pytest
+import torch
+
+from pretrain.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_state,
+                                 load_optimizer_state, prune_checkpoints, save_checkpoint)
+from pretrain.model import GPT, GPTConfig
+from pretrain.optim import build_optimizers
+from tokenizer import Tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+        "All that glitters is not gold. ") * 20
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT], vocab_size=300)
+
+
+def make(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=tok.vocab_size, sequence_len=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = GPT(GPTConfig(**{**cfg, **kw}))
+    with torch.no_grad():  # non-zero output layers, so a wrongly loaded weight would show in the logits
+        model.lm_head.weight.normal_(0, 0.1)
+    return model
+
+
+def train_steps(model, opts, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        idx = torch.randint(0, model.config.vocab_size, (2, 17), generator=g)
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_round_trip_model_tokenizer_meta(tmp_path, tok):
+    model = make(tok)
+    path = save_checkpoint(tmp_path / "step_000007", model, tok, {"step": 7, "loader": {"epoch": 1}})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, tok2, meta = load_checkpoint(path)
+    assert meta["step"] == 7 and meta["loader"] == {"epoch": 1} and meta["tokenizer_hash"] == tok.hash
+    assert tok2.hash == tok.hash and tok2.encode("the lazy fox") == tok.encode("the lazy fox")
+    idx = torch.randint(0, tok.vocab_size, (2, 16))
+    assert torch.equal(loaded(idx), model.eval()(idx))
+    assert not list(tmp_path.glob(".tmp-*"))  # the temp dir became the checkpoint
+
+
+def test_optimizer_resume_is_bit_identical(tmp_path, tok):
+    model = make(tok)
+    opts = build_optimizers(model)
+    train_steps(model, opts, 3)
+    save_checkpoint(tmp_path / "ck", model, tok, {"step": 3}, opts)
+    expected = train_steps(model, opts, 3, seed=2)
+
+    fresh = make(tok, seed=123)
+    fresh_opts = build_optimizers(fresh)
+    load_model_state(tmp_path / "ck", fresh)
+    load_optimizer_state(tmp_path / "ck", fresh_opts)
+    assert train_steps(fresh, fresh_opts, 3, seed=2) == expected
+
+
+def test_resave_same_step_replaces_atomically(tmp_path, tok):
+    a, b = make(tok, seed=0), make(tok, seed=1)
+    save_checkpoint(tmp_path / "step_000001", a, tok, {"step": 1})
+    save_checkpoint(tmp_path / "step_000001", b, tok, {"step": 1, "again": True})
+    loaded, _, meta = load_checkpoint(tmp_path / "step_000001")
+    assert meta["again"] and torch.equal(loaded.lm_head.weight, b.lm_head.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
+
+
+def test_latest_and_prune(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
+    assert latest_checkpoint("base") is None
+    root = tmp_path / "checkpoints" / "base"
+    model = make(tok)
+    for step in (5, 20, 10):
+        save_checkpoint(root / f"step_{step:06d}", model, tok, {"step": step})
+    (root / ".tmp-step_000030-abc").mkdir()  # what a killed save leaves behind
+    (root / "step_000040").mkdir()  # incomplete: no files
+    assert latest_checkpoint("base") == root / "step_000020"
+    assert latest_checkpoint(root=root) == root / "step_000020"
+    prune_checkpoints(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000010", "step_000020", "step_000040"]
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path, tok):
+    model = make(tok)
+    path = save_checkpoint(tmp_path / "ck", model, tok, {"step": 1}, build_optimizers(model))
+
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="expected"):  # a different architecture
+        load_model_state(path, make(tok, n_embd=64))
+
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    (path / "model.safetensors").write_bytes(weights)
+
+    config = json.loads((path / "config.json").read_text())
+    bad = dict(config, model_config=dict(config["model_config"], n_layer=3))
+    (path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="does not fit"):  # config says 3 layers, file holds 2
+        load_checkpoint(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(json.dumps(dict(config, tokenizer_hash="0" * 64)))
+    with pytest.raises(CheckpointError, match="tokenizer hash"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(json.dumps(config))
+
+    (path / "optim.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_optimizer_state(path, build_optimizers(model))
+    (path / "optim.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        load_optimizer_state(path, build_optimizers(model))
+    load_checkpoint(path)  # the weights alone still serve
