@@ -1,0 +1,543 @@
+"""The HTTP API: OpenAI-compatible chat and text completions over the engine, plus health, metrics, tokenize,
+the OpenAPI schema and the web chat page.
+
+Every error a client can cause answers {"error": {"message", "type", "param", "code"}} with a fitting status:
+400 invalid request, 401 missing/wrong API key, 404 unknown model or route, 413 body too large, 429 queue
+full and 503 loading or shutting down (both with Retry-After). Streams are server-sent events ending with
+`data: [DONE]`; a client that goes away cancels its generation, which frees its slot at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serve.engine import Chunk, Engine, EngineClosed, Generation, QueueFull, SamplingParams
+from serve.openapi import openapi_schema
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; every field is a `python -m serve` flag."""
+    max_messages: int = 64
+    max_message_chars: int = 32_000
+    max_total_chars: int = 128_000
+    max_tokens: int = 4096  # upper bound a request may ask for (the context may end a generation earlier)
+    default_max_tokens: int = 512  # chat, when the request does not say; completions default to 16 as OpenAI's
+    max_stop: int = 4
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
+    retry_after: int = 1  # seconds suggested to clients told to come back (429/503)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class State:
+    """What the routes share: the engine once loaded, the limits, and request counters for /metrics."""
+
+    def __init__(self, limits: Limits, model_name: str, api_key: str | None) -> None:
+        self.limits, self.model_name, self.api_key = limits, model_name, api_key
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
+        self.shutting_down = False
+
+
+# ---------------------------------------------------------------- request parsing and validation
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object, refusing bodies over `limit` bytes before reading all of them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return data
+
+
+def _number(data: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    value = data.get(name)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)):
+        raise APIError(400, f"'{name}' must be {kind}", param=name)
+    if not lo <= value <= hi:
+        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
+    return value
+
+
+def _bool(data: dict, name: str, default: bool = False) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false", param=name)
+    return value
+
+
+def sampling_params(data: dict, limits: Limits, default_max_tokens: int, vocab_size: int) -> SamplingParams:
+    """Validate the OpenAI sampling fields shared by both completion routes."""
+    _number(data, "n", 1, 1, 1, integer=True)  # one choice per request
+    for unsupported in ("presence_penalty", "frequency_penalty"):
+        if _number(data, unsupported, 0, -2, 2) != 0:
+            raise APIError(400, f"'{unsupported}' is not supported; leave it at 0", param=unsupported)
+    max_tokens = _number(data, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(data, "max_tokens", default_max_tokens, 1, limits.max_tokens, integer=True)
+    stop = data.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > limits.max_stop:
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} non-empty strings",
+                       param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(_number(data, "temperature", 1.0, 0, 2)),
+        top_k=_number(data, "top_k", 0, 0, vocab_size, integer=True),
+        top_p=float(_number(data, "top_p", 1.0, 0, 1)) or 1e-9,  # top_p 0 keeps only the most likely token
+        seed=_number(data, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        stop=tuple(stop),
+    )
+
+
+def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
+    """The `messages` field as [{"role", "content"}], text parts of content arrays joined, sizes checked."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) > limits.max_messages:
+        raise APIError(400, f"{len(messages)} messages; the limit is {limits.max_messages}", param="messages")
+    out, total = [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}] must have a role of system, user or assistant", param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # the array form: only text parts are understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages[{i}].content parts must all be {{'type': 'text', 'text': ...}}",
+                               param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        if len(content) > limits.max_message_chars:
+            raise APIError(400, f"messages[{i}] has {len(content)} characters; the limit is {limits.max_message_chars}",
+                           param=f"messages[{i}].content")
+        total += len(content)
+        role = "system" if m["role"] == "developer" else m["role"]  # newer clients call the system prompt "developer"
+        out.append({"role": role, "content": content})
+    if total > limits.max_total_chars:
+        raise APIError(400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}",
+                       param="messages")
+    return out
+
+
+def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
+    if n_tokens >= context:
+        raise APIError(400, f"the prompt is {n_tokens} tokens long but the model's context is {context} tokens "
+                            f"(and at least one must be left to answer): shorten it", param=param,
+                       code="context_length_exceeded")
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, model_name: str = "scratchchat",
+               api_key: str | None = None, cors_origins: list[str] | None = None) -> Starlette:
+    """The Starlette app. `load` builds the engine; it runs in a thread at startup so /health can say 503 meanwhile."""
+    state = State(limits or Limits(), model_name, api_key)
+
+    def engine() -> Engine:
+        if state.shutting_down:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": str(state.limits.retry_after)})
+        if state.engine is None:
+            why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+            raise APIError(503, why, type="server_error", code="model_not_ready",
+                           headers={"Retry-After": str(state.limits.retry_after)})
+        return state.engine
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key")
+
+    def check_model(data: dict) -> str:
+        model = data.get("model", state.model_name)
+        if not isinstance(model, str):
+            raise APIError(400, "'model' must be a string", param="model")
+        if model != state.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
+                           param="model", code="model_not_found")
+        return model
+
+    def include_usage(data: dict) -> bool:
+        opts = data.get("stream_options")
+        if opts is None:
+            return False
+        if not isinstance(opts, dict):
+            raise APIError(400, "'stream_options' must be an object", param="stream_options")
+        return _bool(opts, "include_usage")
+
+    def start(eng: Engine, prompt: list[int], params: SamplingParams) -> Generation:
+        try:
+            return eng.submit(prompt, params, timeout=state.limits.request_timeout)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(state.limits.retry_after)}) from None
+        except EngineClosed:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": str(state.limits.retry_after)}) from None
+
+    async def first_chunk(gen: Generation, it: AsyncIterator[Chunk]) -> Chunk:
+        """Wait for the first output before answering, so a request that timed out in the queue still gets a 503."""
+        chunk = await anext(it)
+        if chunk.finish_reason == "timeout":
+            raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
+                           type="server_error", code="timeout", headers={"Retry-After": str(state.limits.retry_after)})
+        return chunk
+
+    async def run(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
+                  kind: str) -> Response:
+        """Shared by chat and text completions: stream SSE chunks or collect one JSON answer."""
+        stream = _bool(data, "stream")
+        usage_wanted = include_usage(data)
+        gen = start(eng, prompt, params)
+        it = aiter(gen)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gen))
+        try:
+            chunk = await first_chunk(gen, it)
+        except BaseException:
+            gen.cancel()
+            watcher.cancel()
+            raise
+        if not stream:
+            try:
+                parts = [chunk.text]
+                while chunk.finish_reason is None:
+                    chunk = await anext(it)
+                    parts.append(chunk.text)
+            finally:
+                gen.cancel()  # a no-op once finished; frees the slot if this handler is torn down early
+                watcher.cancel()
+            return JSONResponse(_completion(kind, rid, created, state.model_name, "".join(parts), chunk))
+        watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                c = chunk
+                if kind == "chat":  # the first delta announces the role, as OpenAI's does
+                    yield _sse(_chat_chunk(rid, created, state.model_name, {"role": "assistant", "content": ""},
+                                           None, usage_wanted))
+                while True:
+                    if c.text or c.finish_reason is None:
+                        delta = {"content": c.text} if kind == "chat" else c.text
+                        yield _sse(_stream_chunk(kind, rid, created, state.model_name, delta, None, usage_wanted))
+                    if c.finish_reason is not None:
+                        break
+                    c = await anext(it)
+                yield _sse(_stream_chunk(kind, rid, created, state.model_name, {} if kind == "chat" else "",
+                                         _openai_reason(c.finish_reason), usage_wanted))
+                if usage_wanted:
+                    yield _sse({"id": rid, "object": _object(kind, True), "created": created, "model": state.model_name,
+                                "choices": [], "usage": _usage(c)})
+                yield "data: [DONE]\n\n"
+            finally:
+                gen.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        data = await read_json(request, state.limits.max_body_bytes)
+        check_model(data)
+        eng = engine()
+        messages = chat_messages(data, state.limits)
+        params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
+        from finetune.chat import ChatFormatError, render_prompt
+        try:
+            prompt = render_prompt(eng.tokenizer, messages)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        check_prompt_fits(len(prompt), eng.max_context, "messages")
+        return await run(request, eng, data, prompt, params, "chat")
+
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        data = await read_json(request, state.limits.max_body_bytes)
+        check_model(data)
+        eng = engine()
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+        if len(prompt) > state.limits.max_total_chars:
+            raise APIError(400, f"'prompt' has {len(prompt)} characters; the limit is {state.limits.max_total_chars}",
+                           param="prompt")
+        if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
+            raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
+        params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
+        ids = [eng.tokenizer.bos_id] + eng.tokenizer.encode(prompt)  # a document starts with <|bos|>, as in training
+        check_prompt_fits(len(ids), eng.max_context, "prompt")
+        return await run(request, eng, data, ids, params, "text")
+
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "scratchchat"}
+
+    async def list_models(request: Request) -> Response:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def get_model(request: Request) -> Response:
+        authorize(request)
+        name = request.path_params["model"]
+        if name != state.model_name:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    async def tokenize(request: Request) -> Response:
+        authorize(request)
+        data = await read_json(request, state.limits.max_body_bytes)
+        eng = engine()
+        if "messages" in data:
+            from finetune.chat import ChatFormatError, render_prompt
+            try:
+                ids = render_prompt(eng.tokenizer, chat_messages(data, state.limits))
+            except ChatFormatError as e:
+                raise APIError(400, str(e), param="messages") from None
+        elif isinstance(data.get("text"), str):
+            if len(data["text"]) > state.limits.max_total_chars:
+                raise APIError(400, f"'text' has {len(data['text'])} characters; the limit is "
+                                    f"{state.limits.max_total_chars}", param="text")
+            ids = eng.tokenizer.encode(data["text"])
+        else:
+            raise APIError(400, "send {'text': str} or {'messages': [...]}", param="text")
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_context": eng.max_context})
+
+    async def health(request: Request) -> Response:
+        if state.engine is None or state.shutting_down:
+            status = "shutting_down" if state.shutting_down else ("error" if state.load_error else "loading")
+            return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(state.limits.retry_after)})
+        return JSONResponse({"status": "ok", "model": state.model_name, "active": state.engine.active,
+                             "queued": state.engine.queued})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(_prometheus(state), media_type="text/plain; version=0.0.4")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_schema(state.model_name))
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                "style-src 'unsafe-inline'; img-src 'none'"})
+
+    async def on_api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return error_response(exc.status_code, message, code={404: "not_found"}.get(exc.status_code),
+                              headers=dict(exc.headers or {}))
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        def load_in_thread() -> None:
+            try:
+                state.engine = load()
+            except Exception as e:  # reported by /health and every route, never as a traceback
+                state.load_error = str(e) or type(e).__name__
+        loader = threading.Thread(target=load_in_thread, name="scratchchat-load", daemon=True)
+        loader.start()
+        yield
+        state.shutting_down = True
+        if state.engine is not None:
+            state.engine.shutdown(grace=0)
+            await asyncio.to_thread(state.engine.join, 5.0)
+
+    middleware = [Middleware(_Count, state=state)]
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash})
+    app.state.serve = state
+    return app
+
+
+class _Count:
+    """ASGI middleware counting responses by route and status for /metrics (pure ASGI: streams pass untouched)."""
+
+    def __init__(self, app, state: State) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"] if scope["path"] in _ROUTES else "other"
+            self.state.requests[(path, status)] += 1
+
+
+_ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/tokenize", "/v1/models", "/v1/chat/completions",
+           "/v1/completions")
+
+
+async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
+    """Cancel a non-streamed generation when its client hangs up (the body is already read, so only
+    a disconnect can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gen.cancel()
+            return
+
+
+def _openai_reason(reason: str | None) -> str:
+    return "stop" if reason == "stop" else "length"  # a cut-off (timeout, shutdown) reads as running out of room
+
+
+def _object(kind: str, stream: bool) -> str:
+    if kind == "chat":
+        return "chat.completion.chunk" if stream else "chat.completion"
+    return "text_completion"
+
+
+def _usage(c: Chunk) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def _chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None, usage_slot: bool) -> dict:
+    return _stream_chunk("chat", rid, created, model, delta, finish, usage_slot)
+
+
+def _stream_chunk(kind: str, rid: str, created: int, model: str, delta, finish: str | None, usage_slot: bool) -> dict:
+    choice = {"index": 0, "delta": delta} if kind == "chat" else {"index": 0, "text": delta}
+    choice.update({"logprobs": None, "finish_reason": finish})
+    out = {"id": rid, "object": _object(kind, True), "created": created, "model": model, "choices": [choice]}
+    if usage_slot:  # with include_usage, every chunk carries usage: null until the final usage chunk
+        out["usage"] = None
+    return out
+
+
+def _completion(kind: str, rid: str, created: int, model: str, text: str, last: Chunk) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    else:
+        choice = {"index": 0, "text": text}
+    choice.update({"logprobs": None, "finish_reason": _openai_reason(last.finish_reason)})
+    return {"id": rid, "object": _object(kind, False), "created": created, "model": model, "choices": [choice],
+            "usage": _usage(last)}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _prometheus(state: State) -> str:
+    """The Prometheus text exposition format, written out by hand (a few families, no client library)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                     for labels, value in samples)
+
+    family("scratchchat_requests_total", "counter", "HTTP requests answered, by route and status.",
+           [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.requests.items())])
+    e = state.engine
+    family("scratchchat_model_loaded", "gauge", "1 once the model is loaded and serving.", [("", int(e is not None))])
+    if e is not None:
+        st = e.stats
+        family("scratchchat_active_requests", "gauge", "Requests holding a batch slot.", [("", e.active)])
+        family("scratchchat_queue_depth", "gauge", "Requests waiting for a slot.", [("", e.queued)])
+        family("scratchchat_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
+        family("scratchchat_generated_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
+        family("scratchchat_generations_total", "counter", "Finished generations, by how they ended.",
+               [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
+        family("scratchchat_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+               [("", float(round(st.tokens_per_second(), 3)))])
+        buckets = [(f'{{le="{"+Inf" if math.isinf(b) else b}"}}', n) for b, n in zip(st.TTFT_BUCKETS, st.ttft_counts)]
+        lines.append("# HELP scratchchat_time_to_first_token_seconds From arrival to the first generated token.")
+        lines.append("# TYPE scratchchat_time_to_first_token_seconds histogram")
+        lines.extend(f"scratchchat_time_to_first_token_seconds_bucket{lab} {n}" for lab, n in buckets)
+        lines.append(f"scratchchat_time_to_first_token_seconds_sum {st.ttft_sum:g}")
+        lines.append(f"scratchchat_time_to_first_token_seconds_count {st.ttft_count}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,197 @@
+"""The OpenAPI 3.1 description of every route the server answers, written by hand as one dict.
+
+It is served at /openapi.json; tests run schemathesis against it, so each status a route can answer and
+each response shape is listed here.
+"""
+from __future__ import annotations
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+
+_FINISH = {"type": "string", "enum": ["stop", "length"]}
+
+# Sampling fields shared by both completion routes (top_k is our extension; penalties are accepted only at 0).
+_SAMPLING = {
+    "model": {"type": "string", "description": "The served model's id (GET /v1/models); defaults to it."},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1,
+                   "description": "Most tokens to generate (server limit: --max-tokens); the context may end it sooner."},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2, "description": "0 = greedy."},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "top_k": {"type": ["integer", "null"], "minimum": 0, "description": "0 = off."},
+    "seed": {"type": ["integer", "null"]},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                       {"type": "null"}]},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Only 0 is supported."},
+    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Only 0 is supported."},
+    "user": {"type": "string"},
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+        ]},
+    },
+}
+
+_CHAT_REQUEST = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1,
+                                "description": "Optional leading system message, then user/assistant turns "
+                                               "alternating, ending with the user's."},
+                   "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1}, **_SAMPLING},
+}
+
+_COMPLETION_REQUEST = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {"prompt": {"oneOf": [{"type": "string"},
+                                        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
+                   "echo": {"type": ["boolean", "null"], "description": "Not supported: must be false."},
+                   "logprobs": {"type": ["integer", "null"], "description": "Not supported: must be null or 0."},
+                   "suffix": {"type": "null", "description": "Not supported."},
+                   **_SAMPLING},
+}
+
+
+def _object(required: list[str], properties: dict) -> dict:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_CHAT_COMPLETION = _object(["id", "object", "created", "model", "choices", "usage"], {
+    "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+    "model": {"type": "string"}, "usage": _USAGE,
+    "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": _object(
+        ["index", "message", "finish_reason"],
+        {"index": {"type": "integer"}, "finish_reason": _FINISH, "logprobs": {"type": "null"},
+         "message": _object(["role", "content"], {"role": {"const": "assistant"}, "content": {"type": "string"}})})},
+})
+
+_TEXT_COMPLETION = _object(["id", "object", "created", "model", "choices", "usage"], {
+    "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+    "model": {"type": "string"}, "usage": _USAGE,
+    "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": _object(
+        ["index", "text", "finish_reason"],
+        {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": _FINISH,
+         "logprobs": {"type": "null"}})},
+})
+
+_SSE = {"type": "string", "description": "Server-sent events: `data: {chunk JSON}` lines (chat.completion.chunk or "
+                                         "text_completion objects; with stream_options.include_usage a last chunk "
+                                         "with empty choices and usage), then `data: [DONE]`."}
+
+_MODEL = _object(["id", "object", "created", "owned_by"], {
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}})
+
+
+def _json(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str, retry: bool = False) -> dict:
+    out = {"description": description, **_json({"$ref": "#/components/schemas/Error"})}
+    if retry:
+        out["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait."}}
+    return out
+
+
+_AUTH = {"401": _error("Missing or wrong API key (when the server has one).")}
+_NOT_READY = {"503": _error("The model is loading, the server is shutting down, or the request timed out "
+                            "waiting in the queue.", retry=True)}
+_BODY = {"400": _error("Invalid request: bad JSON, a field out of range, a prompt longer than the context."),
+         "413": _error("Request body larger than the server's limit (--max-body-bytes).")}
+
+
+def _generate(summary: str, request: str, response: str) -> dict:
+    return {"post": {
+        "summary": summary,
+        "security": [{}, {"bearer": []}],
+        "requestBody": {"required": True, **_json({"$ref": f"#/components/schemas/{request}"})},
+        "responses": {
+            "200": {"description": "The completion (JSON), or a stream of chunks when `stream` is true.",
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}},
+                                "text/event-stream": {"schema": _SSE}}},
+            **_BODY, **_AUTH,
+            "404": _error("Unknown model."),
+            "429": _error("Too many requests waiting (--max-queue).", retry=True),
+            **_NOT_READY,
+        },
+    }}
+
+
+def openapi_schema(model_name: str) -> dict:
+    """The document for GET /openapi.json."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "scratchchat", "version": "0.1.0",
+                 "description": f"OpenAI-compatible API serving '{model_name}', a model trained from scratch."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed only when the server runs with --api-key."}},
+            "schemas": {"Error": _ERROR, "ChatCompletionRequest": _CHAT_REQUEST, "ChatCompletion": _CHAT_COMPLETION,
+                        "CompletionRequest": _COMPLETION_REQUEST, "Completion": _TEXT_COMPLETION, "Model": _MODEL},
+        },
+        "paths": {
+            "/v1/chat/completions": _generate("Chat completion", "ChatCompletionRequest", "ChatCompletion"),
+            "/v1/completions": _generate("Text completion of a raw prompt", "CompletionRequest", "Completion"),
+            "/v1/models": {"get": {"summary": "The served model", "security": [{}, {"bearer": []}], "responses": {
+                "200": {"description": "One model.", **_json(_object(["object", "data"], {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}))},
+                **_AUTH}}},
+            "/v1/models/{model}": {"get": {
+                "summary": "One model by id", "security": [{}, {"bearer": []}],
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The model.", **_json({"$ref": "#/components/schemas/Model"})},
+                              "404": _error("Unknown model."), **_AUTH}}},
+            "/tokenize": {"post": {
+                "summary": "Token ids of a text, or of a chat prompt as the model will see it",
+                "security": [{}, {"bearer": []}],
+                "requestBody": {"required": True, **_json({"oneOf": [
+                    _object(["text"], {"text": {"type": "string"}}),
+                    _object(["messages"], {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1}})]})},
+                "responses": {"200": {"description": "The ids.", **_json(_object(["tokens", "count", "max_context"], {
+                    "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "count": {"type": "integer", "minimum": 0}, "max_context": {"type": "integer"}}))},
+                    **_BODY, **_AUTH, **_NOT_READY}}},
+            "/health": {"get": {"summary": "200 once the model is loaded, 503 before and while shutting down",
+                                "responses": {
+                "200": {"description": "Serving.", **_json(_object(["status"], {
+                    "status": {"const": "ok"}, "model": {"type": "string"},
+                    "active": {"type": "integer"}, "queued": {"type": "integer"}}))},
+                "503": {"description": "Not serving (yet).",
+                        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+                        **_json(_object(["status"], {"status": {"enum": ["loading", "error", "shutting_down"]}}))}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, "
+                                            "tokens/s", "responses": {
+                "200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}}}},
+            "/": {"get": {"summary": "The web chat page", "responses": {
+                "200": {"description": "One self-contained HTML page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        },
+    }

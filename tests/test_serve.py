@@ -1,0 +1,504 @@
+"""serve over HTTP: a real `python -m serve` process on 127.0.0.1 and a free port, serving a tiny checkpoint
+trained in this session to memorise a few answers, so replies are known exactly. The official `openai`
+client (max_retries=0) covers the happy paths, raw httpx every error status.
+
+`build_checkpoint` and `running_server` are imported by the other serve test modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from finetune.chat import render_conversation, render_prompt
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+HELLO = "Hello! I am **scratchchat**, a small model."
+XSS = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script> `<b>code</b>` **safe**"
+EMOJI = "Ünïcödé 你好 🙂🎉 done"
+COUNT = "one two three four five six seven eight nine ten " * 4
+CONVERSATIONS = [("Say hi", HELLO), ("xss", XSS), ("Emoji", EMOJI), ("Count", COUNT)]
+SEQ_LEN = 4096  # long enough that a "Count" generation to the end of the context takes seconds
+
+
+def build_checkpoint(root: Path) -> Path:
+    """Train a tiny tokenizer and GPT until they reproduce CONVERSATIONS, and save an SFT checkpoint.
+
+    "Count" is trained without its <|assistant_end|>, so the model keeps counting: a long generation on demand."""
+    texts = [t for pair in CONVERSATIONS for t in pair] * 3
+    tok = Tokenizer.train(texts, 400)
+    rows = [render_conversation(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in CONVERSATIONS]
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        if CONVERSATIONS[i][0] == "Count":
+            mask[-1] = False
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend with the other processes on 2 cores
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, n_layer=2, n_head=2, n_kv_head=1,
+                              n_embd=64))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        for _ in range(300):
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < 0.005:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return save_checkpoint(root / "checkpoints" / "sft" / "step_1", model, tok, {"step": 1})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
+    """`python -m serve` in a subprocess; yields (base_url, process) once /health says ok; stops it with SIGINT."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not become healthy")
+            time.sleep(0.05)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def tok(checkpoint) -> Tokenizer:
+    return load_checkpoint(checkpoint)[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with running_server(checkpoint, "--max-batch", "8") as (url, _):
+        yield url
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# ---------------------------------------------------------------- happy paths through the openai client
+
+def test_models_list_and_retrieve(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["scratchchat"]
+    assert client.models.retrieve("scratchchat").id == "scratchchat"
+
+
+def test_chat_non_stream_gives_the_memorised_answer_and_usage(client, tok):
+    r = client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == HELLO
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(render_prompt(tok, user("Say hi")))
+    # the answer's tokens plus <|assistant_end|>
+    assert r.usage.completion_tokens == len(tok.encode(HELLO)) + 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_chunks_follow_the_openai_wire_format(client, tok):
+    chunks = list(client.chat.completions.create(model="scratchchat", messages=user("Emoji"), temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == EMOJI
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tok.encode(EMOJI)) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_stream_is_sse_ending_with_done(server):
+    with httpx.stream("POST", server + "/v1/chat/completions", timeout=30,
+                      json={"messages": user("Say hi"), "stream": True, "temperature": 0}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == HELLO
+
+
+def test_text_completions_stream_and_not(client, tok):
+    r = client.completions.create(model="scratchchat", prompt="one two", max_tokens=5, temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    assert r.usage.prompt_tokens == 1 + len(tok.encode("one two"))  # <|bos|> + the text
+    streamed = list(client.completions.create(model="scratchchat", prompt="one two", max_tokens=5, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_cuts_the_answer(client):
+    r = client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0, stop=["scratch"])
+    assert r.choices[0].message.content == HELLO[:HELLO.index("scratch")]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0,
+                                                 stop="scratch", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == HELLO[:HELLO.index("scratch")]
+
+
+def test_max_tokens_ends_with_length(client):
+    r = client.chat.completions.create(model="scratchchat", messages=user("Count"), temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+    assert COUNT.startswith(r.choices[0].message.content)
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=2.0,
+                                              top_p=1.0, seed=seed, max_tokens=20).choices[0].message.content
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1  # temperature 2 over a 400-token vocab: seeds do differ
+
+
+def test_tokenize_matches_the_tokenizer(server, tok):
+    r = httpx.post(server + "/tokenize", json={"text": "one two three"})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode("one two three")
+    r = httpx.post(server + "/tokenize", json={"messages": user("Say hi")})
+    assert r.json()["tokens"] == render_prompt(tok, user("Say hi"))
+    assert r.json()["max_context"] == SEQ_LEN
+
+
+def test_page_and_openapi_are_served(server):
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" in page.text and "http://" not in page.text and "https://" not in page.text  # no CDN
+    spec = httpx.get(server + "/openapi.json").json()
+    assert set(spec["paths"]) == {"/", "/health", "/metrics", "/openapi.json", "/tokenize", "/v1/models",
+                                  "/v1/models/{model}", "/v1/chat/completions", "/v1/completions"}
+
+
+def test_metrics_count_requests_tokens_and_ttft(server, client):
+    client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0)
+    text = httpx.get(server + "/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['scratchchat_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
+    assert values["scratchchat_generated_tokens_total"] >= len(HELLO) // 8
+    assert values["scratchchat_time_to_first_token_seconds_count"] >= 1
+    assert values['scratchchat_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
+        values["scratchchat_time_to_first_token_seconds_count"]
+    assert values["scratchchat_queue_depth"] == 0
+    assert "# TYPE scratchchat_time_to_first_token_seconds histogram" in text
+
+
+# ---------------------------------------------------------------- errors, over raw HTTP
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),  # must end with / start at the user
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}] * 65}, "messages"),
+])
+def test_invalid_chat_requests_are_400(server, body, param):
+    err = error_of(httpx.post(server + "/v1/chat/completions", json=body), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_is_400_with_both_lengths(server, tok):
+    text = "one two three " * 2000
+    n = len(render_prompt(tok, user(text)))
+    assert n > SEQ_LEN
+    err = error_of(httpx.post(server + "/v1/chat/completions", json={"messages": user(text)}), 400)
+    assert str(n) in err["message"] and str(SEQ_LEN) in err["message"] and err["code"] == "context_length_exceeded"
+    err = error_of(httpx.post(server + "/v1/completions", json={"prompt": text}), 400)
+    assert str(SEQ_LEN) in err["message"]
+
+
+def test_bad_json_unknown_model_unknown_route_and_oversized_body(server):
+    error_of(httpx.post(server + "/v1/chat/completions", content=b"{not json"), 400)
+    error_of(httpx.post(server + "/v1/chat/completions", json=[1, 2]), 400)
+    err = error_of(httpx.post(server + "/v1/chat/completions", json={"model": "gpt-9", "messages": user("x")}), 404)
+    assert err["code"] == "model_not_found" and "gpt-9" in err["message"]
+    error_of(httpx.get(server + "/v1/models/gpt-9"), 404)
+    error_of(httpx.get(server + "/v1/nothing-here"), 404)
+    error_of(httpx.get(server + "/v1/chat/completions"), 405)
+    big = json.dumps({"messages": user("x" * (2 << 20))}).encode()
+    err = error_of(httpx.post(server + "/v1/chat/completions", content=big), 413)
+    assert err["code"] == "request_too_large"
+
+
+def test_cors_is_off_by_default(server):
+    r = httpx.options(server + "/v1/chat/completions",
+                      headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server + "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+# ---------------------------------------------------------------- concurrency: disconnects and a responsive loop
+
+def _start_stream(url: str, max_tokens: int) -> tuple[socket.socket, bytes]:
+    """Open a raw streaming request and read until the first data event arrives."""
+    body = json.dumps({"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": max_tokens})
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    got = b""
+    while b"data: " not in got:
+        got += s.recv(4096)
+    return s, got
+
+
+def cancelled_count(url: str) -> int:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('scratchchat_generations_total{reason="cancelled"}'):
+            return int(line.split()[-1])
+    return 0
+
+
+def test_dropped_clients_free_their_slots(server):
+    before = cancelled_count(server)
+    sockets = [_start_stream(server, max_tokens=SEQ_LEN)[0] for _ in range(8)]
+    assert httpx.get(server + "/health").json()["active"] > 0
+    for s in sockets:
+        s.close()
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(server + "/health").json())["active"] or health["queued"]:
+        assert time.monotonic() < deadline, f"slots were not freed: {health}"
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == HELLO
+    assert time.monotonic() - t0 < 5  # served at once, not after eight long generations
+    assert cancelled_count(server) - before == 8  # each was ended by its disconnect, not by running out
+
+
+def test_health_stays_fast_while_generating(server):
+    stop = threading.Event()
+
+    def generate() -> None:
+        while not stop.is_set():
+            httpx.post(server + "/v1/chat/completions", timeout=60,
+                       json={"messages": user("Count"), "temperature": 0, "max_tokens": 200})
+
+    workers = [threading.Thread(target=generate) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        with httpx.Client(base_url=server) as http:
+            deadline = time.monotonic() + 5
+            while http.get("/health").json()["active"] < 2:
+                assert time.monotonic() < deadline
+            latencies = []
+            for _ in range(40):
+                t0 = time.perf_counter()
+                assert http.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    latencies.sort()
+    # Generous bounds: a shared 2-core machine; a blocked event loop would show whole generations (seconds).
+    assert latencies[len(latencies) // 2] < 0.05, latencies
+    assert latencies[-1] < 0.5, latencies
+
+
+# ---------------------------------------------------------------- a server with auth, a tiny queue and CORS
+
+def test_api_key_queue_limit_and_cors(checkpoint):
+    args = ["--max-batch", "1", "--max-queue", "1", "--cors-origin", "http://ok.example"]
+    with running_server(checkpoint, *args, env={"SCRATCHCHAT_API_KEY": "sesame"}) as (url, _):
+        body = {"messages": user("Say hi"), "temperature": 0}
+        err = error_of(httpx.post(url + "/v1/chat/completions", json=body), 401)
+        assert err["code"] == "invalid_api_key"
+        error_of(httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+        error_of(httpx.get(url + "/v1/models"), 401)
+        assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert client.chat.completions.create(model="scratchchat", messages=user("Say hi"),
+                                              temperature=0).choices[0].message.content == HELLO
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+        r = httpx.options(url + "/v1/chat/completions",
+                          headers={"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"})
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+
+        # One slot and one queue place: of a burst of long requests, one runs, one waits, the rest are turned away.
+        long = {"messages": user("Count"), "temperature": 0, "max_tokens": 1000}
+        results: list[httpx.Response] = []
+        burst = [threading.Thread(target=lambda: results.append(httpx.post(
+            url + "/v1/chat/completions", json=long, headers={"Authorization": "Bearer sesame"}, timeout=60)))
+            for _ in range(6)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join()
+        statuses = sorted(r.status_code for r in results)
+        assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) <= {200, 429}, statuses
+        refused = next(r for r in results if r.status_code == 429)
+        assert error_of(refused, 429)["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+
+
+def test_default_checkpoint_and_graceful_shutdown(checkpoint):
+    """With no --checkpoint it serves the newest SFT checkpoint under $SCRATCHCHAT_HOME; SIGINT ends a running
+    stream cleanly (finish chunk, usage, [DONE]) and the process exits."""
+    home = checkpoint.parents[2]
+    with running_server(None, "--shutdown-grace", "0", env={"SCRATCHCHAT_HOME": str(home)}) as (url, proc):
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0})
+        assert r.json()["choices"][0]["message"]["content"] == HELLO
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                          json={"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": SEQ_LEN,
+                                "stream_options": {"include_usage": True}}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] < SEQ_LEN - 10  # ended early, not at the end
+        assert proc.wait(15) in (0, -signal.SIGINT)  # uvicorn re-raises the signal once it has shut down
+
+
+# ---------------------------------------------------------------- loading, and the command line
+
+def test_health_is_503_until_the_model_is_loaded(checkpoint):
+    """In-process: a real uvicorn server whose loader waits for a signal from the test."""
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import Engine
+
+    release = threading.Event()
+
+    def load() -> Engine:
+        release.wait(30)
+        model, tok, _ = load_checkpoint(checkpoint)
+        return Engine(model, tok, max_batch=2)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(load), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"]
+        err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi")}), 503)
+        assert err["code"] == "model_not_ready"
+        release.set()
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0})
+        assert r.json()["choices"][0]["message"]["content"] == HELLO
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_cli_without_a_checkpoint_says_run_speedrun(tmp_path, monkeypatch, capsys):
+    from serve.__main__ import main
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
+    assert main([]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: no fine-tuned checkpoint under {tmp_path / 'checkpoints' / 'sft'}: "
+        "run bash speedrun.sh first (or pass --checkpoint PATH)"]
+
+
+def test_cli_bad_paths_and_flags_are_one_line(tmp_path, capsys):
+    from serve.__main__ import main
+    assert main(["--checkpoint", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err == f"error: no checkpoint directory at {tmp_path / 'missing'}\n"
+    corrupt = tmp_path / "step_3"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{broken")
+    assert main(["--checkpoint", str(corrupt), "--port", str(free_port()), "--log-level", "critical"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load {corrupt}: ") and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit:
+        main(["--max-batch", "0"])
+    assert exit.value.code == 2 and "--max-batch must be at least 1" in capsys.readouterr().err
