@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         bpb = f", val bpb {result['val_bpb']:.4f}" if result.get("val_bpb") is not None else ""
         print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, loss {result['loss']:.4f}{bpb}")
+        if "tok_per_s" in result:
+            mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
+            mem = f", peak GPU memory {result['max_memory_gb']:.1f} GiB" if "max_memory_gb" in result else ""
+            print(f"throughput: {result['tok_per_s']:,.0f} tokens/s (median of the later half of the steps){mfu}{mem}")
         print(f"checkpoint: {result['checkpoint']}")
         print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
         print("next: python -m finetune")

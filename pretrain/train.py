@@ -58,7 +58,7 @@ class TrainConfig:
     eval_every: int = flag(250, "evaluate validation bits per byte every N steps (and at the end; 0: end only)")
     eval_batches: int = flag(20, "validation micro-batches per evaluation (per device)")
     sample_every: int = flag(0, "print samples from fixed prompts every N steps (0: at the end only)")
-    save_every: int = flag(0, "checkpoint every N steps (0: at the end only)")
+    save_every: int = flag(0, "checkpoint every N steps (0: at the end only, -1: never, e.g. for benchmarks)")
     keep_last: int = flag(2, "checkpoints to keep (0: all)")
     resume: bool = flag(False, "continue the newest checkpoint in the run directory exactly")
     compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
@@ -335,6 +335,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
 
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step")
     result: dict = {"val_bpb": None, "loss": None}
+    rates: list[float] = []  # tokens/s of each step this session
     ckpt_path = None
     while True:
         last = step >= total_steps or time_up()
@@ -359,7 +360,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
                 say(f"  sample: {t!r}")
             append_metrics(metrics_path, {"kind": "sample", "step": step, "samples": texts})
             result["samples"] = texts
-        if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+        if step > start_step and cfg.save_every >= 0 and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             # The batch fetched for the next step is not consumed yet, so record the position it came from.
             record = {**(meta or {}), "step": step, "elapsed": elapsed, "tokens": tokens_seen,
                       "loader": pending_state, "total_steps": total_steps,
@@ -408,6 +409,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         if peak:
             record["mfu"] = flops_per_token * tok_s / (peak * dist.world_size)
         result["loss"] = loss_val
+        rates.append(tok_s)
         if dist.is_main:
             append_metrics(metrics_path, record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}",
@@ -420,6 +422,13 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         plot = plot_metrics(metrics_path, run_dir / "loss.png", title=name)
         if plot is not None:
             plot_metrics(metrics_path, scratchchat_home() / "report" / f"{name}_loss.png", title=name)
+    if rates:  # the steady state: the median of the later half skips compilation and warm-up
+        steady = sorted(rates[len(rates) // 2:])[len(rates[len(rates) // 2:]) // 2]
+        result["tok_per_s"] = steady
+        if peak:
+            result["mfu"] = flops_per_token * steady / (peak * dist.world_size)
+    if cuda:
+        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(step=step, elapsed=elapsed, tokens=tokens_seen, checkpoint=str(ckpt_path) if ckpt_path else None,
                   total_steps=total_steps)
     return result
