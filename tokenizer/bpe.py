@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from itertools import chain
+from itertools import chain, repeat
 from array import array
 from pathlib import Path
 from typing import Literal
@@ -64,7 +64,9 @@ CHAT_SPECIAL_TOKENS = [
 
 FORMAT_VERSION = 1
 CACHE_SIZE = 1 << 17  # chunk -> ids entries; real text has a long tail, so clear and refill when full
-_LONG_PIECE = 64  # above this many bytes, merge with a heap: the simple scan is quadratic
+_BYTES = [bytes([b]) for b in range(256)]
+_NO_RANK = 1 << 62  # "this pair is not a token": larger than any rank
+_LONG_PIECE = 256  # above this many bytes, merge with a heap: the simple scan is quadratic
 _BATCH_CHARS = 1 << 20  # characters per encode_batch task: large enough that IPC is a small cost
 
 AllowedSpecial = Literal["all"] | Collection[str]
@@ -76,16 +78,23 @@ def _sanitize(text: str) -> str:
 
 
 def _merge_simple(ranks: dict[bytes, int], piece: bytes, max_rank: int | None) -> list[bytes]:
-    parts = [piece[i : i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best, best_i = None, -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (best is None or r < best):  # strict <: leftmost wins ties
-                best, best_i = r, i
-        if best is None or (max_rank is not None and best >= max_rank):
+    """Merge the lowest-ranked adjacent pair until none is left (or all are >= max_rank)."""
+    parts = list(map(_BYTES.__getitem__, piece))
+    # pair_ranks[i] is the rank of parts[i] + parts[i + 1]; only the merged pair's neighbours change,
+    # and min()/index() scan the list in C.
+    pair_ranks = list(map(ranks.get, map(bytes.__add__, parts, parts[1:]), repeat(_NO_RANK)))
+    limit = _NO_RANK if max_rank is None else max_rank
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best >= limit:
             break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        i = pair_ranks.index(best)  # leftmost on ties, like tiktoken
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], _NO_RANK)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], _NO_RANK)
     return parts
 
 

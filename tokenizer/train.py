@@ -85,24 +85,29 @@ def learn_merges(
 
     Ids 0..255 are the bytes themselves; merge i creates id 256 + i. Stops early when no pair is left.
     """
-    words: list[list[int]] = []
+    if 256 + n_merges > sys.maxunicode + 1:
+        raise ValueError(f"at most {sys.maxunicode + 1 - 256} merges are supported")
+    # A chunk is held as a str with one character per token (chr(id)): merging a pair is then
+    # str.replace, which runs in C and is left to right and non-overlapping, exactly BPE's rule. A pair
+    # is the 2-character str of its ids, and str order is (left id, right id) order: the tie-break.
+    words: list[str] = []
     freqs: list[int] = []
     for chunk, count in chunk_counts.items():
         # Lone surrogates can't be UTF-8 encoded; replace them the same way encode() does.
         data = chunk.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
         if len(data) >= 2:  # a one-byte chunk has no pair to merge
-            words.append(list(data))
+            words.append(data.decode("latin-1"))  # byte b -> chr(b)
             freqs.append(count)
 
-    stats: defaultdict[int, int] = defaultdict(int)
-    where: defaultdict[int, set[int]] = defaultdict(set)
+    stats: defaultdict[str, int] = defaultdict(int)
+    where: defaultdict[str, set[int]] = defaultdict(set)  # pair -> chunks that (may) contain it
     for wi, word in enumerate(words):
         count = freqs[wi]
-        for x, y in zip(word, word[1:]):
-            key = x * _K + y
-            stats[key] += count
-            where[key].add(wi)
-    heap = [(-count, key) for key, count in stats.items()]
+        for i in range(len(word) - 1):
+            pair = word[i : i + 2]
+            stats[pair] += count
+            where[pair].add(wi)
+    heap = [(-count, pair) for pair, count in stats.items()]
     heapq.heapify(heap)
 
     tokens = [bytes([i]) for i in range(256)]
@@ -114,13 +119,13 @@ def learn_merges(
 
         bar = tqdm(total=n_merges, desc="merges", unit="merge", smoothing=0.05)
     while len(merges) < n_merges and heap:
-        neg, key = heapq.heappop(heap)
-        count = stats.get(key, 0)
+        neg, pair = heapq.heappop(heap)
+        count = stats.get(pair, 0)
         if count != -neg:  # stale entry: counts only fall after a push, so re-queue at its true count
             if count > 0:
-                heapq.heappush(heap, (-count, key))
+                heapq.heappush(heap, (-count, pair))
             continue
-        a, b = divmod(key, _K)
+        a, b = ord(pair[0]), ord(pair[1])
         merged = tokens[a] + tokens[b]
         z = index.get(merged)
         if z is None:
@@ -130,52 +135,44 @@ def learn_merges(
             merges.append((a, b))
             if bar is not None:
                 bar.update()
-        grown: set[int] = set()  # pairs containing z whose counts rose: they need fresh heap entries
-        for wi in where.pop(key):
+        zc = chr(z)
+        grown: set[str] = set()  # pairs containing z whose counts rose: they need fresh heap entries
+        for wi in where.pop(pair):
             word = words[wi]
-            count = freqs[wi]
-            n = len(word)
-            new: list[int] = []
-            zs: list[int] = []  # positions of z in new
-            copied = pos = 0
-            last = -3  # start of the previous occurrence
-            # Left to right, non-overlapping ("aaa" with (a, a) gives [z, a]). Only pairs next to an
-            # occurrence change; (a, b) itself is dropped from stats after the loop.
-            while True:
-                try:
-                    j = word.index(a, pos)
-                except ValueError:
-                    break
-                if j + 1 < n and word[j + 1] == b:
-                    if j > 0 and last != j - 2:  # right after another occurrence, that one's right pair is this one's left
-                        stats[word[j - 1] * _K + a] -= count
-                    if j + 2 < n:
-                        stats[b * _K + word[j + 2]] -= count
-                    new += word[copied:j]
-                    zs.append(len(new))
-                    new.append(z)
-                    copied = pos = j + 2
-                    last = j
-                else:
-                    pos = j + 1
-            if not zs:  # the index is lazy too: this chunk lost the pair to an earlier merge
+            j = word.find(pair)
+            if j < 0:  # the index is lazy too: this chunk lost the pair to an earlier merge
                 continue
-            new += word[copied:]
-            m = len(new)
-            for q in zs:
-                # (z, z) is counted once, as the left pair of the second z.
-                pairs = [new[q - 1] * _K + z] if q > 0 else []
-                if q + 1 < m and new[q + 1] != z:
-                    pairs.append(z * _K + new[q + 1])
-                for k2 in pairs:
-                    stats[k2] += count
-                    where[k2].add(wi)
-                    grown.add(k2)
+            count = freqs[wi]
+            new = word.replace(pair, zc)
+            n, m = len(word), len(new)
+            k = 0  # occurrences so far: the k-th one lands at j - k in the new word
+            last = -3  # where the previous occurrence started
+            while j >= 0:
+                nxt = word.find(pair, j + 2)
+                # Pairs that lose an occurrence: the left neighbour's (unless it was the previous
+                # occurrence, whose right pair that is) and the right neighbour's.
+                if j > 0 and last != j - 2:
+                    stats[word[j - 1 : j + 1]] -= count
+                if j + 2 < n:
+                    stats[word[j + 1 : j + 3]] -= count
+                # Pairs that gain one: (left, z) and (z, right); (z, z) from two adjacent occurrences
+                # is counted once, as the second one's left pair.
+                q = j - k
+                if q > 0:
+                    gained = new[q - 1 : q + 1]
+                    stats[gained] += count
+                    where[gained].add(wi)
+                    grown.add(gained)
+                if q + 1 < m and nxt != j + 2:
+                    gained = new[q : q + 2]
+                    stats[gained] += count
+                    where[gained].add(wi)
+                    grown.add(gained)
+                last, j, k = j, nxt, k + 1
             words[wi] = new
-        stats.pop(key, None)
-        for k2 in grown:
-            heapq.heappush(heap, (-stats[k2], k2))
+        stats.pop(pair, None)
+        for gained in grown:
+            heapq.heappush(heap, (-stats[gained], gained))
     if bar is not None:
         bar.close()
     return tokens, merges
-
