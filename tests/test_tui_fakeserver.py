@@ -4,7 +4,7 @@ exactly as the official `openai` client does.
 The other tui tests import `FakeServer` from here. The last user message picks the behaviour:
   [500] / [400]   fail with an OpenAI error body        [drop]    close the connection mid-answer
   [badjson]       send a chunk that is not JSON          [stall]   send a little, then nothing
-  [slow]          0.1 s between tokens                   [long]    a 60-line answer
+  [slow]          0.1 s between tokens                   [long]    a 200-line answer
   [trickle]       0.01 s between tokens
   [length]        stop with finish_reason "length"       otherwise an echo with a code block.
 """
@@ -31,7 +31,7 @@ MODEL = "fake-model"
 
 def answer_for(prompt: str) -> str:
     if "[long]" in prompt:
-        return "".join(f"row{i}\n\n" for i in range(60))
+        return "".join(f"row{i}\n\n" for i in range(200))
     return f"Echo: **{prompt}**\n\n```python\nprint({prompt!r})\n```\n\nand `done`."
 
 

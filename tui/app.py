@@ -77,13 +77,13 @@ class MessageView(Vertical):
     def compose(self) -> ComposeResult:
         if self.message.role == "assistant":
             yield Markdown(self.message.content, classes="body")
+            yield Static(tokens_line(self.message), markup=False, classes="meta")
         else:
             yield Static(self.message.content, markup=False, classes="body")
-        yield Static(tokens_line(self.message), markup=False, classes="meta")
 
     def refresh_meta(self) -> None:
-        meta = self.query_one(".meta", Static)
-        meta.update(tokens_line(self.message))
+        for meta in self.query(".meta").results(Static):
+            meta.update(tokens_line(self.message))
         self.set_class(self.message.status not in ("done", "streaming"), "partial")
 
 
@@ -140,38 +140,35 @@ class PromptInput(TextArea):
         self._recall = len(self.prompts)
 
 
-KEYS_HELP = """\
-| key | does |
-| --- | --- |
-| Enter | send the prompt |
-| ctrl+j / shift+enter | new line in the prompt |
-| ↑ / ↓ (first / last line) | previous / next prompt |
-| Esc | stop generating (the partial answer is kept) |
-| ctrl+r | regenerate the last answer |
-| ctrl+t | edit and resend your last message |
-| ctrl+o | copy the last answer to the clipboard |
-| ctrl+b | copy a code block of the last answer (again: the one before) |
-| ctrl+n | new chat |
-| ctrl+l | list chats: open, rename, delete, export |
-| ctrl+s | settings of this chat: system prompt, temperature, max tokens, model |
-| F1 | this help |
-| ctrl+q | quit |
-
-Copying uses the terminal's clipboard (OSC 52); most terminals support it, some need it switched on.
-Chats are saved as you go in the store shown below; a crash never loses more than the last moment of an answer.
-"""
+KEYS = [
+    ("Enter", "send the prompt"),
+    ("ctrl+j, shift+enter", "new line in the prompt"),
+    ("↑ / ↓", "previous / next prompt (on the first / last line)"),
+    ("Esc", "stop generating; the partial answer is kept"),
+    ("ctrl+r", "regenerate the last answer"),
+    ("ctrl+t", "edit and resend your last message"),
+    ("ctrl+o", "copy the last answer to the clipboard"),
+    ("ctrl+b", "copy a code block (press again for the one before)"),
+    ("ctrl+n", "new chat"),
+    ("ctrl+l", "chats: open, rename, delete, export .md / .json"),
+    ("ctrl+s", "settings: system prompt, temperature, tokens, model"),
+    ("F1", "this help"),
+    ("ctrl+q", "quit"),
+]
 
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,f1,q", "dismiss", "Close")]
 
-    def __init__(self, db: Path) -> None:
-        super().__init__()
-        self.db = db
-
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Markdown(f"# scratchchat — keys\n\n{KEYS_HELP}\nStore: `{self.db}`")
+        width = max(len(k) for k, _ in KEYS) + 2
+        with VerticalScroll(id="dialog"):
+            yield Label("[b]Keys[/b]")
+            yield Static("\n".join(f"{k:<{width}}{does}" for k, does in KEYS), markup=False, id="keys")
+            yield Static(
+                "Copying uses the terminal's clipboard (OSC 52); some terminals need it switched on.\n"
+                "Chats are saved while they stream (the store: see --db in python -m tui --help).",
+                markup=False, classes="hint")
             yield Static("Esc closes", classes="hint")
 
 
@@ -224,6 +221,7 @@ class SettingsScreen(ModalScreen[dict | None]):
     def compose(self) -> ComposeResult:
         c = self.chat
         with Vertical(id="dialog"):
+            yield Label("[b]Settings of this chat[/b]")
             yield Label("System prompt")
             yield TextArea(c.system_prompt, id="system_prompt", soft_wrap=True, tab_behavior="focus")
             with Horizontal(classes="row"):
@@ -234,7 +232,7 @@ class SettingsScreen(ModalScreen[dict | None]):
                 yield Input(str(c.max_tokens), id="max_tokens", type="integer")
             with Horizontal(classes="row"):
                 yield Label("Model")
-                yield Input(c.model, id="model", placeholder=", ".join(self.models) or "server default",
+                yield Input(c.model, id="model", placeholder="empty: the server's default" + (f" · available: {', '.join(self.models)}" if self.models else ""),
                             suggester=SuggestFromList(self.models) if self.models else None)
             yield Static("", id="settings_error")
             with Horizontal(classes="buttons"):
@@ -388,7 +386,8 @@ class ChatApp(App[None]):
     ModalScreen { align: center middle; }
     #dialog { width: 80%; max-width: 100; height: auto; max-height: 90%; border: thick $accent; background: $surface; padding: 1 2; }
     #dialog.small { max-width: 60; }
-    #dialog .hint { color: $text-muted; }
+    #dialog .hint { color: $text-muted; margin-top: 1; }
+    #dialog #keys { margin-top: 1; }
     #dialog #system_prompt { height: 6; }
     #dialog .row { height: 3; }
     #dialog .row Label { width: 20; padding: 1 0; }
@@ -399,16 +398,21 @@ class ChatApp(App[None]):
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+t", "edit_last", "Edit last"),
-        Binding("ctrl+o", "copy_answer", "Copy answer"),
-        Binding("ctrl+b", "copy_code", "Copy code"),
-        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+r", "regenerate", "Regen"),
+        Binding("ctrl+t", "edit_last", "Edit"),
+        Binding("ctrl+o", "copy_answer", "Copy"),
+        Binding("ctrl+b", "copy_code", "Code"),
+        Binding("ctrl+n", "new_chat", "New"),
         Binding("ctrl+l", "chats", "Chats"),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # The chat keys act on the conversation, so only while it is the screen on top.
+        chat_keys = {"stop", "regenerate", "edit_last", "copy_answer", "copy_code", "new_chat", "chats", "settings", "help"}
+        return action not in chat_keys or len(self.screen_stack) == 1
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         super().__init__()
@@ -490,9 +494,10 @@ class ChatApp(App[None]):
             except ServerError as exc:
                 self.server_ok = False
                 self.sub_title = "○ no server"
+                reason = "" if str(exc).startswith("cannot reach") else f" ({exc})"
                 banner.update(
-                    f"No server answering at {self.config.url} ({exc}).\n"
-                    f"Start one with `python -m serve` (or pass --url). Retrying every {self.config.retry:g} s…"
+                    f"No server answering at {self.config.url}{reason}.\n"
+                    f"Start one with: python -m serve   (or pass --url). Retrying every {self.config.retry:g} s…"
                 )
                 banner.add_class("down")
             await asyncio.sleep(self.config.retry)
@@ -687,4 +692,4 @@ class ChatApp(App[None]):
         self.push_screen(SettingsScreen(self.chat, self.models), saved)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.store.path))
+        self.push_screen(HelpScreen())

@@ -59,7 +59,7 @@ def _error_message(response_status: int, body: bytes) -> str:
 
 def _describe(exc: httpx.HTTPError, base_url: str) -> str:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return f"cannot reach the server at {base_url}"
+        return f"cannot reach the server at {base_url.rstrip('/')}"
     if isinstance(exc, httpx.TimeoutException):
         return "the server timed out (no data within the time limit)"
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
