@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import heapq
 import json
+import multiprocessing
 import os
 import sys
 from collections.abc import Collection, Iterable
@@ -251,6 +252,10 @@ class Tokenizer:
             regex.compile(pattern)
         except regex.error as e:
             raise ValueError(f"invalid split pattern: {e}") from None
+        if progress:
+            from tqdm import tqdm
+
+            texts = tqdm(texts, desc="reading", unit=" docs", delay=1.0)  # silent on small or failing inputs
         counts = count_chunks(texts, pattern, workers)
         if not counts:
             raise ValueError("no text to train on: the input is empty")
@@ -375,7 +380,8 @@ class Tokenizer:
         texts = list(texts)
         workers = workers or os.cpu_count() or 1
         total = sum(map(len, texts))
-        if workers <= 1 or total < _BATCH_CHARS:  # starting processes costs more than it saves
+        # Starting processes costs more than it saves on little text; daemonic processes can't have children.
+        if workers <= 1 or total < _BATCH_CHARS or multiprocessing.current_process().daemon:
             return [self.encode(t, allowed_special) for t in texts]
         # Several batches per worker so a slow batch doesn't leave the other cores idle at the end.
         batch_chars = max(_BATCH_CHARS // 8, min(_BATCH_CHARS, total // (4 * workers) + 1))
@@ -387,8 +393,6 @@ class Tokenizer:
                 size = 0
             batches[-1].append(t)
             size += len(t)
-        import multiprocessing
-
         # fork shares the tokenizer with the workers for free; other platforms pickle it once per worker.
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         out: list[list[int]] = []

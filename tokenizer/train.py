@@ -57,7 +57,7 @@ def count_chunks(texts: Iterable[str], pattern: str, workers: int | None = None)
     batches = _batches(texts, _BATCH_CHARS)
     first = next(batches, [])
     second = next(batches, None)
-    if workers <= 1 or second is None:
+    if workers <= 1 or second is None or multiprocessing.current_process().daemon:
         counts = _count_batch(pattern, first)
         for batch in ([] if second is None else chain([second], batches)):
             counts.update(_count_batch(pattern, batch))
