@@ -1,0 +1,160 @@
+"""`python -m finetune`: supervised fine-tuning of a base checkpoint into a chat model.
+
+Loads the base checkpoint (default: the latest under checkpoints/base), renders the conversation mix
+with finetune.chat (loss on assistant tokens only), packs it into rows of the model's context and runs
+the pretraining loop (pretrain.train.train: same optimizers, schedule, DDP under torchrun, metrics,
+plot and atomic checkpoints) with a smaller learning rate. Checkpoints go to checkpoints/sft/step_N/.
+Validation reports the loss on held-out conversations' assistant tokens; a quick chat eval on held-out
+task items runs at every evaluation.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from finetune import data as chat_data
+from finetune import tasks
+from finetune.eval import evaluate as chat_evaluate
+from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from pretrain.train import (TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
+                            flag, init_distributed, train)
+from tokenizer.files import scratchchat_home
+
+# Flags the user leaves unset take these values: a gentler lr than pretraining (the base model's
+# knowledge should survive), decaying to zero over the run; minutes and batch sized for the hardware.
+SFT_DEFAULTS = dict(matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.002, warmdown_ratio=0.8, eval_every=100,
+                    eval_batches=8)
+CPU_DEFAULTS = dict(device_batch_size=16, max_minutes=8.0)
+CUDA_DEFAULTS = dict(device_batch_size=16)
+QUICK_EVAL_TASKS = ("arithmetic", "letters", "capital", "largest_mc")
+
+
+@dataclass
+class SFTConfig:
+    from_checkpoint: str = flag("", "base checkpoint dir, also --from (default: latest in $SCRATCHCHAT_HOME/checkpoints/base)")
+    data: str = flag("default", "comma-separated sources: default (embedded mix), smoltalk (downloads), .jsonl/.parquet files or folders")
+    mix_scale: float = flag(1.0, "multiply the size of every part of the default mix")
+    smoltalk_files: int = flag(1, "SmolTalk parquet shards to download for --data smoltalk")
+    skip_bad: bool = flag(False, "skip (and count) malformed lines in user .jsonl/.parquet files instead of stopping")
+    epochs: float = flag(1.0, "passes over the data when --max-steps is -1 (--max-minutes may stop it sooner)")
+    val_conversations: int = flag(200, "conversations held out from the mix for the validation loss")
+    quick_eval_items: int = flag(10, "held-out items per task in the chat eval at each evaluation (0: off)")
+    run_dir: str = flag("", "checkpoints, metrics and plots (default: $SCRATCHCHAT_HOME/checkpoints/sft)")
+
+
+def load_conversations(cfg: SFTConfig, seed: int) -> tuple[list[chat_data.Conversation], str]:
+    """All conversations named by --data, and a one-line summary of where they came from."""
+    convs, notes = [], []
+    for source in [s.strip() for s in cfg.data.split(",") if s.strip()]:
+        if source == "default":
+            mix, counts = chat_data.default_mix(seed, cfg.mix_scale)
+            convs += mix
+            notes.append("default mix (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+        elif source == "smoltalk":
+            got, skipped = chat_data.load_user_data(chat_data.download_smoltalk(n_files=cfg.smoltalk_files), cfg.skip_bad)
+            convs += got
+            notes.append(f"smoltalk {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
+        else:
+            got, skipped = chat_data.load_user_data([source], cfg.skip_bad)
+            convs += got
+            notes.append(f"{source} {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
+    if not convs:
+        raise chat_data.DataError("--data names no conversations")
+    return convs, "; ".join(notes)
+
+
+def quick_eval(tok, n: int, seed: int, say):
+    """An `evaluate` hook for the training loop: accuracy on n held-out items of a few tasks."""
+    items = {t: tasks.generate(t, "eval", n, seed) for t in QUICK_EVAL_TASKS}
+
+    def run(model) -> dict:
+        out = {}
+        for task, its in items.items():
+            res = chat_evaluate(model, tok, its, max_new_tokens=16)
+            out[f"acc_{task}"] = res.accuracy
+        prompt, response, _, _ = res.samples[0]
+        say(f"  chat sample: {prompt.splitlines()[0]!r} -> {response!r}")
+        return out
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `--from` is the documented spelling; a dataclass field cannot be named `from`.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--from-checkpoint" + a[len("--from"):] if a == "--from" or a.startswith("--from=") else a for a in argv]
+    parser = dataclass_parser(SFTConfig, TrainConfig, description=__doc__.splitlines()[0])
+    parser.prog = "python -m finetune"
+    args = parser.parse_args(argv)
+    scfg, tcfg = config_from_args(SFTConfig, args), config_from_args(TrainConfig, args)
+    explicit = explicit_flags(parser, argv)
+    result, dist = None, None
+    try:
+        dist = init_distributed(tcfg.device)
+        table = {**SFT_DEFAULTS, **(CUDA_DEFAULTS if dist.device.type == "cuda" else CPU_DEFAULTS)}
+        for key, value in table.items():
+            if key not in explicit and not (key == "max_minutes" and tcfg.max_steps > 0):
+                setattr(tcfg, key, value)
+
+        base = Path(scfg.from_checkpoint) if scfg.from_checkpoint else latest_checkpoint("base")
+        if base is None:
+            raise CheckpointError(f"no base checkpoint in {scratchchat_home() / 'checkpoints' / 'base'}; "
+                                  "run python -m pretrain first or pass --from CHECKPOINT")
+        if not base.is_dir():
+            raise CheckpointError(f"{base}: no such checkpoint directory")
+        model, tok, _ = load_checkpoint(base, device=dist.device)
+        if tok is None:
+            raise CheckpointError(f"{base} has no tokenizer (a synthetic run?); SFT needs a real tokenizer")
+        seq_len = model.config.sequence_len
+        say = tqdm.write if dist.is_main else (lambda *a, **k: None)
+
+        convs, summary = load_conversations(scfg, tcfg.seed)
+        random.Random(tcfg.seed).shuffle(convs)
+        n_val = min(scfg.val_conversations, len(convs) // 10)
+        examples, stats = chat_data.render_all(tok, convs[n_val:], seq_len + 1)
+        val_examples, _ = chat_data.render_all(tok, convs[:n_val], seq_len + 1)
+        say(f"data: {summary}")
+        say(f"fit to {seq_len + 1} tokens: {stats.conversations} conversations -> {len(examples)} examples; "
+            f"{stats.split} split between exchanges, {stats.dropped_exchanges} over-long exchanges dropped, "
+            f"{stats.dropped} conversations dropped, {sum(stats.invalid.values())} invalid"
+            + (f" ({dict(stats.invalid.most_common(3))})" if stats.invalid else ""))
+        loader = chat_data.SFTLoader(examples, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed,
+                                     dist.rank, dist.world_size, dist.device)
+        learned = sum(sum(m) for _, m in examples)
+        rows = loader.rows_per_epoch()
+        say(f"{rows} packed rows of {seq_len} tokens per epoch, {learned:,} learned (assistant) tokens "
+            f"({learned / (rows * seq_len):.0%} of the rows)")
+        if tcfg.max_steps <= 0:
+            row_tokens = tcfg.device_batch_size * seq_len * dist.world_size
+            per_step = max(tcfg.total_batch_tokens, row_tokens) // (seq_len * dist.world_size)
+            tcfg.max_steps = max(1, round(scfg.epochs * rows / per_step))
+        val_loader = (chat_data.SFTLoader(val_examples, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed,
+                                          dist.rank, dist.world_size, dist.device) if val_examples else None)
+        val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None
+        evaluate = quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say) if scfg.quick_eval_items > 0 else None
+        run_dir = Path(scfg.run_dir) if scfg.run_dir else scratchchat_home() / "checkpoints" / "sft"
+        meta = {"kind": "sft", "from": str(base.resolve()), "data": summary, "examples": len(examples),
+                "dropped_conversations": stats.dropped, "dropped_exchanges": stats.dropped_exchanges,
+                "split_conversations": stats.split}
+        result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tok, val_batches=val_batches,
+                       evaluate=evaluate, dist=dist, meta=meta, prompts=())
+    except (CheckpointError, chat_data.DataError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed()
+    if dist.is_main:
+        loss = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
+        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, train loss {result['loss']:.4f}{loss}")
+        print(f"checkpoint: {result['checkpoint']}")
+        print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
+        print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")
+    return 0

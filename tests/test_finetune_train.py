@@ -1,0 +1,102 @@
+"""`python -m finetune` and `python -m finetune.eval` end to end on a tiny base checkpoint.
+
+A tiny GPT learns a handful of conversations through the real SFT entry point; greedy decoding of
+the SFT checkpoint then gives the answers and stops at <|assistant_end|>, and the eval CLI writes
+its base-vs-SFT table. Errors a user can cause give one line and a non-zero exit.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from finetune import eval as chat_eval
+from finetune import train as sft
+from finetune.chat import assistant_end_id, render_prompt
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+CONVERSATIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("Spell 'cat' backwards.", "tac"),
+    ("What is 2 + 3?", "5"),
+]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCRATCHCHAT_HOME", str(root))
+        text = " ".join(q + " " + a for q, a in CONVERSATIONS) * 20
+        tok = Tokenizer.train([text], vocab_size=300)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+        save_checkpoint(root / "checkpoints" / "base" / "step_000010", model, tok, {"step": 10})
+        data = root / "chat.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]}) + "\n"
+                                for q, a in CONVERSATIONS))
+        yield root
+
+
+def run_sft(*extra: str) -> int:
+    return sft.main(["--data", str(os.environ["SCRATCHCHAT_HOME"]) + "/chat.jsonl", "--device-batch-size", "4",
+                     "--eval-every", "0", "--quick-eval-items", "0", "--matrix-lr", "0.04", "--embedding-lr", "0.3",
+                     "--unembedding-lr", "0.02", "--no-compile", *extra])
+
+
+def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(home))
+    assert run_sft("--max-steps", "80") == 0
+    out = capsys.readouterr().out
+    assert "checkpoint:" in out and "next: python -m finetune.eval" in out
+    path = latest_checkpoint("sft")
+    assert path is not None and path.name == "step_000080"
+    model, tok, meta = load_checkpoint(path)
+    assert meta["kind"] == "sft" and meta["from"] == str((home / "checkpoints" / "base" / "step_000010").resolve())
+    for q, a in CONVERSATIONS:
+        out = chat_eval.greedy_decode(model, render_prompt(tok, [{"role": "user", "content": q}]), 10,
+                                      stop=assistant_end_id(tok))
+        assert out[-1] == assistant_end_id(tok) and tok.decode(out[:-1]) == a
+    metrics = [json.loads(line) for line in (home / "checkpoints" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    assert losses[-1] < 0.1 * losses[0]
+    assert (home / "checkpoints" / "sft" / "loss.png").stat().st_size > 0
+
+    # The eval CLI compares the SFT model with the base model it started from, and writes the table.
+    assert chat_eval.main(["--limit", "2", "--show", "1"]) == 0
+    report = (home / "report" / "chat_eval.md").read_text()
+    assert "| task | n | chance | base | sft |" in report
+    assert "| arithmetic | 2 |" in report and "| capital_mc | 2 |" in report
+    assert "[sft arithmetic]" in capsys.readouterr().out
+
+
+def test_missing_base_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
+    assert sft.main(["--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no base checkpoint in") and err.count("\n") == 1
+    assert sft.main(["--from", str(tmp_path / "nope"), "--max-steps", "1"]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert chat_eval.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: no SFT checkpoint found")
+
+
+def test_bad_data_names_the_line_and_can_be_skipped(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHCHAT_HOME", str(home))
+    bad = tmp_path / "bad.jsonl"
+    lines = (home / "chat.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(lines[:2] + ['{"messages": [{"role": "wizard", "content": "x"}]}'] + lines[2:]) + "\n")
+    args = ["--from", str(home / "checkpoints" / "base" / "step_000010"), "--data", str(bad), "--max-steps", "1",
+            "--device-batch-size", "2", "--eval-every", "0", "--quick-eval-items", "0",
+            "--run-dir", str(tmp_path / "run")]
+    assert sft.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}:3: message 0 has unknown role 'wizard'; expected one of system, user, assistant\n"
+    assert not (tmp_path / "run").exists()
+    assert sft.main(args + ["--skip-bad"]) == 0
+    assert f"data: {bad} 4 (1 bad skipped)" in capsys.readouterr().out
+    assert latest_checkpoint("sft", root=tmp_path / "run") is not None
