@@ -15,15 +15,18 @@ def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m tui", description="Chat with an OpenAI-compatible server in the terminal.")
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
-        kind = {float: float, Path: Path}.get(type(default), str)
+        kind = {float: float, int: int, Path: Path}.get(type(default), str)
+        shown = "" if f.name == "api_key" or default == "" or "default" in f.metadata["help"] else f" (default: {default})"
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            help=f"{f.metadata['help']} (default: {default})")
+                            help=f.metadata["help"] + shown)
     args = parser.parse_args(argv)
     config = Config(**vars(args))
     if not config.url.startswith(("http://", "https://")):
         parser.error(f"--url must start with http:// or https://, got {config.url!r}")
     if config.timeout <= 0 or config.retry <= 0:
         parser.error("--timeout and --retry must be positive")
+    if not 0 <= config.temperature <= 2 or config.max_tokens < 1:
+        parser.error("--temperature must be between 0 and 2 and --max-tokens at least 1")
     return config
 
 

@@ -39,6 +39,8 @@ class Config:
     api_key: str = field(default_factory=lambda: os.environ.get("SCRATCHCHAT_API_KEY", ""),
                          metadata={"help": "bearer token sent to the server (env SCRATCHCHAT_API_KEY)"})
     model: str = field(default="", metadata={"help": "model for new chats (default: the server's first model)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature for new chats"})
+    max_tokens: int = field(default=512, metadata={"help": "answer length limit for new chats"})
     db: Path = field(default_factory=default_db_path,
                      metadata={"help": "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)"})
     timeout: float = field(default=60.0, metadata={"help": "seconds to wait for the server to connect or send the next token"})
@@ -429,7 +431,8 @@ class ChatApp(App[None]):
 
     def _fresh_chat(self) -> Chat:
         """An unsaved chat; it is written to the store with its first message."""
-        return Chat(id=0, title="New chat", created=0.0, updated=0.0, model=self.config.model)
+        return Chat(id=0, title="New chat", created=0.0, updated=0.0, model=self.config.model,
+                    temperature=self.config.temperature, max_tokens=self.config.max_tokens)
 
     # layout
 
