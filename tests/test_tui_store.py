@@ -1,0 +1,157 @@
+"""The SQLite chat store and the `python -m tui` command line: behaviour on real files."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tui.store import Store, StoreError, default_db_path, write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path):
+    ticks = iter(range(1000, 100000, 10))
+    s = Store(tmp_path / "data" / "chats.db", clock=lambda: float(next(ticks)))
+    yield s
+    s.close()
+
+
+def test_chats_messages_and_order(store):
+    a = store.create_chat("first", temperature=0.1, max_tokens=9, model="m", system_prompt="sys")
+    b = store.create_chat("second")
+    store.add_message(a.id, "user", "hi a")  # touching a makes it the most recent
+    assert [c.title for c in store.list_chats()] == ["first", "second"]
+    assert store.get_chat(a.id) == a.__class__(id=a.id, title="first", created=1000.0, updated=1020.0,
+                                               system_prompt="sys", temperature=0.1, max_tokens=9, model="m")
+    answer = store.add_message(a.id, "assistant", "", status="streaming")
+    answer.content, answer.status, answer.completion_tokens, answer.tokens_per_s = "hello", "done", 2, 4.0
+    store.update_message(answer)
+    assert [(m.role, m.content, m.status, m.completion_tokens) for m in store.messages(a.id)] == [
+        ("user", "hi a", "done", None), ("assistant", "hello", "done", 2)]
+    assert store.messages(b.id) == []
+    store.update_chat(b.id, title="renamed", temperature=1.5)
+    assert (store.get_chat(b.id).title, store.get_chat(b.id).temperature) == ("renamed", 1.5)
+    with pytest.raises(ValueError, match="can only update"):
+        store.update_chat(b.id, created=0)
+
+
+def test_delete_cascades_and_truncate_from(store):
+    chat = store.create_chat("c")
+    ids = [store.add_message(chat.id, r, t).id for r, t in [("user", "1"), ("assistant", "2"), ("user", "3"), ("assistant", "4")]]
+    store.delete_messages_from(chat.id, ids[2])
+    assert [m.content for m in store.messages(chat.id)] == ["1", "2"]
+    store.delete_chat(chat.id)
+    assert store.get_chat(chat.id) is None
+    assert store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_prompt_history_is_oldest_first_across_chats(store):
+    a, b = store.create_chat("a"), store.create_chat("b")
+    for chat, text in [(a, "one"), (b, "two"), (a, "three")]:
+        store.add_message(chat.id, "user", text)
+        store.add_message(chat.id, "assistant", "ok")
+    assert store.user_prompts() == ["one", "two", "three"]
+    assert store.user_prompts(limit=2) == ["two", "three"]
+
+
+def test_recover_marks_streaming_rows_interrupted_on_reopen(tmp_path):
+    path = tmp_path / "chats.db"
+    s = Store(path)
+    chat = s.create_chat("c")
+    s.add_message(chat.id, "assistant", "half an ans", status="streaming")
+    s.add_message(chat.id, "assistant", "whole", status="done")
+    # No close(): like a killed process. A second connection sees the committed rows.
+    again = Store(path)
+    assert again.recover() == 1
+    assert [(m.content, m.status) for m in again.messages(chat.id)] == [("half an ans", "interrupted"), ("whole", "done")]
+    assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again.close()
+    s.close()
+
+
+def test_exports(store):
+    chat = store.create_chat("Exported", system_prompt="Be kind.", model="m1")
+    store.add_message(chat.id, "user", "question?")
+    cut = store.add_message(chat.id, "assistant", "partial")
+    cut.status, cut.error = "error", "the connection dropped mid-answer"
+    store.update_message(cut)
+    md = store.export_markdown(chat.id)
+    assert md.splitlines()[:3] == ["# Exported", "", "*model: m1, temperature 0.7, max tokens 512*"]
+    assert "## System\n\nBe kind.\n" in md and "## User\n\nquestion?\n" in md
+    assert "## Assistant\n\npartial\n\n*(error: the connection dropped mid-answer)*" in md
+    data = json.loads(store.export_json(chat.id))
+    assert data["chat"]["title"] == "Exported" and data["chat"]["system_prompt"] == "Be kind."
+    assert [(m["role"], m["content"], m["status"]) for m in data["messages"]] == [
+        ("user", "question?", "done"), ("assistant", "partial", "error")]
+    with pytest.raises(ValueError, match="no chat with id 999"):
+        store.export_json(999)
+
+
+def test_write_atomic_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out" / "chat.md"
+    write_atomic(target, "first")
+    write_atomic(target, "second ✓")
+    assert target.read_text(encoding="utf-8") == "second ✓"
+    assert [p.name for p in target.parent.iterdir()] == ["chat.md"]
+    with pytest.raises(UnicodeEncodeError):  # a write that fails halfway: the old file stays whole
+        write_atomic(target, "third \ud800")
+    assert target.read_text(encoding="utf-8") == "second ✓"
+    assert [p.name for p in target.parent.iterdir()] == ["chat.md"]
+
+
+def test_corrupt_or_unusable_store_is_a_clear_error(tmp_path):
+    bad = tmp_path / "chats.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=f"cannot open chat store at {bad}: file is not a database"):
+        Store(bad)
+    with pytest.raises(StoreError, match="cannot open chat store"):
+        Store(tmp_path)  # a directory
+
+
+def test_default_path_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_db_path() == tmp_path / "scratchchat" / "chats.db"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_db_path() == tmp_path / "home" / ".local" / "share" / "scratchchat" / "chats.db"
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--url", "localhost:8000"], "error: --url must start with http:// or https://, got 'localhost:8000'"),
+    (["--timeout", "0"], "error: --timeout and --retry must be positive"),
+    (["--temperature", "3"], "error: --temperature must be between 0 and 2"),
+    (["--max-tokens", "many"], "error: argument --max-tokens: invalid int value: 'many'"),
+])
+def test_cli_rejects_bad_flags_in_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines()[-1].startswith(f"python -m tui: {message}")
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_corrupt_store_is_one_line_exit_1(tmp_path):
+    bad = tmp_path / "chats.db"
+    bad.write_bytes(b"garbage" * 1000)
+    r = run_cli("--db", str(bad))
+    assert r.returncode == 1
+    assert r.stderr == f"error: cannot open chat store at {bad}: file is not a database\n"
+    assert bad.read_bytes() == b"garbage" * 1000  # left as it was
+
+
+def test_cli_help_names_env_vars_and_defaults():
+    r = run_cli("--help", env={"PATH": "/usr/bin:/bin", "SCRATCHCHAT_URL": "http://example:1/v1",
+                               "SCRATCHCHAT_API_KEY": "sk-secret"})
+    assert r.returncode == 0
+    assert "SCRATCHCHAT_URL" in r.stdout and "http://example:1/v1" in r.stdout
+    assert "sk-secret" not in r.stdout  # never print the key
