@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from test_tui_fakeserver import MODEL, FakeServer, answer_for, tokens_of
-from textual.widgets import Input, Markdown, OptionList, Static
+from textual.widgets import Input, Label, Markdown, OptionList, Static
 
 from tui.app import ChatApp, ChatsScreen, Config, MessageView, SettingsScreen
 from tui.store import Store
@@ -222,12 +222,12 @@ async def test_chat_list_open_rename_export_delete(app, tmp_path):
         first = app.chat.id
         await pilot.press("ctrl+n")
         assert views_text(app) == [] and app.chat.id == 0
-        await say(pilot, "beta chat")
+        await say(pilot, "beta [b]chat[/")  # brackets are text, not markup, everywhere
         await pilot.press("ctrl+l")
         assert isinstance(app.screen, ChatsScreen)
         options = app.screen.query_one(OptionList)
         labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
-        assert labels[0].startswith("beta chat") and labels[1].startswith("alpha chat")
+        assert labels[0].startswith("beta [b]chat[/  · 2 messages · ") and labels[1].startswith("alpha chat")
         await pilot.press("down", "r")
         app.screen.query_one(Input).value = "Renamed"
         await pilot.press("enter")
@@ -243,7 +243,9 @@ async def test_chat_list_open_rename_export_delete(app, tmp_path):
         await pilot.pause()
         assert app.chat.id == first and app.title == "Renamed"
         assert [t for _, t, _ in views_text(app)] == ["alpha chat", answer_for("alpha chat")]
-        await pilot.press("ctrl+l", "d", "n")  # the newest chat is highlighted first: beta
+        await pilot.press("ctrl+l", "d")  # the newest chat is highlighted first: beta
+        assert "Delete “beta [b]chat[/” and all its messages?" in str(app.screen.query_one(Label).render())
+        await pilot.press("n")
         assert len(app.store.list_chats()) == 2
         await pilot.press("d", "y")
         await pilot.pause()
@@ -279,6 +281,33 @@ async def test_server_down_at_start_then_up(tmp_path):
             await pilot.press("ctrl+r")
             await until(pilot, lambda: app.store.messages(app.chat.id)[-1].status == "done")
     store.close()
+
+
+async def test_api_key_is_sent_and_a_wrong_one_is_explained(tmp_path):
+    with FakeServer(api_key="sk-right") as locked:
+        for key, ok in [("sk-wrong", False), ("sk-right", True)]:
+            store = Store(tmp_path / f"{key}.db")
+            app = ChatApp(Config(url=locked.url, api_key=key, db=store.path, retry=0.1), store)
+            async with app.run_test(size=SIZE) as pilot:
+                banner = app.query_one("#banner", Static)
+                await until(pilot, lambda: app.server_ok or banner.has_class("down"))
+                assert app.server_ok is ok
+                if not ok:
+                    text = str(banner.render())
+                    assert f"The server at {locked.url} answered with an error: server error 401: Incorrect API key" in text
+                    assert "--api-key" in text
+                else:
+                    await say(pilot, "hi")
+                    assert views_text(app)[-1][1] == answer_for("hi")
+            store.close()
+
+
+async def test_max_tokens_cut_is_marked(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "[length] long story")
+        assert "⚠ cut off at max tokens" in views_text(app)[-1][2]
+        assert app.store.messages(app.chat.id)[-1].status == "length"
 
 
 async def test_follows_stream_only_at_bottom(app):

@@ -5,7 +5,7 @@ The other tui tests import `FakeServer` from here. The last user message picks t
   [500] / [400]   fail with an OpenAI error body        [drop]    close the connection mid-answer
   [badjson]       send a chunk that is not JSON          [stall]   send a little, then nothing
   [slow]          0.1 s between tokens                   [long]    a 200-line answer
-  [trickle]       0.01 s between tokens
+  [trickle]       0.01 s between tokens                  [errchunk] an error object mid-stream
   [length]        stop with finish_reason "length"       otherwise an echo with a code block.
 """
 from __future__ import annotations
@@ -120,6 +120,9 @@ class FakeServer:
                 raise ConnectionResetError("dropped on purpose")  # uvicorn aborts the half-sent response
             if i == 3 and "[badjson]" in prompt:
                 yield "data: {this is not json\n\n"
+            if i == 3 and "[errchunk]" in prompt:
+                yield f"data: {json.dumps({'error': {'message': 'the fake server failed mid-stream', 'type': 'server_error'}})}\n\n"
+                return
             if i == 3 and "[stall]" in prompt:
                 await asyncio.sleep(30)
             yield chunk({"content": piece})
@@ -188,6 +191,7 @@ def test_models_match_openai_client(server):
     ("[400] bad", "server error 400: the fake server failed with 400 on purpose"),
     ("[drop] x", "the connection dropped mid-answer"),
     ("[badjson] x", "server sent invalid JSON: '{this is not json'"),
+    ("[errchunk] x", "server error: the fake server failed mid-stream"),
 ])
 def test_failures_become_one_clear_error(server, prompt, expected):
     got: list = []
@@ -208,7 +212,7 @@ def test_failures_become_one_clear_error(server, prompt, expected):
 
         with pytest.raises(openai.InternalServerError, match="on purpose"):
             openai_reference(server.url, prompt)
-    if "[drop]" in prompt or "[badjson]" in prompt:
+    if "[500]" not in prompt and "[400]" not in prompt:
         partial = "".join(i for i in got if isinstance(i, str))
         assert partial == "".join(tokens_of(answer_for(prompt))[:3])  # the partial text came through
 

@@ -17,6 +17,7 @@ from markdown_it import MarkdownIt
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
 from textual.screen import ModalScreen, Screen
@@ -204,7 +205,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="small"):
-            yield Label(self.question)
+            yield Label(self.question, markup=False)
             yield Static("y: yes · n / Esc: no", classes="hint")
 
     def action_answer(self, yes: bool) -> None:
@@ -279,7 +280,6 @@ class ChatsScreen(Screen[int | None]):
 
     BINDINGS = [
         Binding("escape", "dismiss", "Back"),
-        Binding("enter", "open", "Open", show=True),
         Binding("n", "new", "New"),
         Binding("r", "rename", "Rename"),
         Binding("d", "delete", "Delete"),
@@ -297,7 +297,7 @@ class ChatsScreen(Screen[int | None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.title, self.sub_title = "scratchchat", "chats"
+        self.title, self.sub_title = "scratchchat", "chats · Enter opens"
         self.reload()
 
     def reload(self, highlight: int | None = None) -> None:
@@ -307,7 +307,8 @@ class ChatsScreen(Screen[int | None]):
         for c in chats:
             n = len(self.store.messages(c.id))
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
-            options.add_option(Option(f"{c.title}  [dim]· {n} messages · {when}[/]", id=str(c.id)))
+            # Content, not markup: a title may contain [brackets].
+            options.add_option(Option(Content.assemble(c.title, (f"  · {n} messages · {when}", "dim")), id=str(c.id)))
         if not chats:
             options.add_option(Option("no chats yet — press n for a new one", disabled=True))
         ids = [c.id for c in chats]
@@ -322,7 +323,7 @@ class ChatsScreen(Screen[int | None]):
         return self.store.get_chat(int(option.id)) if option.id else None
 
     @on(OptionList.OptionSelected)
-    def action_open(self) -> None:
+    def opened(self) -> None:
         if chat := self._selected():
             self.dismiss(chat.id)
 
@@ -497,11 +498,13 @@ class ChatApp(App[None]):
             except ServerError as exc:
                 self.server_ok = False
                 self.sub_title = "○ no server"
-                reason = "" if str(exc).startswith("cannot reach") else f" ({exc})"
-                banner.update(
-                    f"No server answering at {self.config.url}{reason}.\n"
-                    f"Start one with: python -m serve   (or pass --url). Retrying every {self.config.retry:g} s…"
-                )
+                retry = f"Retrying every {self.config.retry:g} s…"
+                if str(exc).startswith("cannot reach"):
+                    banner.update(f"No server answering at {self.config.url}.\n"
+                                  f"Start one with: python -m serve   (or pass --url). {retry}")
+                else:
+                    banner.update(f"The server at {self.config.url} answered with an error: {exc}\n"
+                                  f"Check --url and --api-key. {retry}")
                 banner.add_class("down")
             await asyncio.sleep(self.config.retry)
         self.server_ok = True

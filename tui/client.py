@@ -46,15 +46,17 @@ def make_http(base_url: str, api_key: str = "", timeout: float = 60.0) -> httpx.
     )
 
 
-def _error_message(response_status: int, body: bytes) -> str:
-    """The OpenAI error body's message if there is one, else the start of the raw body."""
+def _error_message(response_status: int | None, body: bytes) -> str:
+    """The OpenAI error body's message if there is one, else the start of the raw body.
+
+    `response_status` is None for an error sent inside a stream that began with 200."""
     detail = body.decode("utf-8", "replace").strip()
     try:
         err = json.loads(detail)["error"]
         detail = err["message"] if isinstance(err, dict) else str(err)
     except (ValueError, KeyError, TypeError):
         detail = detail[:200] or "(empty body)"
-    return f"server error {response_status}: {detail}"
+    return f"server error {response_status}: {detail}" if response_status else f"server error: {detail}"
 
 
 def _describe(exc: httpx.HTTPError, base_url: str) -> str:
@@ -105,7 +107,7 @@ async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[s
                 if not isinstance(chunk, dict):
                     raise ServerError(f"server sent an unexpected chunk: {data[:80]!r}")
                 if "error" in chunk:
-                    raise ServerError(_error_message(r.status_code, data.encode()))
+                    raise ServerError(_error_message(None, data.encode()))
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content")
                     if text:
