@@ -35,6 +35,7 @@ def test_chats_messages_and_order(store):
     assert [(m.role, m.content, m.status, m.completion_tokens) for m in store.messages(a.id)] == [
         ("user", "hi a", "done", None), ("assistant", "hello", "done", 2)]
     assert store.messages(b.id) == []
+    assert store.message_counts() == {a.id: 2}
     store.update_chat(b.id, title="renamed", temperature=1.5)
     assert (store.get_chat(b.id).title, store.get_chat(b.id).temperature) == ("renamed", 1.5)
     with pytest.raises(ValueError, match="can only update"):

@@ -302,10 +302,11 @@ class ChatsScreen(Screen[int | None]):
 
     def reload(self, highlight: int | None = None) -> None:
         chats = self.store.list_chats()
+        counts = self.store.message_counts()
         options = self.query_one("#chats", OptionList)
         options.clear_options()
         for c in chats:
-            n = len(self.store.messages(c.id))
+            n = counts.get(c.id, 0)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
             # Content, not markup: a title may contain [brackets].
             options.add_option(Option(Content.assemble(c.title, (f"  · {n} messages · {when}", "dim")), id=str(c.id)))
@@ -367,7 +368,7 @@ class ChatsScreen(Screen[int | None]):
 
 
 class ChatApp(App[None]):
-    """The main screen: conversation, prompt, and the keys that act on them."""
+    """The app. Its own screen is the conversation with the prompt; the chat keys act on it."""
 
     TITLE = "scratchchat"
     ENABLE_COMMAND_PALETTE = False
@@ -466,6 +467,7 @@ class ChatApp(App[None]):
         self.chat = chat
         self.title = chat.title
         self.editing = None
+        self.prompt.border_title = None
         self._code_index = 0
         await self.conversation.remove_children()
         messages = self.store.messages(chat.id) if chat.id else []

@@ -137,6 +137,10 @@ class Store:
         rows = self.db.execute("SELECT * FROM chats ORDER BY updated DESC, id DESC").fetchall()
         return [Chat(**dict(r)) for r in rows]
 
+    def message_counts(self) -> dict[int, int]:
+        """chat id -> number of messages, for every chat that has any."""
+        return dict(self.db.execute("SELECT chat_id, COUNT(*) FROM messages GROUP BY chat_id").fetchall())
+
     def update_chat(self, chat_id: int, **fields) -> None:
         """Change title or settings (system_prompt, temperature, max_tokens, model)."""
         allowed = {"title", "system_prompt", "temperature", "max_tokens", "model"}
