@@ -305,7 +305,7 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
         params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
         from finetune.chat import ChatFormatError, render_prompt
         try:
-            prompt = render_prompt(eng.tokenizer, messages)
+            prompt = await asyncio.to_thread(render_prompt, eng.tokenizer, messages)  # long texts: off the loop
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
         check_prompt_fits(len(prompt), eng.max_context, "messages")
@@ -327,7 +327,8 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
         if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
             raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
         params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
-        ids = [eng.tokenizer.bos_id] + eng.tokenizer.encode(prompt)  # a document starts with <|bos|>, as in training
+        # A document starts with <|bos|>, as in training; tokenizing a long prompt happens off the event loop.
+        ids = [eng.tokenizer.bos_id] + await asyncio.to_thread(eng.tokenizer.encode, prompt)
         check_prompt_fits(len(ids), eng.max_context, "prompt")
         return await run(request, eng, data, ids, params, "text")
 
@@ -352,14 +353,14 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
         if "messages" in data:
             from finetune.chat import ChatFormatError, render_prompt
             try:
-                ids = render_prompt(eng.tokenizer, chat_messages(data, state.limits))
+                ids = await asyncio.to_thread(render_prompt, eng.tokenizer, chat_messages(data, state.limits))
             except ChatFormatError as e:
                 raise APIError(400, str(e), param="messages") from None
         elif isinstance(data.get("text"), str):
             if len(data["text"]) > state.limits.max_total_chars:
                 raise APIError(400, f"'text' has {len(data['text'])} characters; the limit is "
                                     f"{state.limits.max_total_chars}", param="text")
-            ids = eng.tokenizer.encode(data["text"])
+            ids = await asyncio.to_thread(eng.tokenizer.encode, data["text"])
         else:
             raise APIError(400, "send {'text': str} or {'messages': [...]}", param="text")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_context": eng.max_context})

@@ -100,9 +100,11 @@ _TEXT_COMPLETION = _object(["id", "object", "created", "model", "choices", "usag
          "logprobs": {"type": "null"}})},
 })
 
-_SSE = {"type": "string", "description": "Server-sent events: `data: {chunk JSON}` lines (chat.completion.chunk or "
-                                         "text_completion objects; with stream_options.include_usage a last chunk "
-                                         "with empty choices and usage), then `data: [DONE]`."}
+# One server-sent event: `data:` holds a chunk's JSON (chat.completion.chunk or text_completion; with
+# stream_options.include_usage a last chunk with empty choices and usage), and the last event is `[DONE]`.
+_SSE = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A chunk as JSON, or [DONE] at the end."},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 _MODEL = _object(["id", "object", "created", "owned_by"], {
     "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}})

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -80,19 +81,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0):
-    """`python -m serve` in a subprocess; yields (base_url, process) once /health says ok; stops it with SIGINT."""
+    """`python -m serve` in a subprocess; yields (base_url, process) once /health says ok; stops it with SIGINT.
+
+    Its output goes to a temporary file (an unread pipe would fill up and freeze the server)."""
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+                log.seek(0)
+                raise AssertionError(f"server exited with {proc.returncode}: {log.read()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -108,7 +113,7 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        proc.stdout.close()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -502,3 +507,17 @@ def test_cli_bad_paths_and_flags_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--max-batch", "0"])
     assert exit.value.code == 2 and "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the OpenAPI document, checked by schemathesis
+
+def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(server, tmp_path):
+    pytest.importorskip("schemathesis", reason="schemathesis is a dev dependency of this check")
+    checks = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
+              "response_schema_conformance", "response_headers_conformance", "negative_data_rejection"]
+    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", server + "/openapi.json",
+                        "--checks", ",".join(checks), "--phases", "coverage,fuzzing", "--max-examples", "25",
+                        "--seed", "0", "--request-timeout", "20", "--no-color"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)  # cwd: its cache stays out of the repo
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert "No issues found" in r.stdout
