@@ -163,7 +163,8 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data without a corpus
 
 class SyntheticLoader:
-    """Seeded token batches for a bare machine: each row repeats a random snippet, so a model can learn to copy.
+    """Seeded token batches for a bare machine: each row repeats a random snippet of skewed (low ids common)
+    tokens, so a model has something to learn at once (the unigram) and later (copying).
 
     Batch i of a run is the same on any number of ranks (rank r of w takes batch index*w + r), and its
     position is one integer, so resume and DDP behave as with real shards."""
@@ -177,7 +178,7 @@ class SyntheticLoader:
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         period = int(torch.randint(4, 64, (1,), generator=g))
-        snippet = torch.randint(0, self.vocab_size, (self.batch_size, period), generator=g)
+        snippet = (self.vocab_size * torch.rand(self.batch_size, period, generator=g) ** 3).long()
         rows = snippet.repeat(1, (self.seq_len + 1) // period + 1)[:, :self.seq_len + 1].to(self.device)
         return rows[:, :-1], rows[:, 1:]
 

@@ -1,0 +1,191 @@
+"""Pretraining benchmark: our GPT + Muon/AdamW against a nanoGPT-style GPT-2 + AdamW, same tokens, same clock.
+
+Both models have the same width, depth and (within ~1%) parameter count, read the same token stream from the
+default corpus' shards, train for the same wall-clock budget on this machine, and are scored on the same
+validation batches in bits per byte. Also measures the TokenLoader's own throughput.
+
+    python benchmarks/pretrain.py [--minutes 3] [--depth 4] [--tokens-dir DIR]
+
+Without shards (run `python -m pretrain.data tokenize` first) it falls back to SYNTHETIC tokens and says so;
+then only the loss is comparable, not bits per byte.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the `pretrain` package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.model import GPT, GPTConfig
+from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
+from pretrain.shards import ShardError, TokenLoader, load_manifest
+from pretrain.train import Dist, SyntheticLoader, evaluate_bpb, token_byte_lengths
+from tokenizer.files import scratchchat_home
+
+
+# ----------------------------------------------------------------------------- the nanoGPT baseline
+
+class BaselineBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.attn_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.mlp_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.attn_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class BaselineGPT(nn.Module):
+    """GPT-2 as in nanoGPT: learned positions, pre-LayerNorm, GELU MLP, no biases (nanoGPT's bias=False),
+    untied head here so the parameter count matches ours; init N(0, 0.02), residual projections / sqrt(2L)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.sequence_len, config.n_embd)
+        self.h = nn.ModuleList([BaselineBlock(config.n_embd, config.n_head) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x)).float()
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        return loss.view(targets.shape) if reduction == "none" else loss.mean()
+
+
+def baseline_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """nanoGPT's configure_optimizers: AdamW, weight decay on matrices only, betas (0.9, 0.95)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    for g in opt.param_groups:
+        g["initial_lr"] = lr
+    return opt
+
+
+def cosine(progress: float, warmup: float = 0.05, min_frac: float = 0.1) -> float:
+    """nanoGPT's schedule: linear warmup, cosine decay to min_frac of the peak."""
+    if progress < warmup:
+        return (progress + 1e-3) / warmup
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# ----------------------------------------------------------------------------- one timed run
+
+def train_for(model: nn.Module, optimizers: list, schedule, loader, seconds: float) -> tuple[int, float]:
+    """Train until `seconds` of wall clock pass; lr follows elapsed/seconds. Returns (tokens, tokens/s)."""
+    model.train()
+    tokens, start = 0, time.perf_counter()
+    step = 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        mult = schedule(elapsed / seconds)
+        set_schedule(optimizers, mult, step)
+        x, y = next(loader)
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        tokens += x.numel()
+        step += 1
+    return tokens, tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=3.0, help="training wall clock per model")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--sequence-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--baseline-lr", type=float, default=1e-3, help="nanoGPT's small-model AdamW lr")
+    parser.add_argument("--tokens-dir", default=str(scratchchat_home() / "tokens" / "default"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    B, T = args.batch_size, args.sequence_len
+
+    token_dir = Path(args.tokens_dir)
+    try:
+        manifest = load_manifest(token_dir)
+        from tokenizer import Tokenizer
+        tok = Tokenizer.load(scratchchat_home() / "tokenizer" / "tokenizer.json")
+        if tok.hash != manifest.get("tokenizer_hash"):
+            raise ShardError("the default tokenizer does not match the shards")
+        vocab, token_bytes = tok.vocab_size, token_byte_lengths(tok)
+        make_loader = lambda split: TokenLoader(token_dir, split, B, T)  # noqa: E731
+        source = f"default-corpus shards in {token_dir} (vocab {vocab})"
+    except (ShardError, FileNotFoundError, ValueError) as e:
+        vocab, token_bytes = 8192, None
+        make_loader = lambda split: SyntheticLoader(vocab, B, T, seed=0 if split == "train" else 1)  # noqa: E731
+        source = f"SYNTHETIC FALLBACK tokens ({e}); bits per byte unavailable, compare val loss only"
+    print(f"data: {source}")
+    print(f"threads: {torch.get_num_threads()}, budget: {args.minutes:.1f} min per model, batch {B} x {T}")
+
+    if isinstance(make_loader("train"), TokenLoader):
+        loader, n, t0 = make_loader("train"), 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            x, _ = next(loader)
+            n += x.numel()
+        print(f"TokenLoader alone: {n / (time.perf_counter() - t0):,.0f} tokens/s")
+
+    config = GPTConfig.from_depth(args.depth, vocab, T)
+    results = {}
+    for name in ("ours", "baseline"):
+        torch.manual_seed(args.seed)
+        if name == "ours":
+            model = GPT(config)
+            optimizers = build_optimizers(model)
+            schedule = lambda p: lr_multiplier(p, warmdown_ratio=0.2)  # noqa: E731
+        else:
+            model = BaselineGPT(config)
+            optimizers = [baseline_optimizer(model, args.baseline_lr)]
+            schedule = cosine
+        params = sum(p.numel() for p in model.parameters())
+        tokens, rate = train_for(model, optimizers, schedule, make_loader("train"), args.minutes * 60)
+        model.eval()
+        val = make_loader("val")
+        figures = evaluate_bpb(model, val.iter_val(args.eval_batches), token_bytes, Dist())
+        results[name] = dict(params=params, tokens=tokens, rate=rate, **figures)
+        bpb = f", val bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
+        print(f"{name:9s} {params / 1e6:6.2f}M params: {tokens:,} tokens, {rate:,.0f} tokens/s, "
+              f"val loss {figures['val_loss']:.4f}{bpb}")
+
+    ours, base = results["ours"], results["baseline"]
+    print(f"tokens/s ratio ours/baseline: {ours['rate'] / base['rate']:.2f}x (target >= 1.0x)")
+    key = "val_bpb" if "val_bpb" in ours else "val_loss"
+    print(f"{key}: ours {ours[key]:.4f} vs baseline {base[key]:.4f} -> {100 * (1 - ours[key] / base[key]):.1f}% lower "
+          f"(target >= 5%)")
+
+
+if __name__ == "__main__":
+    main()
