@@ -20,12 +20,13 @@ import hashlib
 import heapq
 import json
 import multiprocessing
+import numbers
 import os
 import sys
+from array import array
 from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, repeat
-from array import array
 from pathlib import Path
 from typing import Literal
 
@@ -164,8 +165,8 @@ class StreamDecoder:
 
     def step(self, token_id: int) -> str:
         try:
-            data = self._table[token_id]
-        except KeyError:
+            data = self._table[int(token_id)]  # int(): also takes numpy / torch scalars
+        except (KeyError, TypeError, ValueError):
             raise ValueError(f"unknown token id {token_id!r}") from None
         return self._utf8.decode(data)
 
@@ -410,6 +411,8 @@ class Tokenizer:
         try:
             data = b"".join(map(self._table.__getitem__, ids))
         except KeyError as e:
+            if not isinstance(e.args[0], numbers.Integral):  # torch scalars don't hash like ints
+                raise ValueError(f"token ids must be ints, got {type(e.args[0]).__name__} (use .tolist())") from None
             raise ValueError(f"unknown token id {e.args[0]!r}") from None
         return data.decode("utf-8", errors="replace")
 
