@@ -65,7 +65,7 @@ CHAT_SPECIAL_TOKENS = [
 ]
 
 FORMAT_VERSION = 1
-CACHE_SIZE = 1 << 17  # chunk -> ids entries; real text has a long tail, so clear and refill when full
+CACHE_SIZE = 1 << 18  # chunk -> ids entries (~40 MB); text has a long tail, so clear and refill when full
 _BYTES = [bytes([b]) for b in range(256)]
 _NO_RANK = 1 << 62  # "this pair is not a token": larger than any rank
 _LONG_PIECE = 256  # above this many bytes, merge with a heap: the simple scan is quadratic
@@ -220,6 +220,7 @@ class Tokenizer:
         self._table.update({i: name.encode("utf-8") for name, i in special_tokens.items()})
         self._cache = _ChunkCache(self)
         self._hash: str | None = None
+        self._workers: tuple[tuple[int, int], ProcessPoolExecutor] | None = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -384,6 +385,7 @@ class Tokenizer:
         # Starting processes costs more than it saves on little text; daemonic processes can't have children.
         if workers <= 1 or total < _BATCH_CHARS or multiprocessing.current_process().daemon:
             return [self.encode(t, allowed_special) for t in texts]
+        self.encode("", allowed_special)  # a bad allowed_special fails here, not in every worker
         # Several batches per worker so a slow batch doesn't leave the other cores idle at the end.
         batch_chars = max(_BATCH_CHARS // 8, min(_BATCH_CHARS, total // (4 * workers) + 1))
         batches: list[list[str]] = [[]]
@@ -394,17 +396,33 @@ class Tokenizer:
                 size = 0
             batches[-1].append(t)
             size += len(t)
-        # fork shares the tokenizer with the workers for free; other platforms pickle it once per worker.
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         out: list[list[int]] = []
-        with ProcessPoolExecutor(min(workers, len(batches)), ctx, _init_worker, (self,)) as pool:
-            for flat, lengths in pool.map(_encode_many, batches, [allowed_special] * len(batches)):
+        try:
+            for flat, lengths in self._pool(workers).map(_encode_many, batches, [allowed_special] * len(batches)):
                 ids = flat.tolist()
                 start = 0
                 for n in lengths:
                     out.append(ids[start : start + n])
                     start += n
+        except BaseException:  # a killed worker or an interrupt: don't leave a broken pool behind
+            self._close_pool()
+            raise
         return out
+
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        """Worker processes kept across encode_batch calls, so their chunk caches stay warm."""
+        key = (os.getpid(), workers)  # a forked copy of this tokenizer must not use its parent's pool
+        if self._workers is None or self._workers[0] != key:
+            self._close_pool()
+            # fork shares the tokenizer with the workers for free; other platforms pickle it once per worker.
+            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            self._workers = (key, ProcessPoolExecutor(workers, ctx, _init_worker, (self,)))
+        return self._workers[1]
+
+    def _close_pool(self) -> None:
+        if self._workers is not None and self._workers[0][0] == os.getpid():
+            self._workers[1].shutdown(wait=False, cancel_futures=True)
+        self._workers = None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; bytes that aren't valid UTF-8 become U+FFFD (like bytes.decode(errors="replace"))."""
