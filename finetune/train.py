@@ -25,9 +25,10 @@ from pretrain.train import (TrainConfig, cleanup_distributed, config_from_args, 
                             flag, init_distributed, train)
 from tokenizer.files import scratchchat_home
 
-# Flags the user leaves unset take these values: a gentler lr than pretraining (the base model's
-# knowledge should survive), decaying to zero over the run; minutes and batch sized for the hardware.
-SFT_DEFAULTS = dict(matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.002, warmdown_ratio=0.8, eval_every=100,
+# Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
+# (pretraining: 20%), so its mean is ~0.6x pretraining's from the same peak. A lower peak (half) was
+# measured worse on a CPU-sized run (val loss 3.57 vs 3.53, held-out arithmetic 12% vs 14%).
+SFT_DEFAULTS = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.8, eval_every=100,
                     eval_batches=8)
 CPU_DEFAULTS = dict(device_batch_size=16, max_minutes=8.0)
 CUDA_DEFAULTS = dict(device_batch_size=16)
