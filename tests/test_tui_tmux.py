@@ -98,7 +98,7 @@ def test_type_prompt_and_read_streamed_answer_in_tmux(server, tmp_path):
 @pytest.mark.anyio
 async def test_kill_mid_stream_leaves_a_sound_store(server, tmp_path):
     db = tmp_path / "chats.db"
-    prompt = "[slow] kill me"
+    prompt = "[slow] [long] kill me"  # 40 s of answer: the kill always lands mid-stream
     tmux = Tmux(tui_command(server.url, db))
     try:
         tmux.wait_for("● fake-model")
