@@ -12,14 +12,13 @@ serving engine must match token for token (``greedy_decode``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from finetune import tasks
 from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
+from pretrain.train import config_from_args, dataclass_parser, flag
 
 
 @torch.no_grad()
@@ -131,7 +131,8 @@ class TaskResult:
     task: str
     n: int
     correct: int
-    samples: list[tuple[str, str, str, bool]]  # (prompt, response, expected, correct)
+    # (prompt, response, expected, correct, how the answer ended: "<|assistant_end|>", "cut" or "choice")
+    samples: list[tuple[str, str, str, bool, str]]
 
     @property
     def accuracy(self) -> float:
@@ -144,13 +145,15 @@ def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32) -> TaskRes
     correct, samples = 0, []
     for item in items:
         if item.choices:
-            response = tasks.LETTERS[choose(model, tok, item)]
+            response, ending = tasks.LETTERS[choose(model, tok, item)], "choice"
         else:
             prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
-            response = answer_text(tok, greedy_decode(model, prompt, max_new_tokens, assistant_end_id(tok)))
+            generated = greedy_decode(model, prompt, max_new_tokens, assistant_end_id(tok))
+            response = answer_text(tok, generated)
+            ending = "<|assistant_end|>" if generated[-1:] == [assistant_end_id(tok)] else f"cut at {max_new_tokens} tokens"
         ok = is_correct(item, response)
         correct += ok
-        samples.append((item.prompt(), response, item.answer, ok))
+        samples.append((item.prompt(), response, item.answer, ok, ending))
     return TaskResult(items[0].task if items else "", len(items), correct, samples)
 
 
@@ -175,29 +178,15 @@ def format_table(rows: list[dict], models: list[str]) -> str:
 
 @dataclass
 class EvalConfig:
-    """Flags of ``python -m finetune.eval``."""
-
-    checkpoint: str | None = None  # SFT checkpoint dir (default: the latest under checkpoints/sft)
-    base: str | None = None  # base checkpoint to compare (default: the one the SFT started from); "none" skips it
-    limit: int = 50  # items per task
-    seed: int = 0
-    show: int = 0  # print this many sample answers per task
-    max_new_tokens: int = 32
-    benchmark: tuple[str, ...] = ()  # MMLU / ARC / GSM8K parquet files (repeat the flag)
-    device: str = "cpu"
-    report_dir: str | None = None  # default: $SCRATCHCHAT_HOME/report
-
-
-def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    p = argparse.ArgumentParser(prog="python -m finetune.eval", description=__doc__.split("\n\n")[0])
-    for f in fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "benchmark":
-            p.add_argument(flag, action="append", default=[], help="MMLU, ARC or GSM8K parquet file (repeatable)")
-        else:
-            kind = int if isinstance(f.default, int) else str
-            p.add_argument(flag, type=kind, default=f.default)
-    return EvalConfig(**{k: (tuple(v) if k == "benchmark" else v) for k, v in vars(p.parse_args(argv)).items()})
+    checkpoint: str = flag("", "SFT checkpoint dir (default: the latest under $SCRATCHCHAT_HOME/checkpoints/sft)")
+    base: str = flag("", "base checkpoint to compare (default: the one the SFT started from); 'none' skips it")
+    limit: int = flag(50, "items per task")
+    seed: int = flag(0, "seed for drawing the eval items")
+    show: int = flag(0, "print this many answers per task and model")
+    max_new_tokens: int = flag(32, "longest generated answer")
+    benchmark: str = flag("", "comma-separated MMLU / ARC / GSM8K parquet files to add")
+    device: str = flag("cpu", "cpu, cuda or mps")
+    report_dir: str = flag("", "where chat_eval.md goes (default: $SCRATCHCHAT_HOME/report)")
 
 
 def run(cfg: EvalConfig) -> str:
@@ -212,22 +201,30 @@ def run(cfg: EvalConfig) -> str:
     if tok is None:
         raise ValueError(f"{sft_path}: checkpoint has no tokenizer; cannot evaluate chat")
     models = {"sft": (sft_path, model)}
-    if (cfg.base or "").lower() != "none":
-        base_path = Path(cfg.base) if cfg.base else (Path(meta["from"]) if meta.get("from") else latest_checkpoint("base"))
-        if base_path is not None and base_path.exists():
+    if cfg.base.lower() != "none":
+        base_path = Path(cfg.base) if cfg.base else None
+        if base_path is None:  # the base this SFT started from, if it is still there
+            recorded = Path(meta["from"]) if meta.get("from") else None
+            base_path = recorded if recorded and recorded.is_dir() else latest_checkpoint("base")
+        elif not base_path.is_dir():
+            raise ValueError(f"{base_path}: no such base checkpoint directory")
+        if base_path is None:
+            print("no base checkpoint found: showing the SFT model alone")
+        else:
             base_model, base_tok, _ = load_checkpoint(base_path, device=cfg.device)
             if base_tok is None or base_tok.hash != tok.hash:
                 raise ValueError(f"{base_path}: base checkpoint uses a different tokenizer than {sft_path}")
             models = {"base": (base_path, base_model), **models}
-    items = eval_items(cfg.limit, cfg.seed, list(cfg.benchmark))
+    items = eval_items(cfg.limit, cfg.seed, [b for b in cfg.benchmark.split(",") if b.strip()])
     rows, t0 = [], time.time()
     for task, its in items.items():
         row = {"task": task, "n": len(its), "chance": chance(its)}
         for name, (_, m) in models.items():
             res = evaluate(m, tok, its, cfg.max_new_tokens)
             row[name] = res.accuracy
-            for prompt, resp, want, ok in res.samples[: cfg.show]:
-                print(f"[{name} {task}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n    assistant: {resp!r}  (expected {want!r})")
+            for prompt, resp, want, ok, ending in res.samples[: cfg.show]:
+                print(f"[{name} {task}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"
+                      f"    assistant: {resp!r} [{ending}]  (expected {want!r})")
         rows.append(row)
     table = format_table(rows, list(models))
     header = "## Chat evaluation\n\n" + "\n".join(f"- {name}: `{path}`" for name, (path, _) in models.items())
@@ -247,7 +244,9 @@ def run(cfg: EvalConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    parser = dataclass_parser(EvalConfig, description=__doc__.split("\n\n")[0])
+    parser.prog = "python -m finetune.eval"
+    cfg = config_from_args(EvalConfig, parser.parse_args(argv))
     try:
         run(cfg)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError

@@ -21,6 +21,7 @@ from finetune import data as chat_data
 from finetune import tasks
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from pretrain.download import DownloadError
 from pretrain.train import (TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
                             flag, init_distributed, train)
 from tokenizer.files import scratchchat_home
@@ -78,7 +79,7 @@ def quick_eval(tok, n: int, seed: int, say):
         for task, its in items.items():
             res = chat_evaluate(model, tok, its, max_new_tokens=16)
             out[f"acc_{task}"] = res.accuracy
-        prompt, response, _, _ = res.samples[0]
+        prompt, response, *_ = res.samples[0]
         say(f"  chat sample: {prompt.splitlines()[0]!r} -> {response!r}")
         return out
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 "split_conversations": stats.split}
         result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tok, val_batches=val_batches,
                        evaluate=evaluate, dist=dist, meta=meta, prompts=())
-    except (CheckpointError, chat_data.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except (CheckpointError, chat_data.DataError, DownloadError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ its base-vs-SFT table. Errors a user can cause give one line and a non-zero exit
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -67,11 +69,17 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     assert (home / "checkpoints" / "sft" / "loss.png").stat().st_size > 0
 
     # The eval CLI compares the SFT model with the base model it started from, and writes the table.
-    assert chat_eval.main(["--limit", "2", "--show", "1"]) == 0
+    pq.write_table(pa.table({"question": ["What is 2 + 3?", "x?"], "answer": ["2 + 3 = 5\n#### 5", "#### 7"]}),
+                   home / "gsm8k.parquet")
+    assert chat_eval.main(["--limit", "2", "--show", "1", "--benchmark", str(home / "gsm8k.parquet")]) == 0
     report = (home / "report" / "chat_eval.md").read_text()
     assert "| task | n | chance | base | sft |" in report
     assert "| arithmetic | 2 |" in report and "| capital_mc | 2 |" in report
-    assert "[sft arithmetic]" in capsys.readouterr().out
+    # The SFT model learned "What is 2 + 3?" -> "5"; the untrained base did not.
+    assert "| gsm8k | 2 | 50.0% | 0.0% | 50.0% |" in report
+    shown = capsys.readouterr().out
+    assert "[sft arithmetic]" in shown and "[base capital]" in shown
+    assert "[<|assistant_end|>]" in shown and "[cut at 32 tokens]" in shown  # SFT stops; the base rambles
 
 
 def test_missing_base_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -83,6 +91,8 @@ def test_missing_base_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert chat_eval.main([]) == 2
     assert capsys.readouterr().err.startswith("error: no SFT checkpoint found")
+    assert chat_eval.main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_bad_data_names_the_line_and_can_be_skipped(home, tmp_path, monkeypatch, capsys):
