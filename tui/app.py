@@ -378,7 +378,7 @@ class ChatApp(App[None]):
     #conversation { height: 1fr; padding: 0 1; }
     #empty { color: $text-muted; padding: 1 2; }
     .message { height: auto; margin: 1 0 0 0; }
-    .message.user { border-left: thick $accent; padding: 0 1; background: $boost; }
+    .message.user { border-left: thick $primary; padding: 0 1; background: $boost; }
     .message.assistant { border-left: thick $success; padding: 0 1; }
     .message.assistant.partial { border-left: thick $warning; }
     .message .body { height: auto; margin: 0; }
@@ -410,7 +410,7 @@ class ChatApp(App[None]):
         Binding("ctrl+l", "chats", "Chats"),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("f1", "help", "Help"),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),  # in the help; the footer keeps to 80 columns
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -443,7 +443,7 @@ class ChatApp(App[None]):
         yield Static(id="banner", markup=False)
         yield VerticalScroll(id="conversation")
         yield PromptInput(self.store.user_prompts(), id="prompt", placeholder="Message — Enter sends, ctrl+j new line, F1 help")
-        yield Footer()
+        yield Footer(compact=True)  # compact: every chat key fits in 80 columns
 
     async def on_mount(self) -> None:
         self.sub_title = "connecting…"
