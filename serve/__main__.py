@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                 state.engine.shutdown(grace=cfg.shutdown_grace)
             super().handle_exit(sig, frame)
 
+    # The engine thread runs Python between kernels; a shorter GIL switch interval (default 5 ms) lets the event
+    # loop thread answer requests and hand out tokens without waiting behind it.
+    sys.setswitchinterval(0.001)
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                    timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5))
     print(f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"

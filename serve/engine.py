@@ -159,16 +159,18 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, *, max_batch: int = 8, max_queue: int = 64, seed: int = 0,
                  stop_ids: set[int] | None = None) -> None:
+        self.device = next(model.parameters()).device
+        if self.device.type == "cuda":  # serving needs no fp32 master weights: bf16 halves the bytes read per token
+            model = model.to(torch.bfloat16)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
         self.max_context = model.config.sequence_len
         self.max_batch, self.max_queue = max_batch, max_queue
         # Any special token ends a generation: <|assistant_end|> for chat, and a model that starts a new turn
         # or document has finished its answer too.
         self.stop_ids = set(tokenizer.special_tokens.values()) if stop_ids is None else stop_ids
         self.cache = KVCache(model.config, max_batch, self.max_context, device=self.device,
-                             dtype=next(model.parameters()).dtype)
+                             dtype=next(self.model.parameters()).dtype)
         self.stats = Stats()
         self._seeds = torch.Generator().manual_seed(seed)
         self._pending: collections.deque[Generation] = collections.deque()
@@ -214,7 +216,8 @@ class Engine:
     # ---- the worker thread ----
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        # Autocast is thread-local, so it is entered here, in the thread that runs the model.
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
             while True:
                 out: list[tuple[Generation, Chunk]] = []
                 self._reap(out)
@@ -260,9 +263,27 @@ class Engine:
             while self._pending:
                 out.append((self._pending.popleft(), Chunk("", "cancelled")))
 
+    def _compact(self) -> None:
+        """Keep the active rows in slots 0..n-1 by moving rows from the end into the holes finished rows left, so
+        every forward pass reads one contiguous block of the cache in place (`_rows_view`) instead of gathering
+        each row's whole prefix, on every layer, at every step."""
+        n = len(self._rows)
+        holes = [s for s in range(n) if s not in self._rows]
+        movers = sorted(s for s in self._rows if s >= n)
+        for hole, src in zip(holes, movers):
+            length = int(self.cache.pos[src])
+            self.cache.k[:, hole, :length] = self.cache.k[:, src, :length]
+            self.cache.v[:, hole, :length] = self.cache.v[:, src, :length]
+            self.cache.pos[hole] = length
+            row = self._rows.pop(src)
+            row.slot = hole
+            self._rows[hole] = row
+
     def _admit(self, out: list) -> None:
-        """Move waiting requests into free slots and prefill their prompts in one padded forward pass."""
-        free = [s for s in range(self.max_batch) if s not in self._rows]
+        """Move waiting requests into the free slots (after the active ones) and prefill their prompts together
+        in one right-padded forward pass."""
+        self._compact()
+        free = list(range(len(self._rows), self.max_batch))
         new: list[_Row] = []
         now = time.monotonic()
         while free and self._pending:
@@ -285,9 +306,9 @@ class Engine:
         idx = torch.zeros(len(new), max(lengths), dtype=torch.long)
         for i, r in enumerate(new):
             idx[i, :lengths[i]] = torch.tensor(r.gen.prompt)
-        slots = [r.slot for r in new]
-        self.cache.reset(slots)
-        logits = self.model(idx.to(self.device), kv_cache=self.cache, rows=slots, lengths=lengths)
+        block = _rows_view(self.cache, new[0].slot, new[-1].slot + 1)
+        block.reset()
+        logits = self.model(idx.to(self.device), kv_cache=block, lengths=lengths)
         last = logits[torch.arange(len(new)), torch.tensor(lengths) - 1]
         self.stats.prompt_tokens += sum(lengths)
         self._emit(new, last, out)
@@ -295,12 +316,11 @@ class Engine:
             self.stats.observe_ttft(time.monotonic() - r.gen.submitted)
 
     def _step(self, out: list) -> None:
-        """One decode step: every active row feeds its last token and gets the next."""
-        rows = sorted(self._rows.values(), key=lambda r: r.slot)
-        slots = [r.slot for r in rows]
+        """One decode step: every active row (slots 0..n-1) feeds its last token and gets the next."""
+        self._compact()
+        rows = [self._rows[s] for s in range(len(self._rows))]
         idx = torch.tensor([[r.last] for r in rows], device=self.device)
-        all_rows = len(rows) == self.max_batch  # lets the model read the cache in place instead of gathering
-        logits = self.model(idx, kv_cache=self.cache, rows=None if all_rows else slots)[:, -1]
+        logits = self.model(idx, kv_cache=_rows_view(self.cache, 0, len(rows)))[:, -1]
         self.stats.decode_steps += 1
         self._emit(rows, logits, out)
 
@@ -325,6 +345,15 @@ class Engine:
                 self._finish(r, "length", out, send)
             elif send:
                 out.append((r.gen, Chunk(send)))
+
+
+def _rows_view(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A KVCache of rows start..stop-1 of `cache` that shares its storage: the model writes and advances those
+    rows in place, and reads them without a gather."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v, view.pos = cache.k[:, start:stop], cache.v[:, start:stop], cache.pos[start:stop]
+    view.batch_size, view.max_len = stop - start, cache.max_len
+    return view
 
 
 def _put_all(items: list[tuple[Generation, Chunk]]) -> None:
