@@ -64,18 +64,14 @@ def _fold(lines: list[str]) -> str:
 
 
 def _scalar(first: str, more: list[str]) -> str:
-    if first[:1] in "|>":
+    """One scalar from the text after its dash and its continuation lines."""
+    if first[:1] in "|>":  # block: "|" keeps line breaks, ">" folds them; "-" drops the final newline
         while more and not more[-1].strip():
             more.pop()
-        body = [ln for ln in more]
-        indent = min((len(ln) - len(ln.lstrip(" ")) for ln in body if ln.strip()), default=0)
-        body = [ln[indent:] for ln in body]
-        keep = "-" not in first
-        if first[0] == "|":
-            text = "\n".join(body)
-        else:  # folded block: same folding as flow scalars, but inner indentation is kept literally
-            text = _fold(body)
-        return text + ("\n" if keep and text else "")
+        indent = min((len(ln) - len(ln.lstrip(" ")) for ln in more if ln.strip()), default=0)
+        body = [ln[indent:] for ln in more]
+        text = "\n".join(body) if first[0] == "|" else _fold(body)
+        return text + ("\n" if "-" not in first and text else "")
     if first[:1] in "'\"":
         return _unquote(_fold([first, *more]))
     return re.sub(r"\s+#.*$", "", _fold([first, *more]))

@@ -12,7 +12,6 @@ serving engine must match token for token (``greedy_decode``).
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import sys
@@ -26,7 +25,10 @@ import torch
 from finetune import tasks
 from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
-from pretrain.train import config_from_args, dataclass_parser, flag
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pretrain.report import append_metrics
+from pretrain.train import config_from_args, dataclass_parser, flag, pick_device
+from tokenizer.files import scratchchat_home
 
 
 @torch.no_grad()
@@ -185,19 +187,17 @@ class EvalConfig:
     show: int = flag(0, "print this many answers per task and model")
     max_new_tokens: int = flag(32, "longest generated answer")
     benchmark: str = flag("", "comma-separated MMLU / ARC / GSM8K parquet files to add")
-    device: str = flag("cpu", "cpu, cuda or mps")
+    device: str = flag("auto", "cpu, cuda, mps or auto")
     report_dir: str = flag("", "where chat_eval.md goes (default: $SCRATCHCHAT_HOME/report)")
 
 
 def run(cfg: EvalConfig) -> str:
     """Evaluate the SFT (and base) model, print and write the table; returns the table."""
-    from pretrain.checkpoint import latest_checkpoint, load_checkpoint
-    from tokenizer.files import scratchchat_home
-
     sft_path = Path(cfg.checkpoint) if cfg.checkpoint else latest_checkpoint("sft")
     if sft_path is None:
         raise ValueError("no SFT checkpoint found; run `python -m finetune` first or pass --checkpoint PATH")
-    model, tok, meta = load_checkpoint(sft_path, device=cfg.device)
+    device = pick_device(cfg.device)
+    model, tok, meta = load_checkpoint(sft_path, device=device)
     if tok is None:
         raise ValueError(f"{sft_path}: checkpoint has no tokenizer; cannot evaluate chat")
     models = {"sft": (sft_path, model)}
@@ -211,7 +211,7 @@ def run(cfg: EvalConfig) -> str:
         if base_path is None:
             print("no base checkpoint found: showing the SFT model alone")
         else:
-            base_model, base_tok, _ = load_checkpoint(base_path, device=cfg.device)
+            base_model, base_tok, _ = load_checkpoint(base_path, device=device)
             if base_tok is None or base_tok.hash != tok.hash:
                 raise ValueError(f"{base_path}: base checkpoint uses a different tokenizer than {sft_path}")
             models = {"base": (base_path, base_model), **models}
@@ -237,8 +237,8 @@ def run(cfg: EvalConfig) -> str:
     tmp.replace(out / "chat_eval.md")
     with open(out / "report.md", "a") as f:
         f.write("\n" + text)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "chat_eval", "rows": rows, "models": {k: str(p) for k, (p, _) in models.items()}}) + "\n")
+    append_metrics(out / "metrics.jsonl", {"kind": "chat_eval", "rows": rows,
+                                           "models": {k: str(p) for k, (p, _) in models.items()}})
     print(f"wrote {out / 'chat_eval.md'}\nnext: chat with it: python -m serve --checkpoint {sft_path}")
     return table
 

@@ -22,7 +22,7 @@ from finetune import tasks
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
-from pretrain.train import (TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
+from pretrain.train import (Dist, TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
                             flag, init_distributed, train)
 from tokenizer.files import scratchchat_home
 
@@ -49,8 +49,9 @@ class SFTConfig:
     run_dir: str = flag("", "checkpoints, metrics and plots (default: $SCRATCHCHAT_HOME/checkpoints/sft)")
 
 
-def load_conversations(cfg: SFTConfig, seed: int) -> tuple[list[chat_data.Conversation], str]:
+def load_conversations(cfg: SFTConfig, seed: int, dist: Dist | None = None) -> tuple[list[chat_data.Conversation], str]:
     """All conversations named by --data, and a one-line summary of where they came from."""
+    dist = dist or Dist()
     convs, notes = [], []
     for source in [s.strip() for s in cfg.data.split(",") if s.strip()]:
         if source == "default":
@@ -58,7 +59,12 @@ def load_conversations(cfg: SFTConfig, seed: int) -> tuple[list[chat_data.Conver
             convs += mix
             notes.append("default mix (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
         elif source == "smoltalk":
-            got, skipped = chat_data.load_user_data(chat_data.download_smoltalk(n_files=cfg.smoltalk_files), cfg.skip_bad)
+            if dist.is_main:  # one process downloads; the others then find the files complete
+                chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
+            if dist.world_size > 1:
+                torch.distributed.barrier()
+            files = chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
+            got, skipped = chat_data.load_user_data(files, cfg.skip_bad)
             convs += got
             notes.append(f"smoltalk {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
         else:
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = model.config.sequence_len
         say = tqdm.write if dist.is_main else (lambda *a, **k: None)
 
-        convs, summary = load_conversations(scfg, tcfg.seed)
+        convs, summary = load_conversations(scfg, tcfg.seed, dist)
         random.Random(tcfg.seed).shuffle(convs)
         n_val = min(scfg.val_conversations, len(convs) // 10)
         examples, stats = chat_data.render_all(tok, convs[n_val:], seq_len + 1)
