@@ -238,6 +238,8 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
     async def first_chunk(gen: Generation, it: AsyncIterator[Chunk]) -> Chunk:
         """Wait for the first output before answering, so a request that timed out in the queue still gets a 503."""
         chunk = await anext(it)
+        if chunk.finish_reason == "error":
+            raise APIError(500, "generation failed on the server; see its log", type="server_error")
         if chunk.finish_reason == "timeout":
             raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
                            type="server_error", code="timeout", headers={"Retry-After": str(state.limits.retry_after)})
@@ -275,8 +277,8 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
             try:
                 c = chunk
                 if kind == "chat":  # the first delta announces the role, as OpenAI's does
-                    yield _sse(_chat_chunk(rid, created, state.model_name, {"role": "assistant", "content": ""},
-                                           None, usage_wanted))
+                    yield _sse(_stream_chunk(kind, rid, created, state.model_name,
+                                             {"role": "assistant", "content": ""}, None, usage_wanted))
                 while True:
                     if c.text or c.finish_reason is None:
                         delta = {"content": c.text} if kind == "chat" else c.text
@@ -482,10 +484,6 @@ def _object(kind: str, stream: bool) -> str:
 def _usage(c: Chunk) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-
-def _chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None, usage_slot: bool) -> dict:
-    return _stream_chunk("chat", rid, created, model, delta, finish, usage_slot)
 
 
 def _stream_chunk(kind: str, rid: str, created: int, model: str, delta, finish: str | None, usage_slot: bool) -> dict:

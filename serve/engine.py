@@ -13,6 +13,7 @@ import asyncio
 import collections
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,8 @@ class SamplingParams:
 
 @dataclass
 class Chunk:
-    """A piece of output; the last chunk of a request has finish_reason set (stop, length, timeout, cancelled)."""
+    """A piece of output; the last chunk of a request has finish_reason set: stop, length, cancelled, timeout
+    (waited in the queue past its deadline) or error (the forward pass failed)."""
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -199,6 +201,8 @@ class Engine:
             raise QueueFull(f"{len(self._pending)} requests are already waiting")
         if not 0 < len(prompt) < self.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens; the context holds {self.max_context}")
+        if not all(0 <= t < self.model.config.vocab_size for t in prompt):
+            raise ValueError(f"prompt holds token ids outside 0..{self.model.config.vocab_size - 1}")
         gen = Generation(list(prompt), params, asyncio.get_running_loop(), time.monotonic() + timeout)
         self._pending.append(gen)
         self._wake.set()
@@ -220,10 +224,15 @@ class Engine:
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
             while True:
                 out: list[tuple[Generation, Chunk]] = []
-                self._reap(out)
-                self._admit(out)
-                if self._rows:
-                    self._step(out)
+                try:
+                    self._reap(out)
+                    self._admit(out)
+                    if self._rows:
+                        self._step(out)
+                except Exception:  # a failed forward (out of memory, a bug) ends the batch, never the engine
+                    traceback.print_exc()
+                    for row in list(self._rows.values()):
+                        self._finish(row, "error", out)
                 self._deliver(out)
                 if self._closing and not self._rows and not self._pending:
                     return

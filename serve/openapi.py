@@ -140,6 +140,7 @@ def _generate(summary: str, request: str, response: str) -> dict:
             **_BODY, **_AUTH,
             "404": _error("Unknown model."),
             "429": _error("Too many requests waiting (--max-queue).", retry=True),
+            "500": _error("The forward pass failed (out of memory, say); the server keeps serving."),
             **_NOT_READY,
         },
     }}

@@ -189,3 +189,26 @@ def test_full_queue_refuses_and_shutdown_ends_everything(endless, tok):
     assert asyncio.run(main()) == ["length", "cancelled", "cancelled"]
     engine.join(5)
     assert not engine._thread.is_alive()
+
+
+def test_a_failing_forward_ends_the_batch_but_not_the_engine(engine, model, tok, monkeypatch, capsys):
+    forward = model.forward
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(model, "forward", broken)
+    text, reason, _ = run(engine, [(prompt(tok, "fox"), SamplingParams(max_tokens=5, temperature=0))])[0]
+    assert (text, reason) == ("", "error") and calls
+    assert "out of memory (simulated)" in capsys.readouterr().err  # the traceback goes to the server's log
+    monkeypatch.setattr(model, "forward", forward)
+    ids = prompt(tok, "fox")
+    assert run(engine, [(ids, SamplingParams(max_tokens=5, temperature=0))])[0] == reference(model, tok, ids, 5)
+    with pytest.raises(ValueError, match="token ids outside"):
+        asyncio.run(_submit(engine, [tok.vocab_size + 5]))
+
+
+async def _submit(engine: Engine, ids: list[int]) -> None:
+    engine.submit(ids, SamplingParams())
