@@ -116,9 +116,16 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
         log.close()
 
 
+def shared_checkpoint(tmp_path_factory) -> Path:
+    """build_checkpoint once per test session (both serve test modules use it)."""
+    root = tmp_path_factory.getbasetemp() / "serve-checkpoint"
+    done = root / "checkpoints" / "sft" / "step_1"
+    return done if done.is_dir() else build_checkpoint(root)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("serve"))
+    return shared_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -388,59 +395,68 @@ def test_health_stays_fast_while_generating(server):
 
 # ---------------------------------------------------------------- a server with auth, a tiny queue and CORS
 
-def test_api_key_queue_limit_and_cors(checkpoint):
-    args = ["--max-batch", "1", "--max-queue", "1", "--cors-origin", "http://ok.example"]
-    with running_server(checkpoint, *args, env={"SCRATCHCHAT_API_KEY": "sesame"}) as (url, _):
-        body = {"messages": user("Say hi"), "temperature": 0}
-        err = error_of(httpx.post(url + "/v1/chat/completions", json=body), 401)
-        assert err["code"] == "invalid_api_key"
-        error_of(httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
-        error_of(httpx.get(url + "/v1/models"), 401)
-        assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
-        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
-        assert client.chat.completions.create(model="scratchchat", messages=user("Say hi"),
-                                              temperature=0).choices[0].message.content == HELLO
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-
-        r = httpx.options(url + "/v1/chat/completions",
-                          headers={"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"})
-        assert r.headers["access-control-allow-origin"] == "http://ok.example"
-
-        # One slot and one queue place: of a burst of long requests, one runs, one waits, the rest are turned away.
-        long = {"messages": user("Count"), "temperature": 0, "max_tokens": 1000}
-        results: list[httpx.Response] = []
-        burst = [threading.Thread(target=lambda: results.append(httpx.post(
-            url + "/v1/chat/completions", json=long, headers={"Authorization": "Bearer sesame"}, timeout=60)))
-            for _ in range(6)]
-        for t in burst:
-            t.start()
-        for t in burst:
-            t.join()
-        statuses = sorted(r.status_code for r in results)
-        assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) <= {200, 429}, statuses
-        refused = next(r for r in results if r.status_code == 429)
-        assert error_of(refused, 429)["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+@pytest.fixture(scope="module")
+def strict_server(checkpoint):
+    """No --checkpoint (the newest SFT one under $SCRATCHCHAT_HOME), an API key from the environment, one slot,
+    one queue place, CORS for one origin, and no shutdown grace."""
+    args = ["--max-batch", "1", "--max-queue", "1", "--cors-origin", "http://ok.example", "--shutdown-grace", "0"]
+    env = {"SCRATCHCHAT_API_KEY": "sesame", "SCRATCHCHAT_HOME": str(checkpoint.parents[2])}
+    with running_server(None, *args, env=env) as (url, proc):
+        yield url, proc
 
 
-def test_default_checkpoint_and_graceful_shutdown(checkpoint):
+def test_api_key_queue_limit_and_cors(strict_server):
+    url, _ = strict_server
+    body = {"messages": user("Say hi"), "temperature": 0}
+    err = error_of(httpx.post(url + "/v1/chat/completions", json=body), 401)
+    assert err["code"] == "invalid_api_key"
+    error_of(httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    error_of(httpx.get(url + "/v1/models"), 401)
+    assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+    assert client.chat.completions.create(model="scratchchat", messages=user("Say hi"),
+                                          temperature=0).choices[0].message.content == HELLO
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+    r = httpx.options(url + "/v1/chat/completions",
+                      headers={"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "http://ok.example"
+
+    # One slot and one queue place: of a burst of long requests, one runs, one waits, the rest are turned away.
+    long = {"messages": user("Count"), "temperature": 0, "max_tokens": 1000}
+    results: list[httpx.Response] = []
+    burst = [threading.Thread(target=lambda: results.append(httpx.post(
+        url + "/v1/chat/completions", json=long, headers={"Authorization": "Bearer sesame"}, timeout=60)))
+        for _ in range(6)]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join()
+    statuses = sorted(r.status_code for r in results)
+    assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    refused = next(r for r in results if r.status_code == 429)
+    assert error_of(refused, 429)["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+
+
+def test_default_checkpoint_and_graceful_shutdown(strict_server):
     """With no --checkpoint it serves the newest SFT checkpoint under $SCRATCHCHAT_HOME; SIGINT ends a running
-    stream cleanly (finish chunk, usage, [DONE]) and the process exits."""
-    home = checkpoint.parents[2]
-    with running_server(None, "--shutdown-grace", "0", env={"SCRATCHCHAT_HOME": str(home)}) as (url, proc):
-        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0})
-        assert r.json()["choices"][0]["message"]["content"] == HELLO
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                          json={"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": SEQ_LEN,
-                                "stream_options": {"include_usage": True}}) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGINT)
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
-        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] < SEQ_LEN - 10  # ended early, not at the end
-        assert proc.wait(15) in (0, -signal.SIGINT)  # uvicorn re-raises the signal once it has shut down
+    stream cleanly (finish chunk, usage, [DONE]) and the process exits. (Runs last: it stops the server.)"""
+    url, proc = strict_server
+    auth = {"Authorization": "Bearer sesame"}
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0}, headers=auth)
+    assert r.json()["choices"][0]["message"]["content"] == HELLO
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, headers=auth,
+                      json={"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": SEQ_LEN,
+                            "stream_options": {"include_usage": True}}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        proc.send_signal(signal.SIGINT)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] < SEQ_LEN - 10  # ended early, not at the end
+    assert proc.wait(15) in (0, -signal.SIGINT)  # uvicorn re-raises the signal once it has shut down
 
 
 # ---------------------------------------------------------------- loading, and the command line
@@ -516,7 +532,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(serv
     checks = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
               "response_schema_conformance", "response_headers_conformance", "negative_data_rejection"]
     r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", server + "/openapi.json",
-                        "--checks", ",".join(checks), "--phases", "coverage,fuzzing", "--max-examples", "25",
+                        "--checks", ",".join(checks), "--phases", "coverage,fuzzing", "--max-examples", "15",
                         "--seed", "0", "--request-timeout", "20", "--no-color"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)  # cwd: its cache stays out of the repo
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]

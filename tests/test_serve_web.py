@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from test_serve import COUNT, HELLO, build_checkpoint, running_server
+from test_serve import COUNT, HELLO, running_server, shared_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/test.sh installs it)")
@@ -94,7 +94,7 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("web"))
+    checkpoint = shared_checkpoint(tmp_path_factory)
     with running_server(checkpoint) as (url, _):
         browser = Browser(tmp_path_factory.mktemp("chromium-profile"))
         try:
