@@ -52,11 +52,11 @@ def run_sft(*extra: str) -> int:
 
 def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHCHAT_HOME", str(home))
-    assert run_sft("--max-steps", "80") == 0
+    assert run_sft("--max-steps", "40") == 0
     out = capsys.readouterr().out
     assert "checkpoint:" in out and "next: python -m finetune.eval" in out
     path = latest_checkpoint("sft")
-    assert path is not None and path.name == "step_000080"
+    assert path is not None and path.name == "step_000040"
     model, tok, meta = load_checkpoint(path)
     assert meta["kind"] == "sft" and meta["from"] == str((home / "checkpoints" / "base" / "step_000010").resolve())
     for q, a in CONVERSATIONS:
@@ -71,7 +71,8 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     # The eval CLI compares the SFT model with the base model it started from, and writes the table.
     pq.write_table(pa.table({"question": ["What is 2 + 3?", "x?"], "answer": ["2 + 3 = 5\n#### 5", "#### 7"]}),
                    home / "gsm8k.parquet")
-    assert chat_eval.main(["--limit", "2", "--show", "1", "--benchmark", str(home / "gsm8k.parquet")]) == 0
+    assert chat_eval.main(["--limit", "2", "--show", "1", "--max-new-tokens", "8",
+                           "--benchmark", str(home / "gsm8k.parquet")]) == 0
     report = (home / "report" / "chat_eval.md").read_text()
     assert "| task | n | chance | base | sft |" in report
     assert "| arithmetic | 2 |" in report and "| capital_mc | 2 |" in report
@@ -79,7 +80,7 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     assert "| gsm8k | 2 | 50.0% | 0.0% | 50.0% |" in report
     shown = capsys.readouterr().out
     assert "[sft arithmetic]" in shown and "[base capital]" in shown
-    assert "[<|assistant_end|>]" in shown and "[cut at 32 tokens]" in shown  # SFT stops; the base rambles
+    assert "[<|assistant_end|>]" in shown and "[cut at 8 tokens]" in shown  # SFT stops; the base rambles
 
 
 def test_missing_base_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
