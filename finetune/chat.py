@@ -78,7 +78,8 @@ def _special(tok, name: str) -> int:
     try:
         return tok.special_tokens[name]
     except KeyError:
-        raise ChatFormatError(f"tokenizer has no special token {name} (train it with the chat special tokens)") from None
+        raise ChatFormatError(f"tokenizer has no special token {name} "
+                              "(train it with the chat special tokens)") from None
 
 
 def assistant_end_id(tok) -> int:

@@ -28,7 +28,8 @@ from finetune import tasks
 from finetune.chat import ChatFormatError, ConversationTooLong, render_conversation, validate_messages
 
 Conversation = list[dict[str, str]]
-SMOLTALK_URL = "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-{i:05d}-of-{n:05d}.parquet"
+SMOLTALK_URL = ("https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/"
+                "train-{i:05d}-of-{n:05d}.parquet")
 SMOLTALK_URL_ENV = "SCRATCHCHAT_SMOLTALK_URL"
 SMOLTALK_FILES = 4  # train shards in the published set
 
@@ -136,7 +137,9 @@ def chatterbot_conversations(root: Path | None = None) -> list[Conversation]:
 
 
 def chitchat_conversations(path: Path | None = None) -> list[Conversation]:
-    """chitchat-dataset conversations of at least one exchange; the first speaker is the user, a speaker's grouped messages join with newlines."""
+    """chitchat-dataset conversations of at least one exchange.
+
+    The first speaker is the user; one speaker's consecutive messages join with newlines."""
     path = path or tasks.package_dir("chitchat_dataset") / "dataset.json"
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     out = []
@@ -302,7 +305,10 @@ def _fits(tok, messages: Conversation, max_len: int) -> bool:
         return False
 
 
-def fit_conversation(tok, messages: Conversation, max_len: int, stats: FitStats | None = None) -> list[tuple[list[int], list[int]]]:
+Example = tuple[list[int], list[int]]  # (ids, mask) of one rendered conversation
+
+
+def fit_conversation(tok, messages: Conversation, max_len: int, stats: FitStats | None = None) -> list[Example]:
     """Render a conversation as one or more pieces of at most max_len tokens.
 
     A piece is the system message (if any) plus consecutive whole user+assistant exchanges; an
@@ -335,7 +341,7 @@ def fit_conversation(tok, messages: Conversation, max_len: int, stats: FitStats 
     return pieces
 
 
-def render_all(tok, conversations: Iterable[Conversation], max_len: int) -> tuple[list[tuple[list[int], list[int]]], FitStats]:
+def render_all(tok, conversations: Iterable[Conversation], max_len: int) -> tuple[list[Example], FitStats]:
     """Fit every conversation to max_len tokens; invalid ones are counted by reason, not fatal."""
     stats, out = FitStats(), []
     for conv in conversations:
@@ -356,7 +362,7 @@ class SFTLoader:
     resumed run continues on the same data.
     """
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int,
+    def __init__(self, examples: list[Example], batch_size: int, seq_len: int,
                  pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu"):
         if not examples:
@@ -366,9 +372,9 @@ class SFTLoader:
         self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
         self.epoch, self.row = 0, 0  # position: the next global row to read in this epoch
-        self._rows: list[tuple[list[int], list[int]]] | None = None
+        self._rows: list[Example] | None = None
 
-    def _pack(self, epoch: int) -> list[tuple[list[int], list[int]]]:
+    def _pack(self, epoch: int) -> list[Example]:
         order = list(range(len(self.examples)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         rows, ids, mask = [], [], []
@@ -379,7 +385,8 @@ class SFTLoader:
                 ids, mask = [], []
             ids, mask = ids + e_ids, mask + e_mask
         rows.append((ids, mask))
-        return [(r + [self.pad_id] * (self.seq_len + 1 - len(r)), m + [0] * (self.seq_len + 1 - len(m))) for r, m in rows]
+        width = self.seq_len + 1
+        return [(r + [self.pad_id] * (width - len(r)), m + [0] * (width - len(m))) for r, m in rows]
 
     def rows_per_epoch(self) -> int:
         return len(self._pack(self.epoch)) if self._rows is None else len(self._rows)
@@ -400,7 +407,7 @@ class SFTLoader:
             self.row += 1
         return self._tensors(batch)
 
-    def _tensors(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _tensors(self, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = torch.tensor([ids for ids, _ in rows], dtype=torch.long, device=self.device)
         m = torch.tensor([mask for _, mask in rows], dtype=torch.bool, device=self.device)
         return t[:, :-1], t[:, 1:], m[:, 1:]

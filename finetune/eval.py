@@ -120,7 +120,8 @@ def load_benchmark(path: str | Path, n: int | None = None, seed: int = 0) -> tup
             final = r["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
             items.append(Item(name, f"{i}", r["question"].strip(), final))
     else:
-        raise ValueError(f"{path}: not an MMLU, ARC or GSM8K parquet file (columns: {', '.join(sorted(cols)) or 'none'})")
+        columns = ", ".join(sorted(cols)) or "none"
+        raise ValueError(f"{path}: not an MMLU, ARC or GSM8K parquet file (columns: {columns})")
     if n is not None and len(items) > n:
         items = random.Random(seed).sample(items, n)
     return name, items
@@ -152,7 +153,8 @@ def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32) -> TaskRes
             prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
             generated = greedy_decode(model, prompt, max_new_tokens, assistant_end_id(tok))
             response = answer_text(tok, generated)
-            ending = "<|assistant_end|>" if generated[-1:] == [assistant_end_id(tok)] else f"cut at {max_new_tokens} tokens"
+            ended = generated[-1:] == [assistant_end_id(tok)]
+            ending = "<|assistant_end|>" if ended else f"cut at {max_new_tokens} tokens"
         ok = is_correct(item, response)
         correct += ok
         samples.append((item.prompt(), response, item.answer, ok, ending))

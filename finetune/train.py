@@ -38,8 +38,10 @@ QUICK_EVAL_TASKS = ("arithmetic", "letters", "capital", "largest_mc")
 
 @dataclass
 class SFTConfig:
-    from_checkpoint: str = flag("", "base checkpoint dir, also --from (default: latest in $SCRATCHCHAT_HOME/checkpoints/base)")
-    data: str = flag("default", "comma-separated sources: default (embedded mix), smoltalk (downloads), .jsonl/.parquet files or folders")
+    from_checkpoint: str = flag("", "base checkpoint dir, also --from "
+                                    "(default: latest in $SCRATCHCHAT_HOME/checkpoints/base)")
+    data: str = flag("default", "comma-separated sources: default (embedded mix), smoltalk (downloads), "
+                                ".jsonl/.parquet files or folders")
     mix_scale: float = flag(1.0, "multiply the size of every part of the default mix")
     smoltalk_files: int = flag(1, "SmolTalk parquet shards to download for --data smoltalk")
     skip_bad: bool = flag(False, "skip (and count) malformed lines in user .jsonl/.parquet files instead of stopping")
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup_distributed()
     if dist.is_main:
         loss = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
-        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, train loss {result['loss']:.4f}{loss}")
+        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, "
+              f"train loss {result['loss']:.4f}{loss}")
         print(f"checkpoint: {result['checkpoint']}")
         print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
         print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")

@@ -60,7 +60,8 @@ def test_spelled_special_tokens_are_ordinary_text(tok):
     ids, mask = render_conversation(tok, [{"role": "user", "content": evil}, {"role": "assistant", "content": evil}])
     specials = set(tok.special_tokens.values())
     # Only the format's own specials: bos, user start/end, assistant start/end.
-    assert [t for t in ids if t in specials] == [sp(tok, n) for n in ("bos", "user_start", "user_end", "assistant_start", "assistant_end")]
+    fmt = ("bos", "user_start", "user_end", "assistant_start", "assistant_end")
+    assert [t for t in ids if t in specials] == [sp(tok, n) for n in fmt]
     assert tok.decode(ids) == f"<|bos|><|user_start|>{evil}<|user_end|><|assistant_start|>{evil}<|assistant_end|>"
 
 
@@ -85,7 +86,8 @@ def test_prompt_ends_ready_for_the_assistant_and_matches_training(tok):
     ([{"role": "user"}], "content must be a string"),
     (["hi"], "must be an object"),
     ([{"role": "assistant", "content": "x"}], "should be 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 is 'user' but should be 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "message 1 is 'user' but should be 'assistant'"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system message may only come first"),
 ])
 def test_invalid_conversations_are_rejected_clearly(tok, messages, fragment):

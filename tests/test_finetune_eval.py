@@ -79,7 +79,9 @@ def test_benchmark_parquet_loaders(tmp_path):
     pq.write_table(pa.table({"question": ["Tom has 2 and gets 3. Total?"],
                              "answer": ["2 + 3 = 5\n#### 5"]}), tmp_path / "gsm8k.parquet")
     name, items = chat_eval.load_benchmark(tmp_path / "mmlu.parquet")
-    assert name == "mmlu" and [(i.answer, i.choices) for i in items] == [("B", ("3", "4", "5", "6")), ("A", ("blue", "red", "green", "pink"))]
+    assert name == "mmlu"
+    assert [(i.answer, i.choices) for i in items] == [("B", ("3", "4", "5", "6")),
+                                                      ("A", ("blue", "red", "green", "pink"))]
     assert "A. 3\nB. 4\nC. 5\nD. 6" in items[0].prompt()
     name, items = chat_eval.load_benchmark(tmp_path / "arc.parquet")
     assert name == "arc" and [(i.answer, len(i.choices)) for i in items] == [("C", 3), ("B", 4)]
