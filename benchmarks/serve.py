@@ -266,8 +266,8 @@ def main() -> None:
         for clients, r in rate.items():
             print(f"   {clients} client(s): {r:8.1f} tok/s aggregate   ({r / rate[1]:.2f}x one client)")
         print(f"   8 clients vs 1: {rate[8] / rate[1]:.2f}x (target >= 3x)")
-        print(f"   time to first token at 8 clients ({len(ttfts)} requests): p50 {percentile(ttfts, 0.5) * 1000:.0f} ms,"
-              f" p99 {percentile(ttfts, 0.99) * 1000:.0f} ms")
+        print(f"   time to first token at 8 clients ({len(ttfts)} requests): "
+              f"p50 {percentile(ttfts, 0.5) * 1000:.0f} ms, p99 {percentile(ttfts, 0.99) * 1000:.0f} ms")
 
         print(f"\n3. /health from a second process, {cfg.health_seconds:g} s each")
         idle_rate, idle_worst = map(float, health_rate(server.url, cfg.health_seconds).communicate()[0].split())

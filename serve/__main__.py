@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
             group.add_argument("--cors-origin", dest=f.name, action="append", default=[], help=HELP[f.name])
             continue
         kind = {"int": int, "float": float}.get(f.type, str)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default, help=HELP[f.name])
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                           help=HELP[f.name])
     cfg = ServeConfig(**vars(parser.parse_args(argv)))
     for name in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_total_chars", "max_tokens",
                  "default_max_tokens", "max_body_bytes"):

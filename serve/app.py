@@ -133,8 +133,8 @@ def sampling_params(data: dict, limits: Limits, default_max_tokens: int, vocab_s
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > limits.max_stop:
-        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} non-empty strings",
-                       param="stop")
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} "
+                            "non-empty strings", param="stop")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(_number(data, "temperature", 1.0, 0, 2)),
@@ -155,10 +155,12 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
     out, total = [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"messages[{i}] must have a role of system, user or assistant", param=f"messages[{i}].role")
+            raise APIError(400, f"messages[{i}] must have a role of system, user or assistant",
+                           param=f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):  # the array form: only text parts are understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
                 raise APIError(400, f"messages[{i}].content parts must all be {{'type': 'text', 'text': ...}}",
                                param=f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
@@ -370,7 +372,8 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
     async def health(request: Request) -> Response:
         if state.engine is None or state.shutting_down:
             status = "shutting_down" if state.shutting_down else ("error" if state.load_error else "loading")
-            return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(state.limits.retry_after)})
+            return JSONResponse({"status": status}, status_code=503,
+                                headers={"Retry-After": str(state.limits.retry_after)})
         return JSONResponse({"status": "ok", "model": state.model_name, "active": state.engine.active,
                              "queued": state.engine.queued})
 
@@ -389,8 +392,9 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        messages = {404: f"no route {request.method} {request.url.path}",
+                    405: f"method {request.method} is not allowed on {request.url.path}"}
+        message = messages.get(exc.status_code, exc.detail)
         return error_response(exc.status_code, message, code={404: "not_found"}.get(exc.status_code),
                               headers=dict(exc.headers or {}))
 

@@ -221,7 +221,8 @@ class Engine:
 
     def _run(self) -> None:
         # Autocast is thread-local, so it is entered here, in the thread that runs the model.
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        with torch.inference_mode(), autocast:
             while True:
                 out: list[tuple[Generation, Chunk]] = []
                 try:

@@ -19,7 +19,8 @@ _ERROR = {
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "properties": {k: {"type": "integer", "minimum": 0}
+                   for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
 }
 
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
@@ -28,7 +29,8 @@ _FINISH = {"type": "string", "enum": ["stop", "length"]}
 _SAMPLING = {
     "model": {"type": "string", "description": "The served model's id (GET /v1/models); defaults to it."},
     "max_tokens": {"type": ["integer", "null"], "minimum": 1,
-                   "description": "Most tokens to generate (server limit: --max-tokens); the context may end it sooner."},
+                   "description": "Most tokens to generate (server limit: --max-tokens); the context may end "
+                                  "it sooner."},
     "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2, "description": "0 = greedy."},
     "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "top_k": {"type": ["integer", "null"], "minimum": 0, "description": "0 = off."},
@@ -39,8 +41,8 @@ _SAMPLING = {
                        {"type": "null"}]},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": ["boolean", "null"]}}},
-    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Only 0 is supported."},
-    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Only 0 is supported."},
+    **{name: {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Only 0 is supported."}
+       for name in ("presence_penalty", "frequency_penalty")},
     "user": {"type": "string"},
 }
 
@@ -107,7 +109,8 @@ _SSE = {"type": "object", "required": ["data"], "properties": {
     "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 _MODEL = _object(["id", "object", "created", "owned_by"], {
-    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}})
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+    "owned_by": {"type": "string"}})
 
 
 def _json(schema: dict) -> dict:
@@ -163,7 +166,8 @@ def openapi_schema(model_name: str) -> dict:
             "/v1/completions": _generate("Text completion of a raw prompt", "CompletionRequest", "Completion"),
             "/v1/models": {"get": {"summary": "The served model", "security": [{}, {"bearer": []}], "responses": {
                 "200": {"description": "One model.", **_json(_object(["object", "data"], {
-                    "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}))},
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}))},
                 **_AUTH}}},
             "/v1/models/{model}": {"get": {
                 "summary": "One model by id", "security": [{}, {"bearer": []}],
@@ -190,7 +194,8 @@ def openapi_schema(model_name: str) -> dict:
                         **_json(_object(["status"], {"status": {"enum": ["loading", "error", "shutting_down"]}}))}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, "
                                             "tokens/s", "responses": {
-                "200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                "200": {"description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {
                 "200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}}}},
             "/": {"get": {"summary": "The web chat page", "responses": {

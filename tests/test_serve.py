@@ -534,6 +534,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(serv
     r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", server + "/openapi.json",
                         "--checks", ",".join(checks), "--phases", "coverage,fuzzing", "--max-examples", "15",
                         "--seed", "0", "--request-timeout", "20", "--no-color"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)  # cwd: its cache stays out of the repo
+                       # cwd: schemathesis writes its cache there, not into the repo
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
     assert "No issues found" in r.stdout
