@@ -19,7 +19,6 @@ import pytest
 from test_serve import COUNT, HELLO, running_server, shared_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/test.sh installs it)")
 
 
 class Browser:
@@ -38,6 +37,7 @@ class Browser:
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={profile_dir}", "--remote-debugging-pipe", "about:blank"]
+        assert CHROMIUM, "needs Debian's chromium (scripts/test.sh installs it)"
         self.proc = subprocess.Popen([CHROMIUM, *flags], preexec_fn=wire_fds, close_fds=False,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_chrome_r)
