@@ -1,0 +1,366 @@
+"""The speedrun's report card: `python scripts/report.py` writes $SCRATCHCHAT_HOME/report/report.md.
+
+It reads only the files the stages left behind (corpus and token manifests, tokenizer.json, checkpoints'
+config.json and metrics.jsonl, the chat eval's metrics, logs/ and speedrun.sh's stage times), so it can be
+rerun on its own at any time. A stage that has not run yet gets a one-line note instead of its section.
+The output is plain markdown (tables, links to the PNG plots) that reads on GitHub and in a terminal.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python scripts/report.py` from a checkout that is not pip-installed
+
+from finetune.chat import assistant_end_id, render_prompt  # noqa: E402
+from finetune.eval import format_table  # noqa: E402
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint, read_config  # noqa: E402
+from pretrain.model import GPT, GPTConfig  # noqa: E402
+from pretrain.report import read_metrics  # noqa: E402
+from pretrain.train import config_from_args, dataclass_parser, flag, pick_device  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from tokenizer.files import iter_texts, scratchchat_home  # noqa: E402
+from tokenizer.reference import reference_tokenizers  # noqa: E402
+
+STAGES = ("corpus", "tokenizer", "download", "tokens", "pretrain", "sft", "eval")
+SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?")
+VAL_BYTES = 2_000_000  # enough held-out text for a stable bytes/token, quick to encode with three vocabularies
+
+
+@dataclass
+class ReportConfig:
+    home: str = flag("", "the speedrun's artifacts (default: $SCRATCHCHAT_HOME)")
+    out: str = flag("", "where to write the report (default: <home>/report/report.md)")
+    gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate on GPU (e.g. an H100)")
+    samples: int = flag(3, "sample conversations with the SFT model, from fixed prompts (0: none)")
+    max_new_tokens: int = flag(48, "longest sample answer in tokens")
+    device: str = flag("auto", "where the sample conversations run: cpu, cuda, mps or auto")
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+def _missing(what: str, command: str) -> list[str]:
+    return [f"_No {what} yet: run `{command}`._"]
+
+
+def stage_times(home: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) epoch seconds of each stage's last run, as speedrun.sh records them."""
+    out = {}
+    for name in STAGES:
+        try:
+            start, end = map(float, (home / "speedrun" / f"{name}.time").read_text().split())
+        except (OSError, ValueError):
+            continue
+        out[name] = (start, end)
+    return out
+
+
+def steady_rate(records: list[dict], key: str) -> float | None:
+    """Median of the later half of the steps (as the training loop reports it): skips compilation and warm-up."""
+    values = [r[key] for r in records if r.get("kind") == "train" and key in r]
+    later = sorted(values[len(values) // 2:])
+    return later[len(later) // 2] if later else None
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    """Train/eval records, the last one of each step winning (a resumed run re-logs steps after its checkpoint)."""
+    by_step = {(r.get("kind"), r.get("step")): r for r in read_metrics(run_dir / "metrics.jsonl")}
+    return sorted(by_step.values(), key=lambda r: r.get("step", 0))
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+def environment(gpus: int) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = names[0].strip() if names else cpu
+    except OSError:
+        pass
+    gpu = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else "none"
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    rows = [["CPU", f"{cpu}, {os.cpu_count()} cores"], ["GPU", gpu], ["torch", torch.__version__],
+            ["python", platform.python_version()], ["git commit", commit],
+            ["date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
+    return ["## Environment", "", *_table(["", ""], rows)]
+
+
+def tokenizer_section(home: Path, times: dict) -> list[str]:
+    lines = ["## Tokenizer", ""]
+    path = home / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        return lines + _missing("tokenizer", "python -m tokenizer train")
+    tok = Tokenizer.load(path)
+    seconds = None  # the training time the CLI printed, else the stage's wall time
+    log = home / "logs" / "tokenizer.log"
+    found = re.findall(r"tokenizer in ([\d.]+)s", log.read_text(errors="replace")) if log.is_file() else []
+    if found:
+        seconds = float(found[-1])
+    elif "tokenizer" in times:
+        seconds = times["tokenizer"][1] - times["tokenizer"][0]
+    lines += [f"{tok.vocab_size:,} tokens ({len(tok.special_tokens)} special), trained in {_duration(seconds)}, "
+              f"hash `{tok.hash[:12]}`.", ""]
+    val = _val_files(home)
+    if not val:
+        return lines
+    texts, n_bytes = [], 0
+    for t in iter_texts(val):
+        texts.append(t)
+        n_bytes += len(t.encode("utf-8", "replace"))
+        if n_bytes >= VAL_BYTES:
+            break
+    if not n_bytes:
+        return lines
+    rows = []
+    for name, t in [("ours", tok), *reference_tokenizers(["gpt2", "cl100k"]).items()]:
+        n_tokens = sum(map(len, t.encode_batch(texts)))
+        rows.append([name, f"{t.vocab_size:,}", f"{n_tokens:,}", f"{n_bytes / max(n_tokens, 1):.3f}"])
+    where = ", ".join(f"`{Path(p).relative_to(home)}`" for p in val)
+    return lines + [f"Compression on {n_bytes:,} bytes of held-out text ({where}; higher is better):", "",
+                    *_table(["tokenizer", "vocab", "tokens", "bytes/token"], rows)]
+
+
+def _val_files(home: Path) -> list[Path]:
+    """The validation split of the corpus the model was pretrained on, else of the default corpus."""
+    corpora = [d.name for d in sorted((home / "tokens").glob("*")) if d.is_dir()]
+    for name in sorted(corpora, key=lambda c: c == "default") + ["default"]:
+        manifest = _json(home / "data" / name / "manifest.json")
+        if manifest:
+            files = [home / "data" / name / f for f in manifest.get("splits", {}).get("val", {}).get("files", [])]
+            if files and all(f.is_file() for f in files):
+                return files
+    return []
+
+
+def data_section(home: Path) -> list[str]:
+    lines = ["## Data", ""]
+    corpora = sorted(d for d in (home / "data").glob("*") if (d / "manifest.json").is_file())
+    if not corpora:
+        return lines + _missing("corpus", "python -m pretrain.data default")
+    for d in corpora:
+        m = _json(d / "manifest.json") or {}
+        rows = [[s.get("name", "?"), s.get("origin", "?"), s.get("license", "?"), f"{s.get('docs', 0):,}",
+                 f"{s.get('chars', 0):,}"] for s in m.get("sources", [])]
+        lines += [f"Corpus `{d.name}` (`data/{d.name}/manifest.json`):", ""]
+        if rows:
+            lines += [*_table(["source", "origin", "license", "docs", "chars"], rows), ""]
+        splits = m.get("splits", {})
+        if splits:
+            lines += [", ".join(f"{k}: {v.get('docs', 0):,} docs / {v.get('chars', 0):,} chars"
+                                for k, v in splits.items()) + ".", ""]
+    for d in sorted(d for d in (home / "tokens").glob("*") if (d / "manifest.json").is_file()):
+        m = _json(d / "manifest.json") or {}
+        rows = [[k, f"{v.get('tokens', 0):,}", f"{v.get('docs', 0):,}", len(v.get("files", [])),
+                 f"{v.get('bytes_per_token', 0):.3f}"] for k, v in m.get("splits", {}).items()]
+        lines += [f"Tokens `{d.name}` (vocab {m.get('vocab_size', '?'):,}, {m.get('dtype', '?')} shards, "
+                  f"tokenizer `{str(m.get('tokenizer_hash', '?'))[:12]}`):", "",
+                  *_table(["split", "tokens", "docs", "shards", "bytes/token"], rows), ""]
+    return lines
+
+
+def pretrain_section(home: Path) -> tuple[list[str], dict]:
+    lines = ["## Pretraining", ""]
+    run_dir = home / "checkpoints" / "base"
+    ckpt = latest_checkpoint(root=run_dir)
+    if ckpt is None:
+        return lines + _missing("base checkpoint", "python -m pretrain"), {}
+    config = read_config(ckpt)
+    mc, meta = GPTConfig(**config["model_config"]), config.get("meta", {})
+    with torch.device("meta"):  # shapes only: counting parameters needs no memory
+        model = GPT(mc)
+    params, fpt = model.num_params(), model.flops_per_token()
+    tokens, elapsed = meta.get("tokens", 0), meta.get("elapsed")
+    records = _train_records(run_dir)
+    tok_s, mfu = steady_rate(records, "tok_per_s"), steady_rate(records, "mfu")
+    figures = meta.get("metrics", {})
+    rows = [["model", f"depth {mc.n_layer}, width {mc.n_embd}, {mc.n_head} heads ({mc.n_kv_head} kv), "
+                      f"context {mc.sequence_len}, vocab {mc.vocab_size:,}"],
+            ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
+            ["FLOPs/token (training)", _si(fpt)],
+            ["steps", f"{meta.get('step', '?'):,}" if isinstance(meta.get("step"), int) else "?"],
+            ["tokens", f"{tokens:,} ({tokens / params:.1f} per parameter)"],
+            ["training FLOPs", f"{fpt * tokens:.3g}"],
+            ["training time", _duration(elapsed)],
+            ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
+            ["MFU", f"{mfu:.1%}" if mfu is not None else "- (GPU only)"],
+            ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
+            ["final val loss", f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
+            ["final val bits/byte", f"**{figures['val_bpb']:.4f}**" if figures.get("val_bpb") is not None else "-"],
+            ["checkpoint", f"`{ckpt.relative_to(home)}`"]]
+    lines += _table(["", ""], rows)
+    samples = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "sample"]
+    if samples:
+        lines += ["", "Greedy continuations at the end:", "", "```text", *samples[-1]["samples"], "```"]
+    if (home / "report" / "base_loss.png").is_file():
+        lines += ["", "![pretraining loss and validation bits per byte](base_loss.png)"]
+    return lines, {"params": params, "val_bpb": figures.get("val_bpb"), "tok_s": tok_s, "mfu": mfu}
+
+
+def sft_section(home: Path) -> list[str]:
+    lines = ["## Supervised fine-tuning", ""]
+    run_dir = home / "checkpoints" / "sft"
+    ckpt = latest_checkpoint(root=run_dir)
+    if ckpt is None:
+        return lines + _missing("SFT checkpoint", "python -m finetune")
+    meta = read_config(ckpt).get("meta", {})
+    figures = meta.get("metrics", {})
+    records = _train_records(run_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    quick = {k[4:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("acc_")}
+    rows = [["data mix", meta.get("data", "?")],
+            ["examples", f"{meta.get('examples', 0):,} ({meta.get('split_conversations', 0):,} conversations split, "
+                         f"{meta.get('dropped_conversations', 0):,} dropped as too long)"],
+            ["from", f"`{meta['from']}`" if meta.get("from") else "?"],
+            ["steps / tokens", f"{meta.get('step', '?')} / {meta.get('tokens', 0):,}"],
+            ["training time", _duration(meta.get("elapsed"))],
+            ["tokens/s", f"{steady_rate(records, 'tok_per_s') or 0:,.0f}"],
+            ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
+            ["final val loss (assistant tokens)",
+             f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
+            ["quick chat eval at the end", ", ".join(f"{k} {v:.0%}" for k, v in quick.items()) or "-"],
+            ["checkpoint", f"`{ckpt.relative_to(home)}`"]]
+    lines += _table(["", ""], rows)
+    if (home / "report" / "sft_loss.png").is_file():
+        lines += ["", "![SFT loss and validation](sft_loss.png)"]
+    return lines
+
+
+def eval_section(home: Path) -> list[str]:
+    lines = ["## Chat evaluation", ""]
+    runs = [r for r in read_metrics(home / "report" / "metrics.jsonl") if r.get("kind") == "chat_eval"]
+    if not runs:
+        return lines + _missing("chat evaluation", "python -m finetune.eval")
+    run = runs[-1]
+    models = list(run["models"])
+    rows = run["rows"]
+    if rows:
+        mean = {"task": "**mean**", "n": sum(r["n"] for r in rows),
+                **{k: sum(r[k] for r in rows) / len(rows) for k in ("chance", *models)}}
+        rows = [*rows, mean]
+    lines += [format_table(rows, models), "",
+              "Accuracy per task on held-out items (greedy answers, exact match; multiple choice by the likeliest "
+              "option letter). Chance: 1/k for multiple choice, the most common answer's share otherwise.", ""]
+    lines += [f"- {name}: `{path}`" for name, path in run["models"].items()]
+    return lines
+
+
+def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
+    lines = ["## Sample conversations", ""]
+    ckpt = latest_checkpoint(root=home / "checkpoints" / "sft")
+    if ckpt is None or cfg.samples <= 0:
+        return lines + (_missing("SFT checkpoint", "python -m finetune") if ckpt is None else ["_Skipped._"])
+    model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
+    end = assistant_end_id(tok)
+    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts:", ""]
+    for prompt in SAMPLE_PROMPTS[: cfg.samples]:
+        with torch.no_grad():
+            out = model.generate(render_prompt(tok, [{"role": "user", "content": prompt}]), cfg.max_new_tokens,
+                                 stop={end})
+        cut = "" if out[-1:] == [end] else f" [cut at {cfg.max_new_tokens} tokens]"
+        answer = tok.decode(out[:-1] if out[-1:] == [end] else out).replace("```", "'''")
+        lines += ["```text", f"user: {prompt}", f"assistant: {answer}{cut}", "```"]
+    return lines
+
+
+def time_section(times: dict, gpus: int, cfg: ReportConfig) -> list[str]:
+    lines = ["## Time", ""]
+    if not times:
+        return lines + ["_No stage times: they are recorded by `bash speedrun.sh`._"]
+    rows = [[name, _duration(end - start), f"`logs/{name}.log`"] for name, (start, end) in times.items()]
+    # Stages run one after another (the download overlaps the tokenizer), so the work is the span they cover.
+    total = sum(end - start for name, (start, end) in times.items() if name != "download")
+    lines += [*_table(["stage", "time", "log"], rows), "", f"Total: **{_duration(total)}** "
+              f"(the sum of the stages' last runs; a stage skipped by a rerun keeps its earlier time)."]
+    if gpus:
+        cost = total / 3600 * gpus * cfg.gpu_hour_cost
+        lines += ["", f"Estimated cost: **${cost:,.2f}** ({gpus} GPU x {total / 3600:.2f} h x "
+                      f"${cfg.gpu_hour_cost:.2f}/GPU-hour; `--gpu-hour-cost` to change)."]
+    return lines
+
+
+def build(cfg: ReportConfig) -> str:
+    home = Path(cfg.home) if cfg.home else scratchchat_home()
+    if not home.is_dir():
+        raise ValueError(f"{home} does not exist: run bash speedrun.sh first (or pass --home)")
+    gpus = torch.cuda.device_count()
+    times = stage_times(home)
+    pre, figures = pretrain_section(home)
+    head = ["# scratchchat report card", "",
+            f"Artifacts: `{home}`. Written by `python scripts/report.py` from the files the stages left."]
+    if figures.get("val_bpb") is not None:
+        head += ["", f"**{figures['params'] / 1e6:.1f}M parameters, val {figures['val_bpb']:.4f} bits/byte"
+                     + (f", {_duration(sum(e - s for n, (s, e) in times.items() if n != 'download'))} in all"
+                        if times else "") + "**"]
+    sections = [head, environment(gpus), tokenizer_section(home, times), data_section(home), pre,
+                sft_section(home), eval_section(home), samples_section(home, cfg), time_section(times, gpus, cfg)]
+    return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = dataclass_parser(ReportConfig, description=__doc__.splitlines()[0])
+    parser.prog = "python scripts/report.py"
+    cfg = config_from_args(ReportConfig, parser.parse_args(argv))
+    try:
+        text = build(cfg)
+        home = Path(cfg.home) if cfg.home else scratchchat_home()
+        out = Path(cfg.out) if cfg.out else home / "report" / "report.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
