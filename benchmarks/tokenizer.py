@@ -97,16 +97,16 @@ def _rss_bytes() -> int:
 
 def _child(fn, args, conn) -> None:
     base = _rss_bytes()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = fn(*args)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    conn.send((seconds, max(peak - base, 0), result))
+    conn.send((seconds, max(peak - base, 0), (result, cpu)))
     conn.close()
 
 
 def measure(fn, *args):
-    """(seconds, peak RSS growth in bytes, result) of fn(*args) run in a forked child."""
+    """(seconds, peak RSS growth in bytes, (result, cpu seconds of this process)) of fn(*args) in a forked child."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(fn, args, child))
@@ -211,29 +211,31 @@ def main() -> None:
     sets = [(f"{args.slice_mb:g} MB slice", sliced)] + ([] if args.only_slice else [("all", docs)])
     print(
         f"\n{'data':<13}{'vocab':>6} | {'train s':>8} {'HF s':>7} {'ratio':>6} | {'ours MB/s':>9} {'warm':>5} {'batch MB/s':>10}"
-        f" {'tiktoken':>8} {'ours/tt':>7} {'batch/tt':>8} | {'train MB':>8} {'HF MB':>6} | exact"
+        f" {'tiktoken':>8} {'ours/tt':>7} {'(cpu)':>7} {'batch/tt':>8} | {'train MB':>8} {'HF MB':>6} | exact"
     )
     for name, data in sets:
         mb = n_bytes(data) / 1e6
         for vocab in args.vocab:
-            t_ours, m_ours, tok_json = measure(train_ours, data, vocab)
+            t_ours, m_ours, (tok_json, _) = measure(train_ours, data, vocab)
             t_hf, m_hf, _ = measure(train_hf, data, vocab)
-            e_ours, _, _ = measure(encode_ours, tok_json, data)
-            _, _, e_warm = measure(encode_ours_warm, tok_json, data)
+            e_ours, _, (_, cpu_ours) = measure(encode_ours, tok_json, data)
+            _, _, (e_warm, _) = measure(encode_ours_warm, tok_json, data)
             e_batch, _, _ = measure(encode_batch_ours, tok_json, data)
-            e_tt, _, _ = measure(encode_tiktoken, _tiktoken(tok_json), data)
-            _, _, bad = measure(exact, tok_json, data)
+            e_tt, _, (_, cpu_tt) = measure(encode_tiktoken, _tiktoken(tok_json), data)
+            _, _, (bad, _) = measure(exact, tok_json, data)
             print(
                 f"{name:<13}{vocab:>6} | {t_ours:>8.2f} {t_hf:>7.2f} {t_ours / t_hf:>5.2f}x |"
-                f" {mb / e_ours:>9.2f} {mb / e_warm:>5.2f} {mb / e_batch:>10.2f} {mb / e_tt:>8.2f} {e_tt / e_ours:>6.2f}x {e_tt / e_batch:>7.2f}x |"
+                f" {mb / e_ours:>9.2f} {mb / e_warm:>5.2f} {mb / e_batch:>10.2f} {mb / e_tt:>8.2f} {e_tt / e_ours:>6.2f}x {cpu_tt / cpu_ours:>6.2f}x {e_tt / e_batch:>7.2f}x |"
                 f" {m_ours / 1e6:>8.0f} {m_hf / 1e6:>6.0f} | {'ok' if bad == 0 else f'{bad} docs differ'}",
                 flush=True,
             )
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} (other work on the machine slows every column)")
-    print("ratio = our training time / HF's (target <= 1.0); ours/tt and batch/tt = our encode speed / tiktoken's"
-          " one-thread speed (targets >= 0.5 and >= 1.0), ours cold-cached; warm = a second pass over the same text. Memory = peak RSS growth of the measuring process.")
+    print("ratio = our training time / HF's (target <= 1.0).")
+    print("ours/tt, batch/tt = our encode speed / tiktoken's one-thread speed (targets >= 0.5, >= 1.0), our caches cold;")
+    print("(cpu) = ours/tt in CPU seconds, which other load on the machine disturbs less; warm = a second pass.")
+    print("Memory = peak RSS growth of the measuring process.")
     if args.profile:
-        profile(measure(train_ours, sliced, args.vocab[0])[2], sliced, args.vocab[0])
+        profile(measure(train_ours, sliced, args.vocab[0])[2][0], sliced, args.vocab[0])
 
 
 if __name__ == "__main__":

@@ -413,3 +413,26 @@ def _SMALL() -> Tokenizer:
     if not _small_cache:
         _small_cache.append(Tokenizer.train([varied_text(2000, seed) for seed in range(40)], vocab_size=1000))
     return _small_cache[0]
+
+
+def _encode_batch_in_child(tok: Tokenizer, texts: list[str], queue) -> None:
+    queue.put(tok.encode_batch(texts, workers=2))
+
+
+def test_encode_batch_workers_never_block_process_exit(small, monkeypatch):
+    # encode_batch keeps worker processes for later calls; a multiprocessing.Process using it must
+    # still end (multiprocessing joins its children at exit, so idle workers would hang it).
+    import multiprocessing
+
+    monkeypatch.setattr(bpe, "_BATCH_CHARS", 4000)
+    texts = [varied_text(3000, seed) for seed in range(8)]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_encode_batch_in_child, args=(small, texts, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert got == [small.encode(t) for t in texts]

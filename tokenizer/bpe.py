@@ -20,9 +20,11 @@ import hashlib
 import heapq
 import json
 import multiprocessing
+import multiprocessing.util
 import numbers
 import os
 import sys
+import weakref
 from array import array
 from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -178,9 +180,9 @@ class StreamDecoder:
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(tok: Tokenizer) -> None:
+def _init_worker(tok: weakref.ref | str) -> None:
     global _worker_tok
-    _worker_tok = tok
+    _worker_tok = tok() if isinstance(tok, weakref.ref) else Tokenizer.from_json(tok)
 
 
 def _encode_many(texts: list[str], allowed_special: AllowedSpecial) -> tuple[array, list[int]]:
@@ -220,7 +222,7 @@ class Tokenizer:
         self._table.update({i: name.encode("utf-8") for name, i in special_tokens.items()})
         self._cache = _ChunkCache(self)
         self._hash: str | None = None
-        self._workers: tuple[tuple[int, int], ProcessPoolExecutor] | None = None
+        self._workers: tuple[tuple[int, int], ProcessPoolExecutor, multiprocessing.util.Finalize] | None = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -414,14 +416,24 @@ class Tokenizer:
         key = (os.getpid(), workers)  # a forked copy of this tokenizer must not use its parent's pool
         if self._workers is None or self._workers[0] != key:
             self._close_pool()
-            # fork shares the tokenizer with the workers for free; other platforms pickle it once per worker.
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            self._workers = (key, ProcessPoolExecutor(workers, ctx, _init_worker, (self,)))
+            # fork shares the tokenizer with the workers for free (a weak reference, so the pool doesn't
+            # keep this tokenizer alive); elsewhere each worker rebuilds it from JSON.
+            if sys.platform == "linux":
+                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _init_worker, (weakref.ref(self),))
+            else:
+                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (self.to_json(),))
+            # Stop the workers when this tokenizer is collected, and at exit before multiprocessing closes
+            # its queues (priority 10) and joins its children: otherwise a multiprocessing.Process that
+            # used encode_batch would wait forever for these idle workers.
+            stop = multiprocessing.util.Finalize(
+                self, pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, exitpriority=100
+            )
+            self._workers = (key, pool, stop)
         return self._workers[1]
 
     def _close_pool(self) -> None:
         if self._workers is not None and self._workers[0][0] == os.getpid():
-            self._workers[1].shutdown(wait=False, cancel_futures=True)
+            self._workers[2]()  # runs shutdown once and forgets the finalizer
         self._workers = None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -532,7 +544,7 @@ class Tokenizer:
             raise ValueError(f"{path}: {e}") from None
 
     def __getstate__(self) -> dict:
-        # Only reached when a worker is spawned rather than forked; the cache is rebuilt there.
+        # Pickle the content only: caches and worker processes don't travel.
         return {"json": self.to_json()}
 
     def __setstate__(self, state: dict) -> None:
