@@ -223,8 +223,8 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
                       f"context {mc.sequence_len}, vocab {mc.vocab_size:,}"],
             ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
             ["FLOPs/token (training)", _si(fpt)],
-            ["steps", f"{meta.get('step', '?'):,}" if isinstance(meta.get("step"), int) else "?"],
-            ["tokens", f"{tokens:,} ({tokens / params:.1f} per parameter)"],
+            ["steps", f"{meta.get('step', 0):,}"],
+            ["tokens", f"{tokens:,} ({tokens / params:.3g} per parameter)"],
             ["training FLOPs", f"{fpt * tokens:.3g}"],
             ["training time", _duration(elapsed)],
             ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
@@ -297,15 +297,15 @@ def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
         return lines + (_missing("SFT checkpoint", "python -m finetune") if ckpt is None else ["_Skipped._"])
     model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
     end = assistant_end_id(tok)
-    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts:", ""]
+    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts:", "", "```text"]
     for prompt in SAMPLE_PROMPTS[: cfg.samples]:
         with torch.no_grad():
             out = model.generate(render_prompt(tok, [{"role": "user", "content": prompt}]), cfg.max_new_tokens,
                                  stop={end})
         cut = "" if out[-1:] == [end] else f" [cut at {cfg.max_new_tokens} tokens]"
         answer = tok.decode(out[:-1] if out[-1:] == [end] else out).replace("```", "'''")
-        lines += ["```text", f"user: {prompt}", f"assistant: {answer}{cut}", "```"]
-    return lines
+        lines += [f"user: {prompt}", f"assistant: {answer}{cut}", ""]
+    return lines[:-1] + ["```"]
 
 
 def time_section(times: dict, gpus: int, cfg: ReportConfig) -> list[str]:
