@@ -53,15 +53,67 @@ class GPTConfig:
                    n_kv_head=n_kv_head, n_embd=n_embd, **overrides)
 
 
+class RMSNorm(torch.autograd.Function):
+    """F.rms_norm (no learned scale) differentiated by hand: eager on CPU, F.rms_norm runs as ~6 separate
+    full-size ops forward and ~10 backward; this takes one reduction and one product each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps  # F.rms_norm's default
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        y, rstd = ctx.saved_tensors
+        # d(x * rstd)/dx applied to grad: rstd * (grad - y * mean(grad * y))
+        return torch.addcmul(grad, y, (grad * y).mean(-1, keepdim=True), value=-1).mul_(rstd)
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    if x.is_cpu and not torch.compiler.is_compiling():
+        return RMSNorm.apply(x)
+    return F.rms_norm(x, (x.size(-1),))  # fused kernels on GPU and under torch.compile
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x [B, T, H, D] by the angles whose cos/sin broadcast to [B, T, 1, D/2]."""
+    """Rotate pairs (x[i], x[i + D/2]) of x [B, T, H, D] by angles whose tables [cos, cos] and [sin, -sin]
+    (see GPT._rotary_tables) broadcast to [B, T, 1, D]: one swap, a product and a fused multiply-add."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+    swapped = torch.cat([x[..., d:], x[..., :d]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of soft-capped logits cap * tanh(z / cap) against targets (-1 = ignored, loss 0).
+
+    The plain formula makes ~8 temporaries the size of the [N, vocab] logits across forward and backward; on
+    CPU, each fresh buffer that size costs as much as the arithmetic on it (page faults). Here the gradient
+    w.r.t. z, (softmax - onehot) * (1 - tanh^2), is computed in the forward pass into one new buffer, and z
+    itself is overwritten: it is the raw lm_head output, which nothing else reads (the matmul's backward needs
+    only its inputs). Capped logits lie in [-cap, cap], so exp() cannot overflow without max-subtraction."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+        valid = targets != -1
+        rows, tgt = torch.arange(z.size(0), device=z.device), targets.clamp(min=0)
+        t = z.mul_(1.0 / cap).tanh_()
+        grad = t.mul(cap).exp_()
+        total = grad.sum(-1, keepdim=True)
+        loss = (total.squeeze(-1).log() - cap * t[rows, tgt]) * valid
+        grad.div_(total)  # softmax
+        grad[rows, tgt] -= 1.0
+        grad.mul_(t.square_().neg_().add_(1.0))  # chain rule through tanh
+        ctx.save_for_backward(grad, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad, valid = ctx.saved_tensors
+        # In place: the graph's backward runs once (no retain_graph), so the saved buffer is ours to scale.
+        return grad.mul_((grad_loss * valid)[:, None]), None, None
 
 
 class KVCache:
@@ -101,10 +153,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm keeps logits tame
+        H, Hkv = self.n_head, self.n_kv_head
+        # One matmul for q, k and v, and one rotary + norm for q and k together. The weights stay separate
+        # parameters: Muon orthogonalises each on its own, and checkpoints keep their names.
+        w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk = norm(apply_rotary(qkv[:, :, :H + Hkv], cos, sin))  # QK-norm keeps logits tame
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         gqa = self.n_head != self.n_kv_head
         if cache is None:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -164,7 +219,8 @@ class GPT(nn.Module):
         d = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        return angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)  # the layout apply_rotary wants
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -223,15 +279,21 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, cache)
         logits = self.lm_head(norm(x)).float()  # the loss and soft-cap want fp32 even under bf16 autocast
-        if self.config.softcap:
-            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if cache is not None:
             step = T if lengths is None else torch.as_tensor(lengths, device=kv_cache.pos.device)
             kv_cache.pos[cache["rows"]] += step
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction="none").view(B, T)
+        cap = self.config.softcap
+        if targets is not None and cap and logits.requires_grad and not torch.compiler.is_compiling():
+            # Training in eager mode: the hand-fused loss. Compiled, the plain formula below fuses into a few
+            # kernels anyway; without gradients (evaluation) it is only the forward.
+            loss = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets.reshape(-1), cap).view(B, T)
+        else:
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            if targets is None:
+                return logits
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction="none").view(B, T)
         if reduction == "none":
             return loss
         weight = (targets != -1).float()
