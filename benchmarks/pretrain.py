@@ -1,10 +1,10 @@
 """Pretraining benchmark: our GPT + Muon/AdamW against a nanoGPT-style GPT-2 + AdamW, same tokens, same clock.
 
 Both models have the same width, depth and (within ~1%) parameter count, read the same token stream from the
-default corpus' shards, train for the same wall-clock budget on this machine, and are scored on the same
-validation batches in bits per byte. Also measures the TokenLoader's own throughput.
+default corpus' shards, train for the same wall-clock budget on this machine (alternating in slices, so load
+from other processes falls on both alike), and are scored on the same validation batches in bits per byte. Also measures the TokenLoader's own throughput.
 
-    python benchmarks/pretrain.py [--minutes 3] [--depth 4] [--tokens-dir DIR]
+    python benchmarks/pretrain.py [--minutes 3] [--depth 4] [--tokens-dir DIR] [--threads N]
 
 Without shards (run `python -m pretrain.data tokenize` first) it falls back to SYNTHETIC tokens and says so;
 then only the loss is comparable, not bits per byte.
@@ -101,24 +101,35 @@ def cosine(progress: float, warmup: float = 0.05, min_frac: float = 0.1) -> floa
 
 # ----------------------------------------------------------------------------- one timed run
 
-def train_for(model: nn.Module, optimizers: list, schedule, loader, seconds: float) -> tuple[int, float]:
-    """Train until `seconds` of wall clock pass; lr follows elapsed/seconds. Returns (tokens, tokens/s)."""
-    model.train()
-    tokens, start = 0, time.perf_counter()
-    step = 0
-    while (elapsed := time.perf_counter() - start) < seconds:
-        mult = schedule(elapsed / seconds)
-        set_schedule(optimizers, mult, step)
-        x, y = next(loader)
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        tokens += x.numel()
-        step += 1
-    return tokens, tokens / (time.perf_counter() - start)
+class TimedRun:
+    """One model's training, advanced in slices so the two runs can alternate: load from other processes on a
+    shared machine then falls on both alike. lr follows this run's own elapsed time / its budget."""
+
+    def __init__(self, model: nn.Module, optimizers: list, schedule, loader, budget: float) -> None:
+        self.model, self.optimizers, self.schedule, self.loader = model, optimizers, schedule, loader
+        self.budget, self.elapsed, self.tokens, self.step = budget, 0.0, 0, 0
+
+    def train(self, until: float) -> None:
+        """Take steps until this run's training time reaches `until` seconds (capped at the budget)."""
+        self.model.train()
+        until = min(until, self.budget)
+        while self.elapsed < until:
+            start = time.perf_counter()
+            set_schedule(self.optimizers, self.schedule(self.elapsed / self.budget), self.step)
+            x, y = next(self.loader)
+            loss = self.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            for opt in self.optimizers:
+                opt.step()
+            self.model.zero_grad(set_to_none=True)
+            self.tokens += x.numel()
+            self.step += 1
+            self.elapsed += time.perf_counter() - start
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.elapsed
 
 
 def main() -> None:
@@ -131,7 +142,10 @@ def main() -> None:
     parser.add_argument("--baseline-lr", type=float, default=1e-3, help="nanoGPT's small-model AdamW lr")
     parser.add_argument("--tokens-dir", default=str(scratchchat_home() / "tokens" / "default"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B, T = args.batch_size, args.sequence_len
 
     token_dir = Path(args.tokens_dir)
@@ -159,7 +173,7 @@ def main() -> None:
         print(f"TokenLoader alone: {n / (time.perf_counter() - t0):,.0f} tokens/s")
 
     config = GPTConfig.from_depth(args.depth, vocab, T)
-    results = {}
+    runs: dict[str, TimedRun] = {}
     for name in ("ours", "baseline"):
         torch.manual_seed(args.seed)
         if name == "ours":
@@ -170,14 +184,22 @@ def main() -> None:
             model = BaselineGPT(config)
             optimizers = [baseline_optimizer(model, args.baseline_lr)]
             schedule = cosine
-        params = sum(p.numel() for p in model.parameters())
-        tokens, rate = train_for(model, optimizers, schedule, make_loader("train"), args.minutes * 60)
-        model.eval()
+        runs[name] = TimedRun(model, optimizers, schedule, make_loader("train"), args.minutes * 60)
+    # Alternate in slices of ~1/20 of the budget, so both runs see the same share of the machine's moods.
+    slice_s = max(1.0, args.minutes * 60 / 20)
+    while any(run.elapsed < run.budget for run in runs.values()):
+        target = min(run.elapsed for run in runs.values()) + slice_s
+        for run in runs.values():
+            run.train(target)
+    results = {}
+    for name, run in runs.items():
+        run.model.eval()
         val = make_loader("val")
-        figures = evaluate_bpb(model, val.iter_val(args.eval_batches), token_bytes, Dist())
-        results[name] = dict(params=params, tokens=tokens, rate=rate, **figures)
+        figures = evaluate_bpb(run.model, val.iter_val(args.eval_batches), token_bytes, Dist())
+        params = sum(p.numel() for p in run.model.parameters())
+        results[name] = dict(params=params, tokens=run.tokens, rate=run.rate, **figures)
         bpb = f", val bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
-        print(f"{name:9s} {params / 1e6:6.2f}M params: {tokens:,} tokens, {rate:,.0f} tokens/s, "
+        print(f"{name:9s} {params / 1e6:6.2f}M params: {run.tokens:,} tokens in {run.step} steps, {run.rate:,.0f} tokens/s, "
               f"val loss {figures['val_loss']:.4f}{bpb}")
 
     ours, base = results["ours"], results["baseline"]

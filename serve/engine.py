@@ -275,16 +275,13 @@ class Engine:
 
     def _compact(self) -> None:
         """Keep the active rows in slots 0..n-1 by moving rows from the end into the holes finished rows left, so
-        every forward pass reads one contiguous block of the cache in place (`_rows_view`) instead of gathering
+        every forward pass reads one contiguous block of the cache in place (`KVCache.view`) instead of gathering
         each row's whole prefix, on every layer, at every step."""
         n = len(self._rows)
         holes = [s for s in range(n) if s not in self._rows]
         movers = sorted(s for s in self._rows if s >= n)
         for hole, src in zip(holes, movers):
-            length = int(self.cache.pos[src])
-            self.cache.k[:, hole, :length] = self.cache.k[:, src, :length]
-            self.cache.v[:, hole, :length] = self.cache.v[:, src, :length]
-            self.cache.pos[hole] = length
+            self.cache.move(src, hole)
             row = self._rows.pop(src)
             row.slot = hole
             self._rows[hole] = row
@@ -316,7 +313,7 @@ class Engine:
         idx = torch.zeros(len(new), max(lengths), dtype=torch.long)
         for i, r in enumerate(new):
             idx[i, :lengths[i]] = torch.tensor(r.gen.prompt)
-        block = _rows_view(self.cache, new[0].slot, new[-1].slot + 1)
+        block = self.cache.view(new[0].slot, new[-1].slot + 1)
         block.reset()
         logits = self.model(idx.to(self.device), kv_cache=block, lengths=lengths)
         last = logits[torch.arange(len(new)), torch.tensor(lengths) - 1]
@@ -330,7 +327,7 @@ class Engine:
         self._compact()
         rows = [self._rows[s] for s in range(len(self._rows))]
         idx = torch.tensor([[r.last] for r in rows], device=self.device)
-        logits = self.model(idx, kv_cache=_rows_view(self.cache, 0, len(rows)))[:, -1]
+        logits = self.model(idx, kv_cache=self.cache.view(0, len(rows)))[:, -1]
         self.stats.decode_steps += 1
         self._emit(rows, logits, out)
 
@@ -355,15 +352,6 @@ class Engine:
                 self._finish(r, "length", out, send)
             elif send:
                 out.append((r.gen, Chunk(send)))
-
-
-def _rows_view(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache of rows start..stop-1 of `cache` that shares its storage: the model writes and advances those
-    rows in place, and reads them without a gather."""
-    view = KVCache.__new__(KVCache)
-    view.k, view.v, view.pos = cache.k[:, start:stop], cache.v[:, start:stop], cache.pos[start:stop]
-    view.batch_size, view.max_len = stop - start, cache.max_len
-    return view
 
 
 def _put_all(items: list[tuple[Generation, Chunk]]) -> None:

@@ -147,6 +147,23 @@ def test_kv_cache_matches_full_forward_for_ragged_batch():
         model(torch.zeros(3, 20, dtype=torch.long), kv_cache=cache)
 
 
+def test_kv_cache_rows_of_equal_length_views_and_moves():
+    """Rows at one common length take the sliced, maskless path; views and moves keep rows intact."""
+    model = tiny_model()
+    seqs = torch.randint(0, 101, (2, 12))
+    full = model(seqs)
+    cache = KVCache(model.config, batch_size=3, max_len=16)
+    block = cache.view(0, 2)
+    torch.testing.assert_close(model(seqs[:, :5], kv_cache=block), full[:, :5], atol=1e-5, rtol=1e-5)  # causal
+    torch.testing.assert_close(model(seqs[:, 5:8], kv_cache=block), full[:, 5:8], atol=1e-5, rtol=1e-5)  # chunk
+    torch.testing.assert_close(model(seqs[:, 8:9], kv_cache=block), full[:, 8:9], atol=1e-5, rtol=1e-5)  # one token
+    assert cache.pos.tolist() == [9, 9, 0]  # the view advanced the rows it covers, in place
+    cache.move(1, 2)  # row 1's sequence now lives in slot 2 too
+    step = model(seqs[1:, 9:10], kv_cache=cache.view(2, 3))
+    torch.testing.assert_close(step[0], full[1, 9:10], atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [9, 9, 10]
+
+
 def test_generate_greedy_matches_argmax_loop():
     model = tiny_model()
     prompt = [5, 17, 42]
