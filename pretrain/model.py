@@ -216,22 +216,29 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        # On the meta device (checkpoint loading: the weights come from the file) no init runs at all:
+        # normal_ there imports torch._dynamo, seconds at every CLI start. An empty _weight skips nn.Embedding's.
+        meta = torch.get_default_device().type == "meta"
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": nn.Embedding(config.vocab_size, config.n_embd,
+                                _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent buffers, so checkpoints hold only weights.
         self.rotary_len = 10 * config.sequence_len
+        device = self.lm_head.weight.device  # where `with torch.device(...)` builds us
         cos, sin = self._rotary_tables(self.rotary_len)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        self.init_weights()
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
+        if not meta:
+            self.init_weights()
 
     def _rotary_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [length, head_dim], computed on the CPU (on the meta device they would be useless)."""
         d = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)  # the layout apply_rotary wants
 

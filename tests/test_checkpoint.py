@@ -136,3 +136,15 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, tok):
     with pytest.raises(CheckpointError, match="cannot resume"):
         load_optimizer_state(path, build_optimizers(model))
     load_checkpoint(path)  # the weights alone still serve
+
+
+def test_loading_skips_init_and_never_imports_dynamo(tmp_path, tok):
+    """Building on the meta device must not run init ops there: they import torch._dynamo (seconds per CLI start)."""
+    import subprocess
+    import sys
+    save_checkpoint(tmp_path / "step_1", make(tok), tok, {"step": 1})
+    code = ("import sys; from pretrain.checkpoint import load_checkpoint; "
+            f"load_checkpoint({str(tmp_path / 'step_1')!r}); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
