@@ -237,8 +237,6 @@ def run(cfg: EvalConfig) -> str:
     tmp = out / "chat_eval.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "chat_eval.md")
-    with open(out / "report.md", "a") as f:
-        f.write("\n" + text)
     append_metrics(out / "metrics.jsonl", {"kind": "chat_eval", "rows": rows,
                                            "models": {k: str(p) for k, (p, _) in models.items()}})
     print(f"wrote {out / 'chat_eval.md'}\nnext: chat with it: python -m serve --checkpoint {sft_path}")

@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup_distributed()
     if dist.is_main:
-        loss = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
-        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, "
-              f"train loss {result['loss']:.4f}{loss}")
+        train_loss = f", train loss {result['loss']:.4f}" if result.get("loss") is not None else ""  # None: resumed a finished run
+        val_loss = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
+        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min{train_loss}{val_loss}")
         print(f"checkpoint: {result['checkpoint']}")
         print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
         print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup_distributed()
     if dist.is_main:
         bpb = f", val bpb {result['val_bpb']:.4f}" if result.get("val_bpb") is not None else ""
-        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min, loss {result['loss']:.4f}{bpb}")
+        loss = f", loss {result['loss']:.4f}" if result.get("loss") is not None else ""  # None: resumed a finished run
+        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min{loss}{bpb}")
         if "tok_per_s" in result:
             mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
             mem = f", peak GPU memory {result['max_memory_gb']:.1f} GiB" if "max_memory_gb" in result else ""

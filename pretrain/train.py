@@ -284,7 +284,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     metrics_path = run_dir / "metrics.jsonl"
     say = tqdm.write if dist.is_main else (lambda *a, **k: None)
 
-    step, elapsed, tokens_seen = 0, 0.0, 0
+    step, elapsed, tokens_seen, resumed_from = 0, 0.0, 0, None
     if cfg.resume:
         path = latest_checkpoint(root=run_dir)
         if path is None:
@@ -299,6 +299,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         if "loader" in m and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(m["loader"])
         say(f"resumed from {path} at step {step}")
+        resumed_from = path
     start_step = step
 
     compile_on = cuda if cfg.compile is None else cfg.compile
@@ -337,7 +338,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step")
     result: dict = {"val_bpb": None, "loss": None}
     rates: list[float] = []  # tokens/s of each step this session
-    ckpt_path = None
+    ckpt_path = resumed_from  # stays so when the resumed run had already finished
     while True:
         last = step >= total_steps or time_up()
         if (step > start_step or step == 0) and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
