@@ -57,7 +57,7 @@ elif [ "$gpus" -gt 0 ]; then
 else
     # 2 CPU cores, <= 20 minutes in all: pretraining gets the most, SFT a third of it, the eval a fixed sample.
     plan=cpu; corpus=${corpus:-default}; vocab=8192; depth=${depth:-4}
-    pre_args=(--depth "$depth" --max-minutes 10 --save-every 200); sft_args=(--max-minutes 4); eval_args=(--limit 10)
+    pre_args=(--depth "$depth" --max-minutes 10 --save-every 200); sft_args=(--max-minutes 4); eval_args=(--limit 50)
 fi
 [ -n "$minutes" ] && pre_args+=(--max-minutes "$minutes")
 echo "speedrun: plan=$plan gpus=$gpus corpus=$corpus home=$home"

@@ -416,6 +416,8 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
             append_metrics(metrics_path, record)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+            if cfg.max_minutes > 0:  # a time limit ends the run first: let the bar's total and ETA follow it
+                bar.total = min(total_steps, max(step, round(step / progress())))
             bar.update(1)
     bar.close()
 
