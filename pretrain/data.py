@@ -123,17 +123,9 @@ class TokenizeConfig:
 
 
 def _doc_chunks(files: list[Path], chunk_chars: int) -> Iterator[list[str]]:
-    from tokenizer.files import iter_texts
+    from tokenizer.files import batch_by_chars, iter_texts
 
-    chunk, size = [], 0
-    for text in iter_texts(files):
-        chunk.append(text)
-        size += len(text)
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    return batch_by_chars(iter_texts(files), chunk_chars)
 
 
 class _ShardWriter:

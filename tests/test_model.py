@@ -10,13 +10,7 @@ from pretrain.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
 
 TINY = dict(vocab_size=101, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

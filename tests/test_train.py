@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("Water is a chemical substance. The capital of France is Paris, a city on the Seine. "
         "In the beginning God created the heaven and the earth. The history of Rome spans many centuries. ")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

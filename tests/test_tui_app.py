@@ -43,7 +43,11 @@ def views_text(app: ChatApp) -> list[tuple[str, str, str]]:
     """(role, body, status line) of every message on screen."""
     out = []
     for v in app.query(MessageView):
-        body = v.query_one(".body")
+        bodies = v.query(".body")
+        if not bodies:  # mounted a moment ago, its children not composed yet
+            out.append((v.message.role, "", ""))
+            continue
+        body = bodies.first()
         text = body.source if isinstance(body, Markdown) else str(body.render())
         metas = v.query(".meta").results(Static)
         out.append((v.message.role, text, "".join(str(m.render()) for m in metas)))

@@ -91,3 +91,17 @@ def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     files = [f for p in paths for f in _expand(Path(p))]
     for f in files:
         yield from _read_file(f)
+
+
+def batch_by_chars(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
+    """Group documents into lists of about `chars` characters: big enough to amortise handing them to worker processes."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -17,11 +17,13 @@ import os
 import multiprocessing
 import sys
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, islice
 
 import regex
+
+from tokenizer.files import batch_by_chars
 
 # Pair (left, right) packed into one int: ints hash faster than tuples, and ordering by the packed
 # value is ordering by (left, right), which is exactly our tie-break.
@@ -37,24 +39,11 @@ def _count_batch(pattern: str, texts: list[str]) -> Counter[str]:
     return counts
 
 
-def _batches(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def count_chunks(texts: Iterable[str], pattern: str, workers: int | None = None) -> Counter[str]:
     """How often each chunk of the split pattern occurs in `texts`, counted in `workers` processes
     (None: all cores). A corpus that fits in one batch is counted here: a pool would cost more."""
     workers = workers or os.cpu_count() or 1
-    batches = _batches(texts, _BATCH_CHARS)
+    batches = batch_by_chars(texts, _BATCH_CHARS)
     first = next(batches, [])
     second = next(batches, None)
     if workers <= 1 or second is None or multiprocessing.current_process().daemon:
