@@ -25,9 +25,9 @@ import regex
 
 from tokenizer.files import batch_by_chars
 
-# Pair (left, right) packed into one int: ints hash faster than tuples, and ordering by the packed
-# value is ordering by (left, right), which is exactly our tie-break.
-_K = 1 << 32
+# Heap keys: a token id fits in 21 bits (ids are chr() code points), so (left, right) takes 42.
+_S, _S2 = 21, 42
+_M, _M2 = (1 << 21) - 1, (1 << 42) - 1
 _BATCH_CHARS = 1 << 20  # texts per worker task in parallel counting: big enough that IPC is noise
 
 
@@ -89,15 +89,20 @@ def learn_merges(
             freqs.append(count)
 
     stats: defaultdict[str, int] = defaultdict(int)
-    where: defaultdict[str, set[int]] = defaultdict(set)  # pair -> chunks that (may) contain it
+    # pair -> chunks that (may) contain it. A list, not a set: appending is cheaper, and a repeated or
+    # stale entry is harmless because a chunk that no longer holds the pair is skipped when visited.
+    where: defaultdict[str, list[int]] = defaultdict(list)
     for wi, word in enumerate(words):
         count = freqs[wi]
         for i in range(len(word) - 1):
             pair = word[i : i + 2]
             stats[pair] += count
-            where[pair].add(wi)
-    heap = [(-count, pair) for pair, count in stats.items()]
+            where[pair].append(wi)
+    # Heap entries are single ints, (-count, left id, right id) packed so that int order is the
+    # tie-break order: comparing ints is much cheaper than comparing tuples of (int, str).
+    heap = [(-count << _S2) | (ord(pair[0]) << _S) | ord(pair[1]) for pair, count in stats.items()]
     heapq.heapify(heap)
+    heappush, heappop = heapq.heappush, heapq.heappop
 
     tokens = [bytes([i]) for i in range(256)]
     index = {t: i for i, t in enumerate(tokens)}
@@ -108,13 +113,14 @@ def learn_merges(
 
         bar = tqdm(total=n_merges, desc="merges", unit="merge", smoothing=0.05)
     while len(merges) < n_merges and heap:
-        neg, pair = heapq.heappop(heap)
+        key = heappop(heap)
+        a, b = (key >> _S) & _M, key & _M
+        pair = chr(a) + chr(b)
         count = stats.get(pair, 0)
-        if count != -neg:  # stale entry: counts only fall after a push, so re-queue at its true count
+        if count != -(key >> _S2):  # stale: counts only fall after a push, so re-queue at its true count
             if count > 0:
-                heapq.heappush(heap, (-count, pair))
+                heappush(heap, (-count << _S2) | (key & _M2))
             continue
-        a, b = ord(pair[0]), ord(pair[1])
         merged = tokens[a] + tokens[b]
         z = index.get(merged)
         if z is None:
@@ -125,6 +131,7 @@ def learn_merges(
             if bar is not None:
                 bar.update()
         zc = chr(z)
+        pa, pb = pair
         grown: set[str] = set()  # pairs containing z whose counts rose: they need fresh heap entries
         for wi in where.pop(pair):
             word = words[wi]
@@ -132,12 +139,30 @@ def learn_merges(
             if j < 0:  # the index is lazy too: this chunk lost the pair to an earlier merge
                 continue
             count = freqs[wi]
+            n = len(word)
+            nxt = word.find(pair, j + 2)
+            if nxt < 0:  # the common case, one occurrence: no bookkeeping between occurrences
+                if j > 0:
+                    left = word[j - 1]
+                    stats[left + pa] -= count
+                    gained = left + zc
+                    stats[gained] += count
+                    where[gained].append(wi)
+                    grown.add(gained)
+                if j + 2 < n:
+                    right = word[j + 2]
+                    stats[pb + right] -= count
+                    gained = zc + right
+                    stats[gained] += count
+                    where[gained].append(wi)
+                    grown.add(gained)
+                words[wi] = word[:j] + zc + word[j + 2 :]
+                continue
             new = word.replace(pair, zc)
-            n, m = len(word), len(new)
+            m = len(new)
             k = 0  # occurrences so far: the k-th one lands at j - k in the new word
             last = -3  # where the previous occurrence started
             while j >= 0:
-                nxt = word.find(pair, j + 2)
                 # Pairs that lose an occurrence: the left neighbour's (unless it was the previous
                 # occurrence, whose right pair that is) and the right neighbour's.
                 if j > 0 and last != j - 2:
@@ -150,18 +175,20 @@ def learn_merges(
                 if q > 0:
                     gained = new[q - 1 : q + 1]
                     stats[gained] += count
-                    where[gained].add(wi)
+                    where[gained].append(wi)
                     grown.add(gained)
                 if q + 1 < m and nxt != j + 2:
                     gained = new[q : q + 2]
                     stats[gained] += count
-                    where[gained].add(wi)
+                    where[gained].append(wi)
                     grown.add(gained)
                 last, j, k = j, nxt, k + 1
+                if j >= 0:
+                    nxt = word.find(pair, j + 2)
             words[wi] = new
         stats.pop(pair, None)
         for gained in grown:
-            heapq.heappush(heap, (-stats[gained], gained))
+            heappush(heap, (-stats[gained] << _S2) | (ord(gained[0]) << _S) | ord(gained[1]))
     if bar is not None:
         bar.close()
     return tokens, merges
