@@ -20,6 +20,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, islice
+from operator import add
 
 import regex
 
@@ -88,16 +89,15 @@ def learn_merges(
             words.append(data.decode("latin-1"))  # byte b -> chr(b)
             freqs.append(count)
 
-    stats: defaultdict[str, int] = defaultdict(int)
     # pair -> chunks that (may) contain it. A list, not a set: appending is cheaper, and a repeated or
     # stale entry is harmless because a chunk that no longer holds the pair is skipped when visited.
     where: defaultdict[str, list[int]] = defaultdict(list)
     for wi, word in enumerate(words):
-        count = freqs[wi]
-        for i in range(len(word) - 1):
-            pair = word[i : i + 2]
-            stats[pair] += count
+        for pair in map(add, word, word[1:]):
             where[pair].append(wi)
+    # Here `where` holds one entry per occurrence, so a pair's count is a sum over it, done in C.
+    freq = freqs.__getitem__
+    stats: defaultdict[str, int] = defaultdict(int, {p: sum(map(freq, wis)) for p, wis in where.items()})
     # Heap entries are single ints, (-count, left id, right id) packed so that int order is the
     # tie-break order: comparing ints is much cheaper than comparing tuples of (int, str).
     heap = [(-count << _S2) | (ord(pair[0]) << _S) | ord(pair[1]) for pair, count in stats.items()]
@@ -132,8 +132,10 @@ def learn_merges(
                 bar.update()
         zc = chr(z)
         pa, pb = pair
-        grown: set[str] = set()  # pairs containing z whose counts rose: they need fresh heap entries
-        for wi in where.pop(pair):
+        # Pairs containing z that gain occurrences -> the chunk of each new occurrence. Their counts
+        # and index entries are settled once after the loop (sums in C), not per occurrence.
+        gains: defaultdict[str, list[int]] = defaultdict(list)
+        for wi in set(where.pop(pair)):  # a set: drops repeated entries in C
             word = words[wi]
             j = word.find(pair)
             if j < 0:  # the index is lazy too: this chunk lost the pair to an earlier merge
@@ -145,17 +147,11 @@ def learn_merges(
                 if j > 0:
                     left = word[j - 1]
                     stats[left + pa] -= count
-                    gained = left + zc
-                    stats[gained] += count
-                    where[gained].append(wi)
-                    grown.add(gained)
+                    gains[left + zc].append(wi)
                 if j + 2 < n:
                     right = word[j + 2]
                     stats[pb + right] -= count
-                    gained = zc + right
-                    stats[gained] += count
-                    where[gained].append(wi)
-                    grown.add(gained)
+                    gains[zc + right].append(wi)
                 words[wi] = word[:j] + zc + word[j + 2 :]
                 continue
             new = word.replace(pair, zc)
@@ -173,21 +169,17 @@ def learn_merges(
                 # is counted once, as the second one's left pair.
                 q = j - k
                 if q > 0:
-                    gained = new[q - 1 : q + 1]
-                    stats[gained] += count
-                    where[gained].append(wi)
-                    grown.add(gained)
+                    gains[new[q - 1 : q + 1]].append(wi)
                 if q + 1 < m and nxt != j + 2:
-                    gained = new[q : q + 2]
-                    stats[gained] += count
-                    where[gained].append(wi)
-                    grown.add(gained)
+                    gains[new[q : q + 2]].append(wi)
                 last, j, k = j, nxt, k + 1
                 if j >= 0:
                     nxt = word.find(pair, j + 2)
             words[wi] = new
         stats.pop(pair, None)
-        for gained in grown:
+        for gained, wis in gains.items():
+            where[gained] += wis
+            stats[gained] += sum(map(freq, wis))
             heappush(heap, (-stats[gained] << _S2) | (ord(gained[0]) << _S) | ord(gained[1]))
     if bar is not None:
         bar.close()
