@@ -131,7 +131,6 @@ def learn_merges(
             if bar is not None:
                 bar.update()
         zc = chr(z)
-        pa, pb = pair
         # Pairs containing z that gain occurrences -> the chunk of each new occurrence. Their counts
         # and index entries are settled once after the loop (sums in C), not per occurrence.
         gains: defaultdict[str, list[int]] = defaultdict(list)
@@ -141,21 +140,18 @@ def learn_merges(
             if j < 0:  # the index is lazy too: this chunk lost the pair to an earlier merge
                 continue
             count = freqs[wi]
-            n = len(word)
-            nxt = word.find(pair, j + 2)
-            if nxt < 0:  # the common case, one occurrence: no bookkeeping between occurrences
-                if j > 0:
-                    left = word[j - 1]
-                    stats[left + pa] -= count
-                    gains[left + zc].append(wi)
-                if j + 2 < n:
-                    right = word[j + 2]
-                    stats[pb + right] -= count
-                    gains[zc + right].append(wi)
-                words[wi] = word[:j] + zc + word[j + 2 :]
-                continue
             new = word.replace(pair, zc)
-            m = len(new)
+            n, m = len(word), len(new)
+            if m == n - 1:  # the common case, one occurrence: no bookkeeping between occurrences
+                if j > 0:
+                    stats[word[j - 1 : j + 1]] -= count
+                    gains[new[j - 1 : j + 1]].append(wi)
+                if j + 2 < n:
+                    stats[word[j + 1 : j + 3]] -= count
+                    gains[new[j : j + 2]].append(wi)
+                words[wi] = new
+                continue
+            nxt = word.find(pair, j + 2)
             k = 0  # occurrences so far: the k-th one lands at j - k in the new word
             last = -3  # where the previous occurrence started
             while j >= 0:
