@@ -23,7 +23,7 @@ from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
 from pretrain.train import (Dist, TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
-                            flag, init_distributed, train)
+                            flag, init_distributed, print_result, train)
 from tokenizer.files import scratchchat_home
 
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
@@ -162,10 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup_distributed()
     if dist.is_main:
-        train_loss = f", train loss {result['loss']:.4f}" if result.get("loss") is not None else ""  # None: resumed a finished run
-        val_loss = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
-        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min{train_loss}{val_loss}")
-        print(f"checkpoint: {result['checkpoint']}")
-        print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
+        print_result(result, run_dir)
         print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")
     return 0

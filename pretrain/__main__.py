@@ -15,7 +15,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.model import GPT, GPTConfig
 from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import (Dist, SyntheticLoader, TrainConfig, cleanup_distributed, config_from_args,
-                            dataclass_parser, explicit_flags, flag, init_distributed, train)
+                            dataclass_parser, explicit_flags, flag, init_distributed, print_result, train)
 from tokenizer.files import scratchchat_home
 
 # Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
@@ -109,15 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup_distributed()
     if dist.is_main:
-        bpb = f", val bpb {result['val_bpb']:.4f}" if result.get("val_bpb") is not None else ""
-        loss = f", loss {result['loss']:.4f}" if result.get("loss") is not None else ""  # None: resumed a finished run
-        print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min{loss}{bpb}")
-        if "tok_per_s" in result:
-            mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
-            mem = f", peak GPU memory {result['max_memory_gb']:.1f} GiB" if "max_memory_gb" in result else ""
-            print(f"throughput: {result['tok_per_s']:,.0f} tokens/s (median of the later half of the steps){mfu}{mem}")
-        print(f"checkpoint: {result['checkpoint']}")
-        print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
+        print_result(result, run_dir)
         print("next: python -m finetune")
     return 0
 

@@ -436,3 +436,17 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     result.update(step=step, elapsed=elapsed, tokens=tokens_seen, checkpoint=str(ckpt_path) if ckpt_path else None,
                   total_steps=total_steps)
     return result
+
+
+def print_result(result: dict, run_dir: Path) -> None:
+    """What a finished run reached and where its files went (pretraining and fine-tuning alike)."""
+    # A loss is None when --resume found the run already finished: no step ran in this session.
+    names = {"loss": "train loss", "val_loss": "val loss", "val_bpb": "val bpb"}
+    figures = "".join(f", {name} {result[key]:.4f}" for key, name in names.items() if result.get(key) is not None)
+    print(f"done: {result['step']} steps in {result['elapsed'] / 60:.1f} min{figures}")
+    if "tok_per_s" in result:
+        mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
+        mem = f", peak GPU memory {result['max_memory_gb']:.1f} GiB" if "max_memory_gb" in result else ""
+        print(f"throughput: {result['tok_per_s']:,.0f} tokens/s (median of the later half of the steps){mfu}{mem}")
+    print(f"checkpoint: {result['checkpoint']}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'loss.png'}")
