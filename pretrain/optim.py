@@ -3,11 +3,13 @@
 Muon (Keller Jordan's MomentUm Orthogonalized by Newton-Schulz) keeps a Nesterov momentum of the gradient and
 replaces it by the nearest semi-orthogonal matrix (a quintic Newton-Schulz iteration), so every direction of a
 weight matrix moves at the same rate. Embeddings, the output head and scalars are not matrices in that sense
-and use AdamW. Under DDP the gradients are already all-reduced, so every rank takes the same step.
+and use AdamW. Under DDP the gradients are already all-reduced, so every rank takes the same step; Muon uses
+that to split its Newton-Schulz work across the ranks (see `Muon.step`).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 _compiled_ns = None
@@ -49,8 +51,30 @@ def _orthogonalise(G: torch.Tensor, steps: int) -> torch.Tensor:
     return newton_schulz(G, steps)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun; (0, 1) for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_async(out: torch.Tensor, block: torch.Tensor):
+    """Start gathering every rank's equal-sized `block` into `out` (rank order along dim 0); returns a handle to
+    wait on. torch 2.13 renamed all_gather_into_tensor to all_gather_single and made the old name warn; 2.11 has
+    only the old name. Both work on gloo (CPU) and NCCL."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, block, async_op=True)
+
+
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov) whose update is orthogonalised; only for 2-D weight matrices."""
+    """SGD-momentum (Nesterov) whose update is orthogonalised; only for 2-D weight matrices.
+
+    Under torchrun (a process group with world size > 1) `step` assumes every rank holds the same gradients, as
+    after DDP's all-reduce, and shares the Newton-Schulz work out: rank r orthogonalises its contiguous share of
+    each shape's stack and an all-gather gives every rank the whole update, so every rank applies the same bits.
+    Momentum buffers stay whole on every rank, so the state dict (checkpoints, resume) does not depend on the
+    world size. Every rank must call `step` (it is a collective).
+    """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0) -> None:
@@ -63,8 +87,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, world = _rank_and_world()
+        pending = []  # (group, params, updates, all-gather handle, its block): applied once every gather has started
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
+            momentum = group["momentum"]
             # Matrices of one shape (q, k, v and proj of every layer; every MLP input...) are orthogonalised
             # together: one batched matmul chain instead of one small chain per matrix keeps the cores busy.
             by_shape: dict[torch.Size, list[torch.Tensor]] = {}
@@ -72,21 +98,42 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault(p.shape, []).append(p)
             for (rows, cols), params in by_shape.items():
-                grads = []
-                for p in params:
+                for p in params:  # every rank keeps every buffer (cheap, elementwise), so the state is world-free
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - momentum)
-                    grads.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-                updates = _orthogonalise(torch.stack(grads), group["ns_steps"])
-                # Orthogonal updates have RMS ~ 1/sqrt(max dim); scale tall matrices up so every shape learns alike.
-                alpha = -lr * max(1.0, rows / cols) ** 0.5
-                for p, update in zip(params, updates):
-                    if group["weight_decay"]:
-                        p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=alpha)
+                    state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+                # This rank's contiguous share of the stack; ceil so the shares cover it (the last may be short).
+                share = -(-len(params) // world)
+                mine = params[min(rank * share, len(params)):(rank + 1) * share]
+                grads = [p.grad.lerp(self.state[p]["momentum_buffer"], momentum) if group["nesterov"]
+                         else self.state[p]["momentum_buffer"] for p in mine]
+                updates = _orthogonalise(torch.stack(grads), group["ns_steps"]) if grads else None
+                block = handle = None
+                if world > 1:
+                    # all-gather needs equal blocks: pad short shares with zeros (zip drops them below). Gathering
+                    # the orthogonaliser's own output (bf16 on GPU) keeps the result bit-identical to one process.
+                    device = params[0].device
+                    dtype = updates.dtype if updates is not None else fast_matmul_dtype(device)
+                    block = updates
+                    if len(mine) < share:
+                        pad = torch.zeros(share - len(mine), rows, cols, dtype=dtype, device=device)
+                        block = pad if updates is None else torch.cat([updates, pad])
+                    updates = torch.empty(world * share, rows, cols, dtype=dtype, device=device)
+                    # Asynchronous, so the next shape's Newton-Schulz overlaps this gather.
+                    handle = _all_gather_async(updates, block)
+                pending.append((group, params, updates, handle, block))  # block: alive until its gather is done
+        for group, params, updates, handle, _ in pending:
+            if handle is not None:
+                handle.wait()
+            lr = group["lr"]
+            rows, cols = params[0].shape
+            # Orthogonal updates have RMS ~ 1/sqrt(max dim); scale tall matrices up so every shape learns alike.
+            alpha = -lr * max(1.0, rows / cols) ** 0.5
+            for p, update in zip(params, updates):  # zip stops before the padding
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=alpha)
 
 
 def build_optimizers(model: nn.Module, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
