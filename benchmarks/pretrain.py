@@ -5,6 +5,7 @@ default corpus' shards, train for the same wall-clock budget on this machine (al
 from other processes falls on both alike), and are scored on the same validation batches in bits per byte. Also measures the TokenLoader's own throughput.
 
     python benchmarks/pretrain.py [--minutes 3] [--depth 4] [--tokens-dir DIR] [--threads N]
+    python benchmarks/pretrain.py --newton-schulz [--depth 4] [--ranks 1,2,4]   # Muon's work per gloo CPU rank
 
 Without shards (run `python -m pretrain.data tokenize` first) it falls back to SYNTHETIC tokens and says so;
 then only the loss is comparable, not bits per byte.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,9 +24,12 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain import optim
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.shards import ShardError, TokenLoader, load_manifest
@@ -132,6 +138,71 @@ class TimedRun:
         return self.tokens / self.elapsed
 
 
+# ----------------------------------------------------------------------------- Newton-Schulz per rank
+
+def _ns_rank(rank: int, world: int, port: int, depth: int, steps: int, results) -> None:
+    """One gloo rank: time Muon steps on the depth's hidden matrices, with the same gradients on every rank as
+    after DDP's all-reduce. Newton-Schulz is timed inside Muon (wall clock and this thread's CPU time: with more
+    ranks than cores the wall clock also counts waiting for a core, the CPU time only the work)."""
+    torch.set_num_threads(1)  # one core's worth per rank, so adding ranks adds cores rather than splitting them
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(depth, 256, 64))  # vocab and sequence length do not change the matrices
+    muon = build_optimizers(model)[1]
+    params = muon.param_groups[0]["params"]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    ns = dict(wall=0.0, cpu=0.0, matrices=0)
+    orthogonalise = optim._orthogonalise
+
+    def timed(G, ns_steps):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        out = orthogonalise(G, ns_steps)
+        ns["wall"] += time.perf_counter() - wall
+        ns["cpu"] += time.thread_time() - cpu
+        ns["matrices"] += G.size(0)
+        return out
+
+    optim._orthogonalise = timed
+    muon.step()  # warm-up: first-call allocations and gloo's connection setup
+    ns.update(wall=0.0, cpu=0.0, matrices=0)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        muon.step()
+    step_wall = (time.perf_counter() - start) / steps
+    # The slowest rank sets the pace (the all-gather waits for it): report the maximum over ranks.
+    figures = torch.tensor([ns["wall"] / steps, ns["cpu"] / steps, ns["matrices"] / steps, step_wall])
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        results.put((len(params), *figures.tolist()))
+    dist.destroy_process_group()
+
+
+def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
+    """Muon's Newton-Schulz time per rank for 1, 2, 4... gloo CPU ranks on one model's matrices."""
+    shapes = sorted({tuple(p.shape) for p in build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1]
+                     .param_groups[0]["params"]})
+    print(f"Muon on depth {depth}'s hidden matrices {shapes}, one thread per gloo rank, {os.cpu_count()} cores, "
+          f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, {steps} timed steps")
+    print(f"{'ranks':>5} {'matrices/rank':>13} {'NS wall s/step':>14} {'NS cpu s/step':>13} {'Muon step s':>11} "
+          f"{'NS wall vs 1':>12} {'NS cpu vs 1':>11}")
+    ctx = mp.get_context("spawn")
+    base = None
+    for world in ranks:
+        results = ctx.SimpleQueue()
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_ns_rank, args=(world, port, depth, steps, results), nprocs=world, start_method="spawn")
+        total, ns_wall, ns_cpu, per_rank, step_wall = results.get()
+        base = base or (ns_wall, ns_cpu)
+        note = "  (more ranks than cores: wall includes waiting for a core)" if world > (os.cpu_count() or 1) else ""
+        print(f"{world:>5} {int(per_rank):>6} of {total:<4} {ns_wall:>14.4f} {ns_cpu:>13.4f} {step_wall:>11.4f} "
+              f"{ns_wall / base[0]:>11.2f}x {ns_cpu / base[1]:>10.2f}x{note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="training wall clock per model")
@@ -143,7 +214,14 @@ def main() -> None:
     parser.add_argument("--tokens-dir", default=str(scratchchat_home() / "tokens" / "default"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--newton-schulz", action="store_true",
+                        help="instead: time Muon's Newton-Schulz per rank on 1, 2, 4... gloo CPU ranks")
+    parser.add_argument("--ranks", default="1,2,4", help="with --newton-schulz: the world sizes to time")
+    parser.add_argument("--steps", type=int, default=5, help="with --newton-schulz: timed Muon steps per world size")
     args = parser.parse_args()
+    if args.newton_schulz:
+        newton_schulz_benchmark(args.depth, [int(r) for r in args.ranks.split(",")], args.steps)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     B, T = args.batch_size, args.sequence_len
