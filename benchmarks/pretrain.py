@@ -166,14 +166,16 @@ def _ns_rank(rank: int, world: int, port: int, depth: int, steps: int, results) 
 
     optim._orthogonalise = timed
     muon.step()  # warm-up: first-call allocations and gloo's connection setup
-    ns.update(wall=0.0, cpu=0.0, matrices=0)
     dist.barrier()
-    start = time.perf_counter()
+    per_step = []
     for _ in range(steps):
+        ns.update(wall=0.0, cpu=0.0, matrices=0)
+        start = time.perf_counter()
         muon.step()
-    step_wall = (time.perf_counter() - start) / steps
-    # The slowest rank sets the pace (the all-gather waits for it): report the maximum over ranks.
-    figures = torch.tensor([ns["wall"] / steps, ns["cpu"] / steps, ns["matrices"] / steps, step_wall])
+        per_step.append([ns["wall"], ns["cpu"], ns["matrices"], time.perf_counter() - start])
+    # Medians over the steps, so a burst from other jobs on a shared machine does not set the figure; then the
+    # maximum over ranks, since the slowest rank sets the pace (the all-gather waits for it).
+    figures = torch.tensor(per_step).median(dim=0).values
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:
         results.put((len(params), *figures.tolist()))
@@ -185,7 +187,7 @@ def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
     shapes = sorted({tuple(p.shape) for p in build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1]
                      .param_groups[0]["params"]})
     print(f"Muon on depth {depth}'s hidden matrices {shapes}, one thread per gloo rank, {os.cpu_count()} cores, "
-          f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, {steps} timed steps")
+          f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, median of {steps} steps")
     print(f"{'ranks':>5} {'matrices/rank':>13} {'NS wall s/step':>14} {'NS cpu s/step':>13} {'Muon step s':>11} "
           f"{'NS wall vs 1':>12} {'NS cpu vs 1':>11}")
     ctx = mp.get_context("spawn")
@@ -217,7 +219,7 @@ def main() -> None:
     parser.add_argument("--newton-schulz", action="store_true",
                         help="instead: time Muon's Newton-Schulz per rank on 1, 2, 4... gloo CPU ranks")
     parser.add_argument("--ranks", default="1,2,4", help="with --newton-schulz: the world sizes to time")
-    parser.add_argument("--steps", type=int, default=5, help="with --newton-schulz: timed Muon steps per world size")
+    parser.add_argument("--steps", type=int, default=20, help="with --newton-schulz: timed Muon steps per world size")
     args = parser.parse_args()
     if args.newton_schulz:
         newton_schulz_benchmark(args.depth, [int(r) for r in args.ranks.split(",")], args.steps)
