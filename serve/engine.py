@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 import traceback
@@ -35,7 +36,8 @@ class SamplingParams:
 @dataclass
 class Chunk:
     """A piece of output; the last chunk of a request has finish_reason set: stop, length, cancelled, timeout
-    (waited in the queue past its deadline) or error (the forward pass failed)."""
+    (waited in the queue past its deadline), shutdown (still queued when the engine began shutting down) or
+    error (the forward pass, or this row's sampling, failed)."""
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -127,7 +129,9 @@ class Stats:
 
 def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
     """Draw one token from fp32 CPU logits [V] with temperature, top-k and top-p (nucleus)."""
-    logits = logits / p.temperature
+    # Shift so the largest logit is 0 before dividing: any temperature > 0, however tiny, then gives finite
+    # values <= 0 (at worst -inf for the others), so a tiny temperature is greedy instead of inf - inf = NaN.
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -139,6 +143,16 @@ def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> in
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token can spell (its byte length bounds it): a text of n characters needs at least
+    n / this many tokens, which lets the server refuse what cannot fit the context before tokenizing it."""
+    longest = 1
+    for i in range(tokenizer.vocab_size):
+        with contextlib.suppress(ValueError):  # ids between the ordinary and the special tokens are unused
+            longest = max(longest, len(tokenizer.token_bytes(i)))
+    return longest
 
 
 def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
@@ -167,6 +181,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = model.config.sequence_len
+        self.max_token_chars = _longest_token(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         # Any special token ends a generation: <|assistant_end|> for chat, and a model that starts a new turn
         # or document has finished its answer too.
@@ -176,6 +191,7 @@ class Engine:
         self.stats = Stats()
         self._seeds = torch.Generator().manual_seed(seed)
         self._pending: collections.deque[Generation] = collections.deque()
+        self._lock = threading.Lock()  # guards _pending and _closing: the loop thread submits, the worker takes
         self._rows: dict[int, _Row] = {}
         self._wake = threading.Event()
         self._closing = False
@@ -195,23 +211,28 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams, timeout: float = 300.0) -> Generation:
         """Queue a request; raises QueueFull or EngineClosed. Prompt length is the caller's to check."""
-        if self._closing:
-            raise EngineClosed("the server is shutting down")
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(f"{len(self._pending)} requests are already waiting")
         if not 0 < len(prompt) < self.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens; the context holds {self.max_context}")
         if not all(0 <= t < self.model.config.vocab_size for t in prompt):
             raise ValueError(f"prompt holds token ids outside 0..{self.model.config.vocab_size - 1}")
         gen = Generation(list(prompt), params, asyncio.get_running_loop(), time.monotonic() + timeout)
-        self._pending.append(gen)
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            # Requests cancelled while queued still count here until the worker's next step drops them.
+            waiting = sum(not g.cancelled for g in self._pending)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting")
+            self._pending.append(gen)
         self._wake.set()
         return gen
 
     def shutdown(self, grace: float = 10.0) -> None:
-        """Take no new requests; let running ones finish for up to `grace` seconds, then end them (length)."""
-        self._closing = True
-        self._end_at = time.monotonic() + grace
+        """Take no new requests and end the queued ones (reason shutdown); let running ones finish for up to
+        `grace` seconds, then end them (length)."""
+        with self._lock:
+            self._closing = True
+            self._end_at = time.monotonic() + grace
         self._wake.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -235,8 +256,9 @@ class Engine:
                     for row in list(self._rows.values()):
                         self._finish(row, "error", out)
                 self._deliver(out)
-                if self._closing and not self._rows and not self._pending:
-                    return
+                with self._lock:
+                    if self._closing and not self._rows and not self._pending:
+                        return
                 if not self._rows:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -261,7 +283,8 @@ class Engine:
         del self._rows[row.slot]
 
     def _reap(self, out: list) -> None:
-        """Free the slots of cancelled or timed-out requests; end everything once the shutdown grace is over."""
+        """Free the slots of cancelled or timed-out requests, end running ones once the shutdown grace is over,
+        and answer every queued request that can no longer run: its handler is waiting for a last chunk."""
         now = time.monotonic()
         forced = self._end_at is not None and now >= self._end_at
         for row in list(self._rows.values()):
@@ -269,9 +292,16 @@ class Engine:
                 self._finish(row, "cancelled", out)
             elif now >= row.gen.deadline or forced:
                 self._finish(row, "length", out)
-        if forced:
-            while self._pending:
-                out.append((self._pending.popleft(), Chunk("", "cancelled")))
+        with self._lock:
+            waiting, self._pending = self._pending, collections.deque()
+            for gen in waiting:
+                reason = ("cancelled" if gen.cancelled else "shutdown" if self._closing
+                          else "timeout" if now >= gen.deadline else None)  # timeout: waited its whole budget
+                if reason is None:
+                    self._pending.append(gen)
+                else:
+                    out.append((gen, Chunk("", reason, len(gen.prompt), 0)))
+                    self.stats.finished[reason] += 1
 
     def _compact(self) -> None:
         """Keep the active rows in slots 0..n-1 by moving rows from the end into the holes finished rows left, so
@@ -292,15 +322,11 @@ class Engine:
         self._compact()
         free = list(range(len(self._rows), self.max_batch))
         new: list[_Row] = []
-        now = time.monotonic()
-        while free and self._pending:
-            gen = self._pending.popleft()
-            if gen.cancelled:
-                continue
-            if now >= gen.deadline:  # waited in the queue for its whole time budget
-                out.append((gen, Chunk("", "timeout", len(gen.prompt), 0)))
-                self.stats.finished["timeout"] += 1
-                continue
+        while free:
+            with self._lock:  # _reap has just dropped what can no longer run
+                if not self._pending:
+                    break
+                gen = self._pending.popleft()
             seed = gen.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -333,13 +359,20 @@ class Engine:
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, out: list) -> None:
         """Pick each row's next token from logits [len(rows), V], detokenize, apply stop rules."""
-        greedy = logits.argmax(-1).tolist()
+        tokens: list[int | None] = logits.argmax(-1).tolist()
         sampled = [i for i, r in enumerate(rows) if r.gen.params.temperature > 0]
         cpu = logits[sampled].float().cpu() if sampled else None
         for j, i in enumerate(sampled):
-            greedy[i] = _sample(cpu[j], rows[i].gen.params, rows[i].rng)
+            try:
+                tokens[i] = _sample(cpu[j], rows[i].gen.params, rows[i].rng)
+            except Exception:  # this row's numbers went bad: it ends alone, its neighbours carry on
+                traceback.print_exc()
+                tokens[i] = None
         self.stats.observe_tokens(len(rows))
-        for r, token in zip(rows, greedy):
+        for r, token in zip(rows, tokens):
+            if token is None:
+                self._finish(r, "error", out)
+                continue
             r.last = token
             r.produced += 1
             if token in self.stop_ids:

@@ -186,7 +186,7 @@ def test_full_queue_refuses_and_shutdown_ends_everything(endless, tok):
         engine.shutdown(grace=0)
         return [[c async for c in g][-1].finish_reason for g in gens]
 
-    assert asyncio.run(main()) == ["length", "cancelled", "cancelled"]
+    assert asyncio.run(main()) == ["length", "shutdown", "shutdown"]  # queued ones are answered at once
     engine.join(5)
     assert not engine._thread.is_alive()
 
@@ -212,3 +212,61 @@ def test_a_failing_forward_ends_the_batch_but_not_the_engine(engine, model, tok,
 
 async def _submit(engine: Engine, ids: list[int]) -> None:
     engine.submit(ids, SamplingParams())
+
+
+def test_a_degenerate_temperature_leaves_its_neighbours_untouched(engine, tok):
+    """1e-38 used to overflow logits / temperature and make torch.multinomial fail the whole batch."""
+    seeded = (prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=1234))
+    alone = run(engine, [seeded])[0]
+    tiny = SamplingParams(max_tokens=12, temperature=1e-38, seed=1)
+    got = run(engine, [seeded, (prompt(tok, "dog"), tiny), (prompt(tok, "a"), SamplingParams(max_tokens=12,
+                                                                                          temperature=5e-324))])
+    assert got[0] == alone
+    greedy = run(engine, [(prompt(tok, "dog"), SamplingParams(max_tokens=12, temperature=0))])[0]
+    assert got[1] == greedy  # a temperature this small is greedy
+
+
+def test_a_row_whose_sampling_fails_ends_alone(engine, tok, monkeypatch, capsys):
+    import serve.engine
+    sample = serve.engine._sample
+
+    def fails_for_seed_7(logits, p, rng):
+        if p.seed == 7:
+            raise RuntimeError("bad row (simulated)")
+        return sample(logits, p, rng)
+
+    seeded = (prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=1234))
+    alone = run(engine, [seeded])[0]
+    monkeypatch.setattr(serve.engine, "_sample", fails_for_seed_7)
+    got = run(engine, [seeded, (prompt(tok, "dog"), SamplingParams(max_tokens=12, temperature=1.0, seed=7))])
+    assert got[0] == alone and got[1] == ("", "error", 0)
+    assert "bad row (simulated)" in capsys.readouterr().err
+
+
+def test_requests_cancelled_while_queued_get_a_last_chunk_and_leave_the_queue(endless, tok):
+    engine = Engine(endless, tok, max_batch=1, max_queue=2, stop_ids=set())
+
+    async def main():
+        long = engine.submit(prompt(tok, "fox"), SamplingParams(max_tokens=10_000, temperature=0))
+        async for _ in long:  # it holds the only slot from now on
+            break
+        queued = [engine.submit(prompt(tok, "a"), SamplingParams(max_tokens=3, temperature=0)) for _ in range(2)]
+        for g in queued:
+            g.cancel()
+        ends = [await asyncio.wait_for(_last(g), 10) for g in queued]  # used to wait forever
+        assert engine.queued == 0 and engine.active == 1
+        again = [engine.submit(prompt(tok, "a"), SamplingParams(max_tokens=3, temperature=0)) for _ in range(2)]
+        long.cancel()
+        return ends, [(await _last(g)).finish_reason for g in again]
+
+    try:
+        ends, again = asyncio.run(main())
+        assert [c.finish_reason for c in ends] == ["cancelled", "cancelled"]
+        assert again == ["length", "length"]  # the queue had room again: no QueueFull
+    finally:
+        engine.shutdown(0)
+        engine.join(5)
+
+
+async def _last(gen):
+    return [c async for c in gen][-1]
