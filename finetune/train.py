@@ -22,8 +22,8 @@ from finetune import tasks
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
-from pretrain.train import (Dist, TrainConfig, cleanup_distributed, config_from_args, dataclass_parser, explicit_flags,
-                            flag, init_distributed, print_result, train)
+from pretrain.train import (Dist, TrainConfig, accumulation, cleanup_distributed, config_from_args, dataclass_parser,
+                            explicit_flags, flag, fs_barrier, init_distributed, print_result, train)
 from tokenizer.files import scratchchat_home
 
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
@@ -33,6 +33,7 @@ SFT_DEFAULTS = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warm
                     eval_batches=8)
 CPU_DEFAULTS = dict(device_batch_size=16, max_minutes=7.5)  # + data, evals and saving: <= 10 min on 2 cores
 CUDA_DEFAULTS = dict(device_batch_size=16)
+SFT_ROWS_PER_STEP = {"cpu": 16, "cuda": 64}  # packed rows of the model's context per optimizer step
 QUICK_EVAL_TASKS = ("arithmetic", "letters", "capital", "largest_mc")
 
 
@@ -61,10 +62,9 @@ def load_conversations(cfg: SFTConfig, seed: int, dist: Dist | None = None) -> t
             convs += mix
             notes.append("default mix (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
         elif source == "smoltalk":
-            if dist.is_main:  # one process downloads; the others then find the files complete
+            if dist.fs_main:  # one process per filesystem downloads; the others then find the files complete
                 chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
-            if dist.world_size > 1:
-                torch.distributed.barrier()
+            fs_barrier(dist)
             files = chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
             got, skipped = chat_data.load_user_data(files, cfg.skip_bad)
             convs += got
@@ -121,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         if tok is None:
             raise CheckpointError(f"{base} has no tokenizer (a synthetic run?); SFT needs a real tokenizer")
         seq_len = model.config.sequence_len
+        if "total_batch_tokens" not in explicit:
+            # The same optimizer batch on any number of devices, so the learning rates hold: fewer rows per device
+            # as devices are added, gradient accumulation where one micro-step holds fewer than the step.
+            rows = SFT_ROWS_PER_STEP["cuda" if dist.device.type == "cuda" else "cpu"]
+            tcfg.total_batch_tokens = rows * seq_len
+            if "device_batch_size" not in explicit:
+                tcfg.device_batch_size = max(1, min(tcfg.device_batch_size, rows // dist.world_size))
         say = tqdm.write if dist.is_main else (lambda *a, **k: None)
 
         convs, summary = load_conversations(scfg, tcfg.seed, dist)
@@ -139,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = loader.rows_per_epoch()
         say(f"{rows} packed rows of {seq_len} tokens per epoch, {learned:,} learned (assistant) tokens "
             f"({learned / (rows * seq_len):.0%} of the rows)")
-        if tcfg.max_steps <= 0:
-            row_tokens = tcfg.device_batch_size * seq_len * dist.world_size
-            per_step = max(tcfg.total_batch_tokens, row_tokens) // (seq_len * dist.world_size)
-            tcfg.max_steps = max(1, round(scfg.epochs * rows / per_step))
+        if tcfg.max_steps <= 0:  # rows counts every rank's rows, so compare it with every rank's rows per step
+            _, step_tokens = accumulation(tcfg.total_batch_tokens, tcfg.device_batch_size * seq_len * dist.world_size)
+            tcfg.max_steps = max(1, round(scfg.epochs * rows * seq_len / step_tokens))
         val_loader = (chat_data.SFTLoader(val_examples, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed,
                                           dist.rank, dist.world_size, dist.device) if val_examples else None)
         val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None

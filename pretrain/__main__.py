@@ -49,10 +49,30 @@ def apply_hardware_defaults(pcfg: PretrainConfig, tcfg: TrainConfig, device: tor
             if key == "max_minutes" and tcfg.max_steps > 0:
                 continue  # an explicit step count is the stop rule
             setattr(target, key, value)
-    if device.type == "cuda" and "device_batch_size" not in explicit:
-        # Measured: depth 20 x 32 x 2048 peaks at 77 GiB (H200), too close to an 80 GB card's limit.
-        if pcfg.depth >= 16 and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30:
-            tcfg.device_batch_size = 16
+
+
+def fit_device_batch(model: GPT, batch: int, seq_len: int, device: torch.device) -> int:
+    """The largest of batch, batch/2, ... whose forward + backward fits beside the optimizer state, found by trying
+    (so 24, 40 and 80 GB cards all run with one default). Only CUDA reports out-of-memory this way."""
+    if device.type != "cuda":
+        return batch
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = torch.cuda.get_device_properties(device).total_memory * 0.95 - 2 * params  # + Muon/AdamW state
+    while batch > 1:
+        try:
+            x = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x, x).backward()
+            if torch.cuda.max_memory_allocated(device) <= budget:
+                break
+        except torch.cuda.OutOfMemoryError:
+            pass
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        batch //= 2
+    return batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = init_distributed(tcfg.device)
         apply_hardware_defaults(pcfg, tcfg, dist.device, explicit)
-        tokenizer, vocab_size, meta = None, pcfg.vocab_size, {}
-        if pcfg.synthetic:
-            loader = SyntheticLoader(vocab_size, tcfg.device_batch_size, pcfg.sequence_len, tcfg.seed,
-                                     dist.rank, dist.world_size, dist.device)
-            val_batches = lambda: loader.iter_val(tcfg.eval_batches)  # noqa: E731
-            meta["corpus"] = "synthetic"
-        else:
+        tokenizer, vocab_size, token_dir = None, pcfg.vocab_size, None
+        if not pcfg.synthetic:
             from tokenizer import Tokenizer
             token_dir = Path(pcfg.tokens_dir) if pcfg.tokens_dir else scratchchat_home() / "tokens" / pcfg.corpus
             manifest = load_manifest(token_dir)
@@ -83,17 +98,26 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{str(manifest.get('tokenizer_hash'))[:12]}, not {tok_path} ({tokenizer.hash[:12]});"
                                  f" re-run python -m pretrain.data tokenize")
             vocab_size = tokenizer.vocab_size
-            loader = TokenLoader(token_dir, "train", tcfg.device_batch_size, pcfg.sequence_len, dist.rank,
-                                 dist.world_size, dist.device)
-            val = TokenLoader(token_dir, "val", tcfg.device_batch_size, pcfg.sequence_len, dist.rank,
-                              dist.world_size, dist.device)
-            val_batches = lambda: val.iter_val(tcfg.eval_batches)  # noqa: E731
-            meta["corpus"] = str(token_dir)
         config = GPTConfig.from_depth(pcfg.depth, vocab_size, pcfg.sequence_len, n_embd=pcfg.n_embd or None,
                                       n_head=pcfg.n_head or None, n_kv_head=pcfg.n_kv_head or None,
                                       softcap=pcfg.softcap)
         torch.manual_seed(tcfg.seed)
         model = GPT(config).to(dist.device)
+        if "device_batch_size" not in explicit:
+            fit = torch.tensor([fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)],
+                               device=dist.device)
+            if dist.world_size > 1:  # every rank must take the same shape
+                torch.distributed.all_reduce(fit, op=torch.distributed.ReduceOp.MIN)
+            tcfg.device_batch_size = int(fit.item())
+        B, T = tcfg.device_batch_size, pcfg.sequence_len
+        if pcfg.synthetic:
+            loader = SyntheticLoader(vocab_size, B, T, tcfg.seed, dist.rank, dist.world_size, dist.device)
+            val_batches = lambda: loader.iter_val(tcfg.eval_batches)  # noqa: E731
+        else:
+            loader = TokenLoader(token_dir, "train", B, T, dist.rank, dist.world_size, dist.device)
+            val = TokenLoader(token_dir, "val", B, T, dist.rank, dist.world_size, dist.device)
+            val_batches = lambda: val.iter_val(tcfg.eval_batches)  # noqa: E731
+        meta = {"corpus": str(token_dir) if token_dir else "synthetic"}
         run_dir = Path(pcfg.run_dir) if pcfg.run_dir else scratchchat_home() / "checkpoints" / "base"
         if dist.is_main:
             print(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "

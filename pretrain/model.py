@@ -310,7 +310,13 @@ class GPT(nn.Module):
             cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
         else:
             cache, cos, sin = self._cache_context(kv_cache, T, rows, lengths)
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast leaves the embedding and the rotary tables fp32, which would make the residual stream and
+            # q/k fp32 too: half the activation memory is saved by keeping them in the matmuls' dtype.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, cos, sin = x.to(dtype), cos.to(dtype), sin.to(dtype)
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, cache)
         logits = self.lm_head(norm(x)).float()  # the loss and soft-cap want fp32 even under bf16 autocast

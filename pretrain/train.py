@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from pretrain.checkpoint import (CheckpointError, latest_checkpoint, load_model_state, load_optimizer_state,
-                                 prune_checkpoints, save_checkpoint)
+from pretrain.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, prune_checkpoints,
+                                 save_checkpoint, step_dirs)
 from pretrain.model import GPT
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.report import append_metrics, plot_metrics
@@ -59,10 +60,11 @@ class TrainConfig:
     eval_batches: int = flag(20, "validation micro-batches per evaluation (per device)")
     sample_every: int = flag(0, "print samples from fixed prompts every N steps (0: at the end only)")
     save_every: int = flag(0, "checkpoint every N steps (0: at the end only, -1: never, e.g. for benchmarks)")
+    save_every_minutes: float = flag(0.0, "also checkpoint every M minutes of training (0: off)")
     keep_last: int = flag(2, "checkpoints to keep (0: all)")
     resume: bool = flag(False, "continue the newest checkpoint in the run directory exactly")
     compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
-    device: str = flag("auto", "cuda, cpu, mps or auto")
+    device: str = flag("auto", "cuda, cpu, mps or auto ($SCRATCHCHAT_DEVICE, else the best available)")
     seed: int = flag(42, "seed for the model init and sampling")
 
 
@@ -101,13 +103,21 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The first process of each filesystem: it writes checkpoints and downloads there. One per job on a disk that
+    # every node shares; one per node on node-local disks, so that every node can read every checkpoint.
+    fs_main: bool = True
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+DEVICE_ENV = "SCRATCHCHAT_DEVICE"  # e.g. cpu: every stage on the CPU (gloo under torchrun), GPUs or not
+
+
 def pick_device(name: str = "auto") -> str:
+    if name == "auto":
+        name = os.environ.get(DEVICE_ENV, "auto") or "auto"
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -134,7 +144,32 @@ def init_distributed(device: str = "auto") -> Dist:
     else:
         dev = torch.device(kind)
         torch_dist.init_process_group("gloo")
-    return Dist(rank=rank, local_rank=local, world_size=world, device=dev)
+    dist = Dist(rank=rank, local_rank=local, world_size=world, device=dev)
+    dist.fs_main = _first_on_filesystem(dist, scratchchat_home())
+    return dist
+
+
+def _first_on_filesystem(dist: Dist, home: Path) -> bool:
+    """Whether this process is the lowest rank that sees `home`: the first process of every node leaves a mark
+    in a directory named by a token from rank 0, and a node that finds a lower rank's mark shares its disk."""
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.long, device=dist.device)
+    torch_dist.broadcast(token, 0)
+    marks = home / "speedrun" / f".ranks-{int(token.item()):x}"
+    if dist.local_rank == 0:
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / str(dist.rank)).touch()
+    torch_dist.barrier()
+    first = dist.local_rank == 0 and min(int(p.name) for p in marks.iterdir()) == dist.rank
+    torch_dist.barrier()
+    if first:
+        shutil.rmtree(marks, ignore_errors=True)
+    return first
+
+
+def fs_barrier(dist: Dist) -> None:
+    """Wait here until every rank arrives: after one process per filesystem did the shared work."""
+    if dist.world_size > 1:
+        torch_dist.barrier()
 
 
 def cleanup_distributed() -> None:
@@ -256,6 +291,28 @@ def sample(model: GPT, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS, max_n
 
 # ----------------------------------------------------------------------------- the loop
 
+def accumulation(total_batch_tokens: int, micro_tokens: int) -> tuple[int, int]:
+    """(micro-batches per step, tokens per step): the multiple of one micro-step's tokens (all devices) nearest to
+    the requested total, at least one; -1 asks for one micro-batch. Any world size trains with the defaults."""
+    steps = max(1, round(total_batch_tokens / micro_tokens)) if total_batch_tokens > 0 else 1
+    return steps, steps * micro_tokens
+
+
+def _resume_point(run_dir: Path, dist: Dist) -> Path:
+    """The newest checkpoint that every rank can read: on node-local disks a kill during a save may have left
+    one node a step ahead, so all ranks take the lowest of their newest steps."""
+    steps = dict(step_dirs(run_dir))
+    found = torch.tensor([max(steps, default=-1)], device=dist.device)
+    _all_reduce(found, dist, torch_dist.ReduceOp.MIN if dist.world_size > 1 else None)
+    step = int(found.item())
+    if step < 0:
+        raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}"
+                              + (" on every node" if dist.world_size > 1 else ""))
+    if step not in steps:
+        raise CheckpointError(f"cannot resume: step {step} is missing from {run_dir} on this node; start afresh")
+    return steps[step]
+
+
 def _batch_parts(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return (batch[0], batch[1], batch[2]) if len(batch) == 3 else (batch[0], batch[1], None)
 
@@ -286,9 +343,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
 
     step, elapsed, tokens_seen, resumed_from = 0, 0.0, 0, None
     if cfg.resume:
-        path = latest_checkpoint(root=run_dir)
-        if path is None:
-            raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}")
+        path = _resume_point(run_dir, dist)
         saved = load_model_state(path, model)
         if tokenizer is not None and saved.get("tokenizer_hash") not in (None, tokenizer.hash):
             raise CheckpointError(f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
@@ -302,11 +357,16 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         resumed_from = path
     start_step = step
 
-    compile_on = cuda if cfg.compile is None else cfg.compile
-    train_model = torch.compile(model) if compile_on else model
+    # DDP first, then compile: the compiled graph splits at DDP's buckets, so each gradient all-reduce overlaps
+    # the rest of the backward pass. The rotary tables never change: no need to re-send buffers every step.
+    ddp = None
+    train_model = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[dist.local_rank] if cuda else None)
+        ddp = train_model = DDP(model, device_ids=[dist.local_rank] if cuda else None, broadcast_buffers=False)
+    compile_on = cuda if cfg.compile is None else cfg.compile
+    if compile_on:
+        train_model = torch.compile(train_model)
     model.train()
 
     # The first batch fixes the micro-batch shape, hence the accumulation and the token budget.
@@ -314,11 +374,10 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     pending_state = loader_state()
     x, y, mask = _batch_parts(next(batches))
     micro_tokens = x.numel() * dist.world_size
-    total_batch = cfg.total_batch_tokens if cfg.total_batch_tokens > 0 else micro_tokens
-    if total_batch % micro_tokens:
-        raise ValueError(f"--total-batch-tokens {total_batch} is not a multiple of device batch x sequence x devices"
-                         f" = {micro_tokens}")
-    grad_accum = total_batch // micro_tokens
+    grad_accum, total_batch = accumulation(cfg.total_batch_tokens, micro_tokens)
+    if cfg.total_batch_tokens > 0 and total_batch != cfg.total_batch_tokens:
+        say(f"note: {cfg.total_batch_tokens:,} tokens per step is not a multiple of {micro_tokens:,} (device batch x "
+            f"sequence x {dist.world_size} devices): using {total_batch:,} ({grad_accum} micro-batches)")
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
     else:
@@ -339,6 +398,8 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     result: dict = {"val_bpb": None, "loss": None}
     rates: list[float] = []  # tokens/s of each step this session
     ckpt_path = resumed_from  # stays so when the resumed run had already finished
+    saved_at = elapsed
+    epoch = getattr(batches, "epoch", 0)
     while True:
         last = step >= total_steps or time_up()
         if (step > start_step or step == 0) and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
@@ -362,17 +423,19 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
                 say(f"  sample: {t!r}")
             append_metrics(metrics_path, {"kind": "sample", "step": step, "samples": texts})
             result["samples"] = texts
-        if step > start_step and cfg.save_every >= 0 and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+        every_minutes = cfg.save_every_minutes > 0 and elapsed >= saved_at + 60 * cfg.save_every_minutes
+        if step > start_step and cfg.save_every >= 0 and (
+                last or every_minutes or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             # The batch fetched for the next step is not consumed yet, so record the position it came from.
             record = {**(meta or {}), "step": step, "elapsed": elapsed, "tokens": tokens_seen,
                       "loader": pending_state, "total_steps": total_steps,
                       "metrics": {k: v for k, v in result.items() if k in ("val_bpb", "val_loss", "loss")}}
             ckpt_path = run_dir / f"step_{step:06d}"
-            if dist.is_main:
+            if dist.fs_main:  # one copy per filesystem: on node-local disks every node keeps its own
                 save_checkpoint(ckpt_path, model, tokenizer, record, optimizers)
                 prune_checkpoints(run_dir, cfg.keep_last)
-            if dist.world_size > 1:
-                torch_dist.barrier()
+            fs_barrier(dist)
+            saved_at = elapsed
         if last:
             break
 
@@ -381,15 +444,19 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
                      step)
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
-            sync = micro == grad_accum - 1
-            ctx = train_model.no_sync() if dist.world_size > 1 and not sync else contextlib.nullcontext()
-            with ctx, autocast():
-                loss = train_model(x, y, loss_mask=mask)
-            with ctx:
+            # Only the last micro-batch all-reduces the gradients; no_sync() is a fresh context every time.
+            sync = ddp is None or micro == grad_accum - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with autocast():
+                    loss = train_model(x, y, loss_mask=mask)
                 (loss / grad_accum).backward()
             loss_sum += loss.detach()
             pending_state = loader_state()
             x, y, mask = _batch_parts(next(batches))
+        if getattr(batches, "epoch", 0) != epoch:
+            epoch = batches.epoch
+            say(f"warning: the training data ran out at step {step + 1}: epoch {epoch + 1} repeats it (a bigger "
+                f"corpus, e.g. more FineWeb-Edu shards, or fewer steps avoids this)")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for opt in optimizers:
@@ -397,7 +464,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         model.zero_grad(set_to_none=True)
         loss_val = (_all_reduce(loss_sum, dist) / (grad_accum * dist.world_size)).item()  # .item() syncs the device
         dt = time.perf_counter() - t0
-        if cfg.max_minutes > 0 and dist.world_size > 1:  # every rank must follow rank 0's clock: same lr, same stop
+        if dist.world_size > 1:  # every rank follows rank 0's clock: the same lr, checkpoints and stop
             dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
             torch_dist.broadcast(dt_t, 0)
             dt = dt_t.item()

@@ -18,7 +18,8 @@ from pretrain.checkpoint import latest_checkpoint
 from pretrain.model import GPT, GPTConfig
 from pretrain.report import read_metrics
 from pretrain.shards import write_shard
-from pretrain.train import Dist, SyntheticLoader, TrainConfig, evaluate_bpb, sample, token_byte_lengths, train
+from pretrain.train import (Dist, SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths,
+                            train)
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,31 +98,39 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus):
 DDP_SCRIPT = """
 import sys, torch
 from pretrain.model import GPT, GPTConfig
+import pretrain.optim
 from pretrain.train import SyntheticLoader, TrainConfig, cleanup_distributed, init_distributed, train
+# fp32 Newton-Schulz: bf16 rounds the differently summed (but equal) gradients of 1 vs 2 ranks apart by ~1e-3.
+pretrain.optim.fast_matmul_dtype = lambda device: torch.float32
 dist = init_distributed("cpu")
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=64, sequence_len=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
 loader = SyntheticLoader(64, 2, 32, seed=0, rank=dist.rank, world_size=dist.world_size)
-cfg = TrainConfig(max_steps=6, total_batch_tokens=128, eval_every=3, eval_batches=1, device="cpu")
+cfg = TrainConfig(max_steps=6, total_batch_tokens=256, eval_every=3, eval_batches=1, device="cpu")
 train(model, cfg, loader, run_dir=sys.argv[1], dist=dist)
 torch.save(model.state_dict(), f"{sys.argv[1]}/weights_rank{dist.rank}.pt")
 cleanup_distributed()
 """
 
 
+def torchrun(script: Path, nproc: int, out: Path, env: dict) -> subprocess.CompletedProcess:
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(out)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
 def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
+    # 256 tokens per step: 4 micro-batches in one process, 2 on each of 2 ranks (no_sync on all but the last).
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(tmp_path / "ddp")], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
+    ddp = torchrun(script, 2, tmp_path / "ddp", env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / "ddp" / f"weights_rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every rank took the same steps
@@ -132,6 +141,24 @@ def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a)
     assert a[6] != a[1]  # and something was learned, not a constant
+
+
+def test_world_size_that_does_not_divide_the_batch_rounds_it(tmp_path):
+    # 3 ranks x 2 x 32 = 192 tokens per micro-step against 256 asked: one micro-batch, said in one line.
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = torchrun(script, 3, tmp_path / "ddp3", env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "256 tokens per step is not a multiple of 192" in run.stdout + run.stderr
+    weights = [torch.load(tmp_path / "ddp3" / f"weights_rank{r}.pt") for r in range(3)]
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in w)
+
+
+@pytest.mark.parametrize("total, micro, want", [(-1, 192, (1, 192)), (256, 192, (1, 192)), (524288, 65536, (8, 524288)),
+                                                (524288, 2 * 8 * 32 * 2048, (1, 1048576)), (1000, 300, (3, 900))])
+def test_accumulation_takes_the_nearest_multiple(total, micro, want):
+    assert accumulation(total, micro) == want
 
 
 class MaskedBatches:
