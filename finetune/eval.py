@@ -1,17 +1,22 @@
-"""Chat evaluation: ``python -m finetune.eval --checkpoint PATH [--base PATH] [--show N]``.
+"""Chat evaluation: ``python -m finetune.eval --checkpoint PATH [--base PATH] [--benchmark mmlu,arc,gsm8k]``.
 
 Generative tasks (held-out arithmetic, letter counting, spelling backwards, word problems, factbook
-capitals; GSM8K when its parquet is given) are scored by exact match after ``tasks.normalize`` of
-the greedy answer. Multiple-choice tasks (largest number, capital of X; MMLU / ARC parquet when
-given) are scored by which option letter the model rates highest right after <|assistant_start|>.
-The table shows the SFT model beside the base model and chance (1/k for multiple choice; for
-generative tasks the share of items whose answer is the eval set's most common answer).
+capitals; GSM8K) are scored by exact match after ``tasks.normalize`` of the greedy answer.
+Multiple-choice tasks (largest number, capital of X; MMLU, ARC) are scored by which option letter
+the model rates highest right after <|assistant_start|>. The table shows the SFT model beside the
+base model and chance (1/k for multiple choice; for generative tasks the share of items whose
+answer is the eval set's most common answer).
 
-Decoding is a plain greedy loop over the model's forward, no KV cache: the reference that the
-serving engine must match token for token (``greedy_decode``).
+Benchmarks named on the command line are downloaded once into $SCRATCHCHAT_HOME/data/benchmarks/,
+from the Hugging Face hub or from a mirror at $SCRATCHCHAT_BENCHMARK_URL/<name>.parquet.
+
+Items run in batches of similar length: one right-padded forward scores many multiple-choice prompts,
+and answers are decoded together through the KV cache, in bf16 on CUDA. ``greedy_decode``, a plain
+loop over the full forward, is the fp32 reference that these batches and the serving engine match.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import sys
@@ -26,6 +31,8 @@ from finetune import tasks
 from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pretrain.download import DownloadError, download
+from pretrain.model import KVCache
 from pretrain.report import append_metrics
 from pretrain.train import config_from_args, dataclass_parser, flag, pick_device
 from tokenizer.files import scratchchat_home
@@ -59,13 +66,48 @@ def letter_ids(tok, n: int) -> list[int]:
     return [i[0] for i in ids]
 
 
+def _padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, list[int]]:
+    """Prompts right-padded with token 0 into one [b, T] batch, and their lengths."""
+    lengths = [len(p) for p in prompts]
+    idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, :len(p)] = torch.tensor(p)
+    return idx.to(device), lengths
+
+
 @torch.no_grad()
-def choose(model, tok, item: Item) -> int:
-    """Index of the option whose letter the model rates highest as the first token of its answer."""
+def choose(model, prompts: list[list[int]], options: list[list[int]]) -> list[int]:
+    """For each prompt, the index into its option token ids of the one the model rates highest next.
+
+    One forward for the batch: attention is causal, so padding after a prompt cannot change the logits
+    at its last real position, which is where each row is read."""
+    idx, lengths = _padded(prompts, next(model.parameters()).device)
+    last = model(idx)[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+    return [int(row[opts].argmax()) for row, opts in zip(last, options)]
+
+
+@torch.no_grad()
+def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: int | None = None) -> list[list[int]]:
+    """greedy_decode of several prompts at once through the KV cache: one right-padded prefill (the cache keeps
+    each row's own length, so the padding is never attended to and is overwritten), then one forward per new
+    token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has."""
     device = next(model.parameters()).device
-    prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
-    logits = model(torch.tensor([prompt], device=device))[0, -1]
-    return int(logits[letter_ids(tok, len(item.choices))].argmax())
+    idx, lengths = _padded(prompts, device)
+    cache = KVCache(model.config, len(prompts), max(lengths) + max_new_tokens, device=device,
+                    dtype=next(model.parameters()).dtype)
+    logits = model(idx, kv_cache=cache, lengths=lengths)[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        for row, token in enumerate(nxt.tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token == stop
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], kv_cache=cache)[:, -1]  # finished rows run on; their tokens are dropped
+    return out
 
 
 def _last_number(text: str) -> str | None:
@@ -90,6 +132,17 @@ def chance(items: list[Item]) -> float:
 
 
 # --- real benchmark files (parquet, as published on the hub) ----------------------------------------
+
+BENCHMARK_URL_ENV = "SCRATCHCHAT_BENCHMARK_URL"  # a mirror serving <name>.parquet for each name below
+_HUB = "https://huggingface.co/datasets"
+BENCHMARKS = {  # name -> the test split as published on the Hugging Face hub
+    "mmlu": f"{_HUB}/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
+    "arc-challenge": f"{_HUB}/allenai/ai2_arc/resolve/main/ARC-Challenge/test-00000-of-00001.parquet",
+    "arc-easy": f"{_HUB}/allenai/ai2_arc/resolve/main/ARC-Easy/test-00000-of-00001.parquet",
+    "gsm8k": f"{_HUB}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+}
+ALIASES = {"arc": ("arc-challenge", "arc-easy")}
+
 
 def load_benchmark(path: str | Path, n: int | None = None, seed: int = 0) -> tuple[str, list[Item]]:
     """(task name, items) from an MMLU, ARC or GSM8K parquet file, recognised by its columns."""
@@ -142,31 +195,71 @@ class TaskResult:
         return self.correct / self.n if self.n else 0.0
 
 
-def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32) -> TaskResult:
-    """Score one task's items with greedy answers (generative) or letter choice (multiple choice)."""
+def _groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices in batches of similar length (sorted, so little padding), each within batch_tokens as rows x the
+    longest row (a row longer than that goes alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not groups or (len(groups[-1]) + 1) * lengths[i] > batch_tokens:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_tokens: int = 8192) -> TaskResult:
+    """Score one task's items with greedy answers (generative) or letter choice (multiple choice), in batches
+    of at most batch_tokens tokens (prompt plus answer, times rows); bf16 autocast on CUDA, fp32 elsewhere."""
     model.eval()
+    device = next(model.parameters()).device
+    end = assistant_end_id(tok)
+    prompts = [render_prompt(tok, [{"role": "user", "content": item.prompt()}]) for item in items]
+    responses: list[tuple[str, str]] = [("", "")] * len(items)  # (answer, how it ended)
+    mc = [k for k, item in enumerate(items) if item.choices]
+    gen = [k for k, item in enumerate(items) if not item.choices]
+    # On CPU autocast is off: answers stay identical to the fp32 reference loop (greedy_decode).
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for group in _groups([len(prompts[k]) for k in mc], batch_tokens):
+            ks = [mc[g] for g in group]
+            picks = choose(model, [prompts[k] for k in ks], [letter_ids(tok, len(items[k].choices)) for k in ks])
+            for k, pick in zip(ks, picks):
+                responses[k] = (tasks.LETTERS[pick], "choice")
+        for group in _groups([len(prompts[k]) + max_new_tokens for k in gen], batch_tokens):
+            ks = [gen[g] for g in group]
+            for k, generated in zip(ks, greedy_decode_batch(model, [prompts[k] for k in ks], max_new_tokens, end)):
+                ending = "<|assistant_end|>" if generated[-1:] == [end] else f"cut at {max_new_tokens} tokens"
+                responses[k] = (answer_text(tok, generated), ending)
     correct, samples = 0, []
-    for item in items:
-        if item.choices:
-            response, ending = tasks.LETTERS[choose(model, tok, item)], "choice"
-        else:
-            prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
-            generated = greedy_decode(model, prompt, max_new_tokens, assistant_end_id(tok))
-            response = answer_text(tok, generated)
-            ended = generated[-1:] == [assistant_end_id(tok)]
-            ending = "<|assistant_end|>" if ended else f"cut at {max_new_tokens} tokens"
+    for item, (response, ending) in zip(items, responses):
         ok = is_correct(item, response)
         correct += ok
         samples.append((item.prompt(), response, item.answer, ok, ending))
     return TaskResult(items[0].task if items else "", len(items), correct, samples)
 
 
+def benchmark_file(name: str) -> Path:
+    """A named benchmark's parquet file, downloaded on first use to $SCRATCHCHAT_HOME/data/benchmarks/<name>/."""
+    mirror = os.environ.get(BENCHMARK_URL_ENV)
+    url = f"{mirror.rstrip('/')}/{name}.parquet" if mirror else BENCHMARKS[name]
+    try:
+        (path,) = download([url], scratchchat_home() / "data" / "benchmarks" / name, progress=False)
+    except DownloadError as e:
+        raise ValueError(f"benchmark {name}: {e}") from None
+    return path
+
+
 def eval_items(n: int, seed: int, benchmarks: list[str]) -> dict[str, list[Item]]:
-    """Held-out items of our own eval tasks, plus any benchmark parquet files."""
+    """Held-out items of our own eval tasks, plus benchmarks: names (see BENCHMARKS) or parquet file paths."""
     out = {t: tasks.generate(t, "eval", n, seed) for t in tasks.EVAL_TASKS}
-    for p in benchmarks:
-        name, items = load_benchmark(p, n, seed)
-        out.setdefault(name, []).extend(items)
+    for spec in benchmarks:
+        if spec in BENCHMARKS or spec in ALIASES:
+            for name in ALIASES.get(spec, (spec,)):  # one row per set: arc-easy and arc-challenge stay apart
+                out.setdefault(name, []).extend(load_benchmark(benchmark_file(name), n, seed)[1])
+        elif Path(spec).is_file():
+            name, items = load_benchmark(spec, n, seed)
+            out.setdefault(name, []).extend(items)
+        else:
+            known = ", ".join([*BENCHMARKS, *ALIASES])
+            raise ValueError(f"--benchmark {spec!r} is neither a benchmark name ({known}) nor a parquet file")
     return out
 
 
@@ -188,7 +281,11 @@ class EvalConfig:
     seed: int = flag(0, "seed for drawing the eval items")
     show: int = flag(0, "print this many answers per task and model")
     max_new_tokens: int = flag(32, "longest generated answer")
-    benchmark: str = flag("", "comma-separated MMLU / ARC / GSM8K parquet files to add")
+    benchmark: str = flag("", "comma-separated benchmarks to add: mmlu, arc (both sets), arc-challenge, arc-easy, "
+                              "gsm8k (downloaded once; $SCRATCHCHAT_BENCHMARK_URL/<name>.parquet if set), "
+                              "or MMLU / ARC / GSM8K parquet files")
+    batch_tokens: int = flag(8192, "tokens per forward pass (rows x longest prompt plus answer); lower it if "
+                                   "memory runs out")
     device: str = flag("auto", "cpu, cuda, mps or auto")
     report_dir: str = flag("", "where chat_eval.md goes (default: $SCRATCHCHAT_HOME/report)")
 
@@ -217,12 +314,12 @@ def run(cfg: EvalConfig) -> str:
             if base_tok is None or base_tok.hash != tok.hash:
                 raise ValueError(f"{base_path}: base checkpoint uses a different tokenizer than {sft_path}")
             models = {"base": (base_path, base_model), **models}
-    items = eval_items(cfg.limit, cfg.seed, [b for b in cfg.benchmark.split(",") if b.strip()])
+    items = eval_items(cfg.limit, cfg.seed, [b.strip() for b in cfg.benchmark.split(",") if b.strip()])
     rows, t0 = [], time.time()
     for task, its in items.items():
         row = {"task": task, "n": len(its), "chance": chance(its)}
         for name, (_, m) in models.items():
-            res = evaluate(m, tok, its, cfg.max_new_tokens)
+            res = evaluate(m, tok, its, cfg.max_new_tokens, cfg.batch_tokens)
             row[name] = res.accuracy
             for prompt, resp, want, ok, ending in res.samples[: cfg.show]:
                 print(f"[{name} {task}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"

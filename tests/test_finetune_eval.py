@@ -1,4 +1,7 @@
-"""Chat evaluation pieces (finetune.eval): greedy decoding, letter choice, scoring, benchmark files."""
+"""Chat evaluation pieces (finetune.eval): greedy decoding, letter choice, batching, scoring, benchmark files
+(from paths, and by name through a local HTTP server standing in for the hub mirror)."""
+from collections import Counter
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +12,7 @@ from finetune import tasks
 from finetune.chat import render_prompt
 from finetune.tasks import Item
 from pretrain.model import GPT, GPTConfig
+from tests.test_download import Server
 from tokenizer import Tokenizer
 
 
@@ -27,7 +31,7 @@ def model(tok):
     return m.eval()
 
 
-def test_greedy_decode_matches_the_kv_cache_path(tok, model):
+def test_greedy_decode_matches_the_kv_cache_path(tok, model, one_thread):
     """The plain loop is the reference the serving engine must match; the model's cached generate does."""
     for text in ["What is 2 + 2?", "Hello there", "Spell 'cat' backwards."]:
         prompt = render_prompt(tok, [{"role": "user", "content": text}])
@@ -50,9 +54,59 @@ def test_choice_is_the_highest_letter_logit(tok, model):
     prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
     logits = model(torch.tensor([prompt]))[0, -1]
     letters = [tok.encode(c)[0] for c in "ABCD"]
-    assert chat_eval.choose(model, tok, item) == int(logits[letters].argmax())
+    want = int(logits[letters].argmax())
+    assert chat_eval.choose(model, [prompt], [letters]) == [want]
     result = chat_eval.evaluate(model, tok, [item])
-    assert result.n == 1 and result.correct == (chat_eval.choose(model, tok, item) == 1)
+    assert result.n == 1 and result.correct == (want == 1)
+
+
+def reference_answers(model, tok, items, max_new_tokens):
+    """The unbatched fp32 reference: one full forward per item (choice) or per generated token (greedy_decode)."""
+    end = chat_eval.assistant_end_id(tok)
+    out = []
+    for item in items:
+        prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
+        if item.choices:
+            logits = model(torch.tensor([prompt]))[0, -1]
+            out.append(tasks.LETTERS[int(logits[chat_eval.letter_ids(tok, len(item.choices))].argmax())])
+        else:
+            out.append(chat_eval.answer_text(tok, chat_eval.greedy_decode(model, prompt, max_new_tokens, end)))
+    return out
+
+
+def test_batched_evaluation_gives_the_reference_answers(tok, model, one_thread):
+    """Prompts of many lengths (right padding, per-row cache lengths), rows that stop at <|assistant_end|> at
+    different steps while others run on, and mixed multiple-choice and generative items in one call."""
+    items = [it for t in ("arithmetic", "reverse", "capital", "largest_mc", "capital_mc")
+             for it in tasks.generate(t, "eval", 6, 0)]
+    items.append(Item("arc", "long", "Which? " + "Think about it carefully. " * 6, "A", ("yes", "no", "maybe")))
+    # A model whose answers end, at different steps: <|assistant_end|> gets the output row of a token that the
+    # random model emits in some answers but not all, scaled up a little so it wins wherever that token would.
+    end = chat_eval.assistant_end_id(tok)
+    prompts = [render_prompt(tok, [{"role": "user", "content": i.prompt()}]) for i in items if not i.choices]
+    answers = [chat_eval.greedy_decode(model, p, 12) for p in prompts]
+    common = Counter(t for a in answers for t in set(a[1:]))  # not the first token: each row says something
+    token = min((t for t, n in common.items() if n < len(answers)), key=lambda t: abs(common[t] - len(answers) / 2))
+    stopper = GPT(model.config)
+    stopper.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        stopper.lm_head.weight[end] = 1.05 * model.lm_head.weight[token]
+    for m in (model, stopper.eval()):
+        want = reference_answers(m, tok, items, 12)
+        for batch_tokens in (1, 200, 8192):  # one row per batch, a few rows, everything at once
+            result = chat_eval.evaluate(m, tok, items, max_new_tokens=12, batch_tokens=batch_tokens)
+            assert [s[1] for s in result.samples] == want, batch_tokens
+            assert result.correct == sum(chat_eval.is_correct(i, a) for i, a in zip(items, want))
+    endings = {s[4] for s in result.samples}
+    assert {"<|assistant_end|>", "cut at 12 tokens", "choice"} <= endings  # the stopper stops some rows only
+
+
+def test_batches_follow_the_token_budget():
+    lengths = [5, 30, 10, 10, 40, 5]
+    groups = chat_eval._groups(lengths, 40)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(len(g) * max(lengths[i] for i in g) <= 40 or len(g) == 1 for g in groups)
+    assert groups == [[0, 5, 2, 3], [1], [4]]  # shortest first; a row longer than the budget goes alone
 
 
 def test_scoring_and_chance():
@@ -101,3 +155,58 @@ def test_table_format():
     table = chat_eval.format_table(rows, ["base", "sft"])
     assert table.splitlines()[0] == "| task | n | chance | base | sft |"
     assert table.splitlines()[2] == "| arithmetic | 10 | 10.0% | 0.0% | 50.0% |"
+
+
+def benchmark_parquets(tmp_path) -> dict[str, bytes]:
+    """Small parquet files in each published format, named as the mirror serves them."""
+    src = tmp_path / "mirror"
+    src.mkdir()
+    pq.write_table(pa.table({"question": [f"Q{i}?" for i in range(5)], "subject": ["s"] * 5,
+                             "choices": [["a", "b", "c", "d"]] * 5, "answer": [0, 1, 2, 3, 0]}), src / "mmlu.parquet")
+    for name, key in (("arc-challenge", "C"), ("arc-easy", "B")):
+        pq.write_table(pa.table({"id": ["x1", "x2"], "question": ["Q1", "Q2"],
+                                 "choices": [{"text": ["x", "y", "z"], "label": ["A", "B", "C"]}] * 2,
+                                 "answerKey": [key, "A"]}), src / f"{name}.parquet")
+    pq.write_table(pa.table({"question": ["Tom has 2 and gets 3. Total?"], "answer": ["2 + 3 = 5\n#### 5"]}),
+                   src / "gsm8k.parquet")
+    return {p.name: p.read_bytes() for p in src.iterdir()}
+
+
+def test_benchmarks_by_name_come_from_the_mirror_once(tmp_path, monkeypatch):
+    srv = Server(benchmark_parquets(tmp_path))
+    try:
+        monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("SCRATCHCHAT_BENCHMARK_URL", srv.url + "/")
+        got = chat_eval.eval_items(3, 0, ["mmlu", "arc", "gsm8k"])
+        assert [k for k in got if k not in tasks.EVAL_TASKS] == ["mmlu", "arc-challenge", "arc-easy", "gsm8k"]
+        assert [len(got[k]) for k in ("mmlu", "arc-challenge", "arc-easy", "gsm8k")] == [3, 2, 2, 1]
+        assert {i.answer for i in got["arc-challenge"]} == {"C", "A"} and got["gsm8k"][0].answer == "5"
+        assert sorted(name for name, _ in srv.log) == sorted(srv.files)
+        bench = tmp_path / "home" / "data" / "benchmarks"
+        assert (bench / "mmlu" / "mmlu.parquet").read_bytes() == srv.files["mmlu.parquet"]
+        chat_eval.eval_items(3, 0, ["arc-easy", str(bench / "mmlu" / "mmlu.parquet")])  # a path still works
+        assert len(srv.log) == 4  # nothing is fetched twice
+    finally:
+        srv.close()
+
+
+def test_benchmark_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="'mmlux' is neither a benchmark name .*arc-easy.* nor a parquet file"):
+        chat_eval.eval_items(1, 0, ["mmlux"])
+    from pretrain.checkpoint import save_checkpoint  # a checkpoint, so the CLI gets as far as the download
+    tok = Tokenizer.train(["What is 2 + 2? The answer is 4."] * 20, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "sft", model, tok, {"step": 1})
+    srv = Server({})  # serves nothing: every file is a 404
+    try:
+        monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
+        monkeypatch.setenv("SCRATCHCHAT_BENCHMARK_URL", srv.url)
+        with pytest.raises(ValueError, match=r"^benchmark gsm8k: .*/gsm8k.parquet: HTTP 404"):
+            chat_eval.eval_items(1, 0, ["gsm8k"])
+        capsys.readouterr()
+        assert chat_eval.main(["--checkpoint", str(tmp_path / "sft"), "--base", "none", "--benchmark", "mmlu"]) == 2
+    finally:
+        srv.close()
+    err = capsys.readouterr().err
+    assert err.startswith("error: benchmark mmlu: ") and "/mmlu.parquet: HTTP 404" in err and err.count("\n") == 1
+    assert not (tmp_path / "report" / "chat_eval.md").exists()
