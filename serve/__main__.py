@@ -1,16 +1,20 @@
 """`python -m serve [--checkpoint PATH]`: serve a checkpoint over the OpenAI-compatible API and the web page.
 
 With no --checkpoint it serves the newest fine-tuned (SFT) checkpoint under $SCRATCHCHAT_HOME. It binds
-127.0.0.1 unless told otherwise; --api-key (or $SCRATCHCHAT_API_KEY) turns on bearer-token auth. On Ctrl-C or
-SIGTERM it stops taking requests, lets running generations finish for --shutdown-grace seconds, then ends
-the rest cleanly (their streams get a finish_reason and [DONE]).
+127.0.0.1 unless told otherwise; $SCRATCHCHAT_API_KEY (or --api-key-file, or --api-key) turns on bearer-token
+auth. On Ctrl-C or SIGTERM it stops taking requests, answers queued ones 503, lets running generations finish
+for --shutdown-grace seconds, then ends the rest cleanly (their streams get a finish_reason and [DONE]).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import math
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +24,13 @@ HELP = {
     "checkpoint": "checkpoint directory (default: newest under $SCRATCHCHAT_HOME/checkpoints/sft)",
     "host": "interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it)",
     "port": "TCP port",
-    "api_key": "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no auth)",
+    "api_key": "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no auth); other users "
+               "can read it in `ps`: prefer the variable or --api-key-file",
+    "api_key_file": "read the API key from the first line of this file",
+    "allowed_hosts": "a Host name to answer besides localhost and IP addresses, e.g. the machine's name on the LAN "
+                     "(repeatable; '*': any)",
+    "header_timeout": "seconds a connection may stay open without a request in progress (idle, or sending headers)",
+    "max_connections": "open connections and requests together; beyond it requests get 503",
     "model_name": "the model id clients send and /v1/models lists",
     "cors_origins": "origins allowed to call the API from a browser (repeatable; default: none)",
     "device": "cpu, cuda, mps or auto",
@@ -36,6 +46,7 @@ HELP = {
     "default_max_tokens": "max_tokens of a chat request that does not say",
     "max_stop": "stop sequences per request",
     "max_body_bytes": "largest request body (413 above it)",
+    "body_timeout": "seconds a client may take to send its request body (408 after it)",
     "request_timeout": "seconds a request may take, queueing included",
     "retry_after": "seconds clients are told to wait (Retry-After) on 429/503",
     "log_level": "uvicorn log level",
@@ -48,8 +59,12 @@ class ServeConfig(Limits):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_key_file: str | None = None
     model_name: str = "scratchchat"
     cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    header_timeout: float = 10.0
+    max_connections: int = 128
     device: str = "auto"
     max_batch: int = 8
     max_queue: int = 64
@@ -66,20 +81,44 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     server, limits = parser.add_argument_group("server"), parser.add_argument_group("per-request limits")
     for f in sorted(dataclasses.fields(ServeConfig), key=lambda f: f.name in limit_names):
         group = limits if f.name in limit_names else server
-        if f.name == "cors_origins":
-            group.add_argument("--cors-origin", dest=f.name, action="append", default=[], help=HELP[f.name])
+        if f.name in ("cors_origins", "allowed_hosts"):
+            flag = {"cors_origins": "--cors-origin", "allowed_hosts": "--allowed-host"}[f.name]
+            group.add_argument(flag, dest=f.name, action="append", default=[], help=HELP[f.name])
             continue
         kind = {"int": int, "float": float}.get(f.type, str)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                            help=HELP[f.name])
     cfg = ServeConfig(**vars(parser.parse_args(argv)))
-    for name in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_total_chars", "max_tokens",
-                 "default_max_tokens", "max_body_bytes"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.request_timeout <= 0 or cfg.shutdown_grace < 0:
-        parser.error("--request-timeout must be positive and --shutdown-grace not negative")
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number of seconds, got {value}")
+        if name in AT_LEAST and value < AT_LEAST[name]:
+            parser.error(f"{flag} must be at least {AT_LEAST[name]}, got {value}")
+        if name in POSITIVE and value <= 0:
+            parser.error(f"{flag} must be more than 0, got {value}")
+    if not 0 <= cfg.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {cfg.port}")
+    if cfg.api_key is not None:
+        print("warning: --api-key is visible to other users in `ps`; prefer $SCRATCHCHAT_API_KEY or --api-key-file",
+              file=sys.stderr)
+    elif cfg.api_key_file is not None:
+        try:
+            cfg.api_key = Path(cfg.api_key_file).expanduser().read_text(encoding="utf-8").partition("\n")[0].strip()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read --api-key-file: {e}")
+    else:
+        cfg.api_key = os.environ.get("SCRATCHCHAT_API_KEY") or None
+    # Clients send the key in an HTTP header, which carries ASCII: any other key could never match.
+    if cfg.api_key is not None and not re.fullmatch(r"[!-~]+", cfg.api_key):
+        parser.error("the API key must be printable ASCII without spaces (HTTP headers carry nothing else)")
     return cfg
+
+
+AT_LEAST = {"max_batch": 1, "max_queue": 1, "max_messages": 1, "max_message_chars": 1, "max_total_chars": 1,
+            "max_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_connections": 1, "max_stop": 0,
+            "retry_after": 0, "threads": 0, "shutdown_grace": 0}
+POSITIVE = ("request_timeout", "body_timeout", "header_timeout")
 
 
 def pick_device(name: str):
@@ -136,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
 
     limits = Limits(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Limits)})
-    api_key = cfg.api_key or os.environ.get("SCRATCHCHAT_API_KEY") or None
-    app = create_app(load, limits=limits, model_name=cfg.model_name, api_key=api_key, cors_origins=cfg.cors_origins)
+    app = create_app(load, limits=limits, model_name=cfg.model_name, api_key=cfg.api_key,
+                     cors_origins=cfg.cors_origins, allowed_hosts=[cfg.host, *cfg.allowed_hosts])  # --host may be a name
 
     class Server(uvicorn.Server):
         """uvicorn, told to end generations cleanly: on a shutdown signal the engine gets `shutdown_grace`
@@ -151,15 +190,73 @@ def main(argv: list[str] | None = None) -> int:
                 state.engine.shutdown(grace=cfg.shutdown_grace)
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets=None) -> None:
+            quiet_accept_errors(asyncio.get_running_loop())
+            await super().startup(sockets)
+
     # The engine thread runs Python between kernels; a shorter GIL switch interval (default 5 ms) lets the event
     # loop thread answer requests and hand out tokens without waiting behind it.
     sys.setswitchinterval(0.001)
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                   http=with_header_timeout(AutoHTTPProtocol, cfg.header_timeout),
+                                   limit_concurrency=cfg.max_connections,
                                    timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5))
     print(f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"
-          + (" with an API key" if api_key else ""), flush=True)
+          + (" with an API key" if cfg.api_key else ""), flush=True)
     server.run()
     return 1 if failed else 0
+
+
+def with_header_timeout(protocol: type, seconds: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has had no request in progress for `seconds` since it
+    opened or since its last response: idle sockets and headers trickled a byte at a time (slowloris) would
+    otherwise hold a file descriptor each for as long as the client likes. (A body sent too slowly is the
+    app's to refuse: Limits.body_timeout.)"""
+
+    class HeaderTimeout(protocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(seconds, self._expire)
+
+        def _expire(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request has started since _arm
+                self.transport.close()
+
+    return HeaderTimeout
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Out of file descriptors, asyncio logs a traceback for every failed accept(); one line a minute says it."""
+    last = -math.inf
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        nonlocal last
+        if not context.get("message", "").startswith("socket.accept() out of system resource"):
+            return loop.default_exception_handler(context)
+        if time.monotonic() - last >= 60:
+            last = time.monotonic()
+            print(f"warning: cannot accept connections ({context.get('exception')}): too many are open; "
+                  "lower --max-connections or --header-timeout, or raise the limit (ulimit -n)", file=sys.stderr,
+                  flush=True)
+
+    loop.set_exception_handler(handle)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,21 @@
 the OpenAPI schema and the web chat page.
 
 Every error a client can cause answers {"error": {"message", "type", "param", "code"}} with a fitting status:
-400 invalid request, 401 missing/wrong API key, 404 unknown model or route, 413 body too large, 429 queue
-full and 503 loading or shutting down (both with Retry-After). Streams are server-sent events ending with
+400 invalid request (or a Host header this server does not answer to), 401 missing/wrong API key, 404 unknown
+model or route, 408 body sent too slowly, 413 body too large, 415 body not sent as JSON, 429 queue full and
+503 loading or shutting down (both with Retry-After). Streams are server-sent events ending with
 `data: [DONE]`; a client that goes away cancels its generation, which frees its slot at the next step.
+
+No request may hurt another: sampling fails per row, tokenization runs one request at a time (a long text
+holds the GIL and would stall the engine thread's decode steps), and text that cannot fit the context is
+refused before it is tokenized.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import math
 import threading
@@ -25,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -45,6 +51,7 @@ class Limits:
     default_max_tokens: int = 512  # chat, when the request does not say; completions default to 16 as OpenAI's
     max_stop: int = 4
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds a client may take to send its request body (408 after)
     request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
     retry_after: int = 1  # seconds suggested to clients told to come back (429/503)
 
@@ -58,9 +65,10 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None) -> Response:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    # ASCII JSON: a message quoting what the client sent (a model name holding a lone surrogate) always encodes.
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
 class State:
@@ -77,20 +85,36 @@ class State:
 
 # ---------------------------------------------------------------- request parsing and validation
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, refusing bodies over `limit` bytes before reading all of them."""
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request body as a JSON object, refusing bodies over the size limit before reading all of them."""
+    # A JSON content type cannot be sent cross-site without a CORS preflight, so a web page the user visits
+    # cannot start generations with a "simple" text/plain or form POST.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got "
+                            f"{media_type or 'no content type'!r})", code="unsupported_media_type")
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        async with asyncio.timeout(limits.body_timeout):  # a body trickled byte by byte must not hold a socket
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
+                       code="request_timeout") from None
+    except ClientDisconnect:  # nobody will read this answer; 499 is how it is counted (nginx's "client closed")
+        raise APIError(499, "the client closed the connection while sending its request", code="client_closed")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     return data
@@ -178,6 +202,16 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
     return out
 
 
+def check_text_can_fit(chars: int, eng: Engine, param: str) -> None:
+    """Refuse, without tokenizing it, text that needs more tokens than the context holds, however it is tokenized:
+    it could never be a prompt, and tokenizing it costs time (the GIL) and memory (the tokenizer's chunk cache)."""
+    at_least = -(-chars // eng.max_token_chars)
+    if at_least >= eng.max_context:
+        raise APIError(400, f"the prompt has {chars} characters, so at least {at_least} tokens, but the model's "
+                            f"context is {eng.max_context} tokens: shorten it", param=param,
+                       code="context_length_exceeded")
+
+
 def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
     if n_tokens >= context:
         raise APIError(400, f"the prompt is {n_tokens} tokens long but the model's context is {context} tokens "
@@ -188,9 +222,19 @@ def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
 # ---------------------------------------------------------------- the app
 
 def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, model_name: str = "scratchchat",
-               api_key: str | None = None, cors_origins: list[str] | None = None) -> Starlette:
-    """The Starlette app. `load` builds the engine; it runs in a thread at startup so /health can say 503 meanwhile."""
+               api_key: str | None = None, cors_origins: list[str] | None = None,
+               allowed_hosts: list[str] | None = None) -> Starlette:
+    """The Starlette app. `load` builds the engine; it runs in a thread at startup so /health can say 503 meanwhile.
+
+    `allowed_hosts`: Host names answered besides localhost and IP addresses ("*": any)."""
     state = State(limits or Limits(), model_name, api_key)
+    one_tokenizer = asyncio.Semaphore(1)
+
+    async def tokenize_off_loop(fn: Callable, *args):
+        """Tokenize in a thread, one request at a time: a dozen at once would hold the GIL in turns and stall
+        the engine's decode steps, and through them every stream."""
+        async with one_tokenizer:
+            return await asyncio.to_thread(fn, *args)
 
     def engine() -> Engine:
         if state.shutting_down:
@@ -240,11 +284,17 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
     async def first_chunk(gen: Generation, it: AsyncIterator[Chunk]) -> Chunk:
         """Wait for the first output before answering, so a request that timed out in the queue still gets a 503."""
         chunk = await anext(it)
+        retry = {"Retry-After": str(state.limits.retry_after)}
         if chunk.finish_reason == "error":
             raise APIError(500, "generation failed on the server; see its log", type="server_error")
         if chunk.finish_reason == "timeout":
             raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
-                           type="server_error", code="timeout", headers={"Retry-After": str(state.limits.retry_after)})
+                           type="server_error", code="timeout", headers=retry)
+        if chunk.finish_reason == "shutdown":
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers=retry)
+        if chunk.finish_reason == "cancelled":  # the client left while queued: the answer goes nowhere
+            raise APIError(499, "the client closed the connection", code="client_closed")
         return chunk
 
     async def run(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
@@ -272,6 +322,8 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
             finally:
                 gen.cancel()  # a no-op once finished; frees the slot if this handler is torn down early
                 watcher.cancel()
+            if chunk.finish_reason == "error":
+                raise APIError(500, "generation failed on the server; see its log", type="server_error")
             return JSONResponse(_completion(kind, rid, created, state.model_name, "".join(parts), chunk))
         watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
 
@@ -288,6 +340,11 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
                     if c.finish_reason is not None:
                         break
                     c = await anext(it)
+                if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
+                    yield _sse({"error": {"message": "generation failed on the server; see its log",
+                                          "type": "server_error", "param": None, "code": None}})
+                    yield "data: [DONE]\n\n"
+                    return
                 yield _sse(_stream_chunk(kind, rid, created, state.model_name, {} if kind == "chat" else "",
                                          _openai_reason(c.finish_reason), usage_wanted))
                 if usage_wanted:
@@ -302,14 +359,15 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
 
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        data = await read_json(request, state.limits.max_body_bytes)
+        data = await read_json(request, state.limits)
         check_model(data)
         eng = engine()
         messages = chat_messages(data, state.limits)
         params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
+        check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
         from finetune.chat import ChatFormatError, render_prompt
         try:
-            prompt = await asyncio.to_thread(render_prompt, eng.tokenizer, messages)  # long texts: off the loop
+            prompt = await tokenize_off_loop(render_prompt, eng.tokenizer, messages)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
         check_prompt_fits(len(prompt), eng.max_context, "messages")
@@ -317,7 +375,7 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
 
     async def completions(request: Request) -> Response:
         authorize(request)
-        data = await read_json(request, state.limits.max_body_bytes)
+        data = await read_json(request, state.limits)
         check_model(data)
         eng = engine()
         prompt = data.get("prompt")
@@ -331,8 +389,9 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
         if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
             raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
         params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
-        # A document starts with <|bos|>, as in training; tokenizing a long prompt happens off the event loop.
-        ids = [eng.tokenizer.bos_id] + await asyncio.to_thread(eng.tokenizer.encode, prompt)
+        check_text_can_fit(len(prompt), eng, "prompt")
+        # A document starts with <|bos|>, as in training.
+        ids = [eng.tokenizer.bos_id] + await tokenize_off_loop(eng.tokenizer.encode, prompt)
         check_prompt_fits(len(ids), eng.max_context, "prompt")
         return await run(request, eng, data, ids, params, "text")
 
@@ -352,19 +411,22 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
 
     async def tokenize(request: Request) -> Response:
         authorize(request)
-        data = await read_json(request, state.limits.max_body_bytes)
+        data = await read_json(request, state.limits)
         eng = engine()
         if "messages" in data:
             from finetune.chat import ChatFormatError, render_prompt
+            messages = chat_messages(data, state.limits)
+            check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
             try:
-                ids = await asyncio.to_thread(render_prompt, eng.tokenizer, chat_messages(data, state.limits))
+                ids = await tokenize_off_loop(render_prompt, eng.tokenizer, messages)
             except ChatFormatError as e:
                 raise APIError(400, str(e), param="messages") from None
         elif isinstance(data.get("text"), str):
             if len(data["text"]) > state.limits.max_total_chars:
                 raise APIError(400, f"'text' has {len(data['text'])} characters; the limit is "
                                     f"{state.limits.max_total_chars}", param="text")
-            ids = await asyncio.to_thread(eng.tokenizer.encode, data["text"])
+            check_text_can_fit(len(data["text"]), eng, "text")
+            ids = await tokenize_off_loop(eng.tokenizer.encode, data["text"])
         else:
             raise APIError(400, "send {'text': str} or {'messages': [...]}", param="text")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_context": eng.max_context})
@@ -416,7 +478,7 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
             state.engine.shutdown(grace=0)
             await asyncio.to_thread(state.engine.join, 5.0)
 
-    middleware = [Middleware(_Count, state=state)]
+    middleware = [Middleware(_Count, state=state), Middleware(_HostCheck, allowed=set(allowed_hosts or []))]
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
@@ -459,6 +521,34 @@ class _Count:
         finally:
             path = scope["path"] if scope["path"] in _ROUTES else "other"
             self.state.requests[(path, status)] += 1
+
+
+class _HostCheck:
+    """Answer only Host names this server is known by (DNS rebinding: a page on evil.example whose name then
+    resolves to 127.0.0.1 would otherwise be same-origin with this API). IP addresses are always fine: a page
+    can only make a browser send a Host it names, and no attacker's page is named by an IP of this server."""
+
+    def __init__(self, app, allowed: set[str]) -> None:
+        self.app, self.allowed = app, {"localhost"} | {h.lower().rstrip(".") for h in allowed}
+
+    def host_ok(self, host: str) -> bool:
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        name = name.lower().rstrip(".")
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.allowed or "*" in self.allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host and not self.host_ok(host):
+                name = ascii(host)
+                response = error_response(400, f"this server does not answer to the Host {name}: start it with "
+                                               f"--allowed-host NAME to add a name", code="invalid_host")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 _ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/tokenize", "/v1/models", "/v1/chat/completions",

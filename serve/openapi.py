@@ -128,7 +128,9 @@ _AUTH = {"401": _error("Missing or wrong API key (when the server has one).")}
 _NOT_READY = {"503": _error("The model is loading, the server is shutting down, or the request timed out "
                             "waiting in the queue.", retry=True)}
 _BODY = {"400": _error("Invalid request: bad JSON, a field out of range, a prompt longer than the context."),
-         "413": _error("Request body larger than the server's limit (--max-body-bytes).")}
+         "408": _error("Request body not received within --body-timeout seconds."),
+         "413": _error("Request body larger than the server's limit (--max-body-bytes)."),
+         "415": _error("Request body not sent as 'Content-Type: application/json'.")}
 
 
 def _generate(summary: str, request: str, response: str) -> dict:
@@ -175,7 +177,8 @@ def openapi_schema(model_name: str) -> dict:
                 "responses": {"200": {"description": "The model.", **_json({"$ref": "#/components/schemas/Model"})},
                               "404": _error("Unknown model."), **_AUTH}}},
             "/tokenize": {"post": {
-                "summary": "Token ids of a text, or of a chat prompt as the model will see it",
+                "summary": "Token ids of a text, or of a chat prompt as the model will see it (400 for text too "
+                           "long to fit the context, refused without tokenizing it)",
                 "security": [{}, {"bearer": []}],
                 "requestBody": {"required": True, **_json({"oneOf": [
                     _object(["text"], {"text": {"type": "string"}}),

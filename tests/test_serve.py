@@ -303,7 +303,8 @@ def test_prompt_longer_than_the_context_is_400_with_both_lengths(server, tok):
 
 
 def test_bad_json_unknown_model_unknown_route_and_oversized_body(server):
-    error_of(httpx.post(server + "/v1/chat/completions", content=b"{not json"), 400)
+    error_of(httpx.post(server + "/v1/chat/completions", content=b"{not json",
+                        headers={"Content-Type": "application/json"}), 400)
     error_of(httpx.post(server + "/v1/chat/completions", json=[1, 2]), 400)
     err = error_of(httpx.post(server + "/v1/chat/completions", json={"model": "gpt-9", "messages": user("x")}), 404)
     assert err["code"] == "model_not_found" and "gpt-9" in err["message"]
@@ -311,7 +312,8 @@ def test_bad_json_unknown_model_unknown_route_and_oversized_body(server):
     error_of(httpx.get(server + "/v1/nothing-here"), 404)
     error_of(httpx.get(server + "/v1/chat/completions"), 405)
     big = json.dumps({"messages": user("x" * (2 << 20))}).encode()
-    err = error_of(httpx.post(server + "/v1/chat/completions", content=big), 413)
+    err = error_of(httpx.post(server + "/v1/chat/completions", content=big,
+                              headers={"Content-Type": "application/json"}), 413)
     assert err["code"] == "request_too_large"
 
 
