@@ -2,7 +2,9 @@
 
 It reads only the files the stages left behind (corpus and token manifests, tokenizer.json, checkpoints'
 config.json and metrics.jsonl, the chat eval's metrics, logs/ and speedrun.sh's stage times), so it can be
-rerun on its own at any time. A stage that has not run yet gets a one-line note instead of its section.
+rerun on its own at any time. The cost estimate counts every GPU of every node for the run's wall time:
+`python scripts/report.py --gpu-hour-cost X --gpus G --nodes N` (G GPUs per node, N nodes). A stage that has
+not run yet gets a one-line note instead of its section.
 The output is plain markdown (tables, links to the PNG plots) that reads on GitHub and in a terminal.
 """
 from __future__ import annotations
@@ -29,12 +31,12 @@ from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
 from pretrain.train import config_from_args, dataclass_parser, flag, pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from tokenizer.files import iter_texts, scratchchat_home  # noqa: E402
+from tokenizer.files import scratchchat_home  # noqa: E402
 from tokenizer.reference import reference_tokenizers  # noqa: E402
 
-STAGES = ("corpus", "tokenizer", "download", "tokens", "pretrain", "sft", "eval")
 SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?")
 VAL_BYTES = 2_000_000  # enough held-out text for a stable bytes/token, quick to encode with three vocabularies
+VAL_BATCH_ROWS = 256  # documents per parquet read: a FineWeb-Edu val shard holds ~250 M characters
 
 
 @dataclass
@@ -42,6 +44,8 @@ class ReportConfig:
     home: str = flag("", "the speedrun's artifacts (default: $SCRATCHCHAT_HOME)")
     out: str = flag("", "where to write the report (default: <home>/report/report.md)")
     gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate on GPU (e.g. an H100)")
+    gpus: int = flag(-1, "GPUs per node in the cost estimate (-1: the GPUs torch sees here)")
+    nodes: int = flag(1, "nodes the run used: the cost counts gpus x nodes")
     samples: int = flag(3, "sample conversations with the SFT model, from fixed prompts (0: none)")
     max_new_tokens: int = flag(48, "longest sample answer in tokens")
     device: str = flag("auto", "where the sample conversations run: cpu, cuda, mps or auto")
@@ -75,20 +79,37 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
 
+def _count(x) -> str:
+    """A count with thousands separators; "-" where a manifest does not know it (FineWeb-Edu counts no chars)."""
+    return f"{x:,}" if isinstance(x, (int, float)) else "-"
+
+
 def _missing(what: str, command: str) -> list[str]:
     return [f"_No {what} yet: run `{command}`._"]
 
 
 def stage_times(home: Path) -> dict[str, tuple[float, float]]:
-    """(start, end) epoch seconds of each stage's last run, as speedrun.sh records them."""
+    """(start, end) epoch seconds of each stage's last run, from speedrun/<stage>.time as speedrun.sh records
+    them (setup and download included), in the order the stages started. An unreadable file is left out."""
     out = {}
-    for name in STAGES:
+    for path in (home / "speedrun").glob("*.time"):
         try:
-            start, end = map(float, (home / "speedrun" / f"{name}.time").read_text().split())
+            start, end = map(float, path.read_text().split())
         except (OSError, ValueError):
             continue
-        out[name] = (start, end)
-    return out
+        out[path.stem] = (start, end)
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def total_seconds(times: dict[str, tuple[float, float]]) -> float:
+    """Wall time of the run: from the earliest start to the latest end. Stages overlap (the download runs beside
+    the tokenizer), so their sum would count some time twice."""
+    return max(end for _, end in times.values()) - min(start for start, _ in times.values())
+
+
+def cost(seconds: float, gpus: int, nodes: int, gpu_hour_cost: float) -> float:
+    """Dollars for the run: every GPU of every node is rented for its whole wall time."""
+    return seconds / 3600 * gpus * nodes * gpu_hour_cost
 
 
 def steady_rate(records: list[dict], key: str) -> float | None:
@@ -149,12 +170,7 @@ def tokenizer_section(home: Path, times: dict) -> list[str]:
     val = _val_files(home)
     if not val:
         return lines
-    texts, n_bytes = [], 0
-    for t in iter_texts(val):
-        texts.append(t)
-        n_bytes += len(t.encode("utf-8", "replace"))
-        if n_bytes >= VAL_BYTES:
-            break
+    texts, n_bytes = val_sample(val, VAL_BYTES)
     if not n_bytes:
         return lines
     rows = []
@@ -164,6 +180,26 @@ def tokenizer_section(home: Path, times: dict) -> list[str]:
     where = ", ".join(f"`{Path(p).relative_to(home)}`" for p in val)
     return lines + [f"Compression on {n_bytes:,} bytes of held-out text ({where}; higher is better):", "",
                     *_table(["tokenizer", "vocab", "tokens", "bytes/token"], rows)]
+
+
+def val_sample(files: list[Path], max_bytes: int) -> tuple[list[str], int]:
+    """The first documents of the parquet files, until max_bytes of UTF-8 (and that byte count). Read a few
+    hundred rows at a time: iter_texts reads 65,536 rows at once, a whole FineWeb-Edu shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts, n_bytes = [], 0
+    for path in files:
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=VAL_BATCH_ROWS, columns=["text"]):
+                for t in filter(None, batch.column(0).to_pylist()):
+                    texts.append(t)
+                    n_bytes += len(t.encode("utf-8", "replace"))
+                    if n_bytes >= max_bytes:
+                        return texts, n_bytes
+        except (pa.ArrowException, OSError) as e:  # pyarrow raises many types for a bad file; the user needs one line
+            raise ValueError(f"{path}: cannot read its 'text' column ({e})") from None
+    return texts, n_bytes
 
 
 def _val_files(home: Path) -> list[Path]:
@@ -185,20 +221,21 @@ def data_section(home: Path) -> list[str]:
         return lines + _missing("corpus", "python -m pretrain.data default")
     for d in corpora:
         m = _json(d / "manifest.json") or {}
-        rows = [[s.get("name", "?"), s.get("origin", "?"), s.get("license", "?"), f"{s.get('docs', 0):,}",
-                 f"{s.get('chars', 0):,}"] for s in m.get("sources", [])]
+        rows = [[s.get("name", "?"), s.get("origin", "?"), s.get("license", "?"), _count(s.get("docs")),
+                 _count(s.get("chars"))] for s in m.get("sources", [])]
         lines += [f"Corpus `{d.name}` (`data/{d.name}/manifest.json`):", ""]
         if rows:
             lines += [*_table(["source", "origin", "license", "docs", "chars"], rows), ""]
         splits = m.get("splits", {})
         if splits:
-            lines += [", ".join(f"{k}: {v.get('docs', 0):,} docs / {v.get('chars', 0):,} chars"
+            lines += [", ".join(f"{k}: {_count(v.get('docs'))} docs / {_count(v.get('chars'))} chars"
                                 for k, v in splits.items()) + ".", ""]
     for d in sorted(d for d in (home / "tokens").glob("*") if (d / "manifest.json").is_file()):
         m = _json(d / "manifest.json") or {}
-        rows = [[k, f"{v.get('tokens', 0):,}", f"{v.get('docs', 0):,}", len(v.get("files", [])),
-                 f"{v.get('bytes_per_token', 0):.3f}"] for k, v in m.get("splits", {}).items()]
-        lines += [f"Tokens `{d.name}` (vocab {m.get('vocab_size', '?'):,}, {m.get('dtype', '?')} shards, "
+        rows = [[k, _count(v.get("tokens")), _count(v.get("docs")), len(v.get("files", [])),
+                 f"{v['bytes_per_token']:.3f}" if v.get("bytes_per_token") is not None else "-"]
+                for k, v in m.get("splits", {}).items()]
+        lines += [f"Tokens `{d.name}` (vocab {_count(m.get('vocab_size'))}, {m.get('dtype', '?')} shards, "
                   f"tokenizer `{str(m.get('tokenizer_hash', '?'))[:12]}`):", "",
                   *_table(["split", "tokens", "docs", "shards", "bytes/token"], rows), ""]
     return lines
@@ -313,14 +350,14 @@ def time_section(times: dict, gpus: int, cfg: ReportConfig) -> list[str]:
     if not times:
         return lines + ["_No stage times: they are recorded by `bash speedrun.sh`._"]
     rows = [[name, _duration(end - start), f"`logs/{name}.log`"] for name, (start, end) in times.items()]
-    # Stages run one after another (the download overlaps the tokenizer), so the work is the span they cover.
-    total = sum(end - start for name, (start, end) in times.items() if name != "download")
-    lines += [*_table(["stage", "time", "log"], rows), "", f"Total: **{_duration(total)}** "
-              f"(the sum of the stages' last runs; a stage skipped by a rerun keeps its earlier time)."]
+    total = total_seconds(times)
+    lines += [*_table(["stage", "time", "log"], rows), "", f"Total: **{_duration(total)}** (wall time from the "
+              f"first stage's start to the last one's end; after a rerun that skipped finished stages, both runs)."]
     if gpus:
-        cost = total / 3600 * gpus * cfg.gpu_hour_cost
-        lines += ["", f"Estimated cost: **${cost:,.2f}** ({gpus} GPU x {total / 3600:.2f} h x "
-                      f"${cfg.gpu_hour_cost:.2f}/GPU-hour; `--gpu-hour-cost` to change)."]
+        dollars = cost(total, gpus, cfg.nodes, cfg.gpu_hour_cost)
+        lines += ["", f"Estimated cost: **${dollars:,.2f}** ({cfg.nodes} node(s) x {gpus} GPU x "
+                      f"{total / 3600:.2f} h x ${cfg.gpu_hour_cost:.2f}/GPU-hour; `--gpu-hour-cost`, `--gpus`, "
+                      f"`--nodes` to change)."]
     return lines
 
 
@@ -328,16 +365,19 @@ def build(cfg: ReportConfig) -> str:
     home = Path(cfg.home) if cfg.home else scratchchat_home()
     if not home.is_dir():
         raise ValueError(f"{home} does not exist: run bash speedrun.sh first (or pass --home)")
-    gpus = torch.cuda.device_count()
+    if cfg.gpus < -1 or cfg.nodes < 1 or cfg.gpu_hour_cost < 0:
+        raise ValueError(f"--gpus must be >= 0 (or -1), --nodes >= 1 and --gpu-hour-cost >= 0; got {cfg.gpus}, "
+                         f"{cfg.nodes} and {cfg.gpu_hour_cost}")
+    here = torch.cuda.device_count()
+    gpus = here if cfg.gpus == -1 else cfg.gpus
     times = stage_times(home)
     pre, figures = pretrain_section(home)
     head = ["# scratchchat report card", "",
             f"Artifacts: `{home}`. Written by `python scripts/report.py` from the files the stages left."]
     if figures.get("val_bpb") is not None:
         head += ["", f"**{figures['params'] / 1e6:.1f}M parameters, val {figures['val_bpb']:.4f} bits/byte"
-                     + (f", {_duration(sum(e - s for n, (s, e) in times.items() if n != 'download'))} in all"
-                        if times else "") + "**"]
-    sections = [head, environment(gpus), tokenizer_section(home, times), data_section(home), pre,
+                     + (f", {_duration(total_seconds(times))} in all" if times else "") + "**"]
+    sections = [head, environment(here), tokenizer_section(home, times), data_section(home), pre,
                 sft_section(home), eval_section(home), samples_section(home, cfg), time_section(times, gpus, cfg)]
     return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
 
