@@ -87,7 +87,8 @@ def choose(model, prompts: list[list[int]], options: list[list[int]]) -> list[in
 
 
 @torch.no_grad()
-def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: int | None = None) -> list[list[int]]:
+def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int,
+                        stop: int | None = None) -> list[list[int]]:
     """greedy_decode of several prompts at once through the KV cache: one right-padded prefill (the cache keeps
     each row's own length, so the padding is never attended to and is overwritten), then one forward per new
     token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has."""
