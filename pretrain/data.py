@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +57,24 @@ def _summary(manifest: dict, out: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # fineweb-edu
+
+
+# nanochat's measurements of FineWeb-Edu (karpathy/fineweb-edu-100b-shuffle) with a 65,536-token vocabulary.
+FINEWEB_CHARS_PER_SHARD = 250e6
+FINEWEB_CHARS_PER_TOKEN = 4.8
+
+
+def fineweb_shards_for(depth: int, vocab_size: int, param_data_ratio: float = 20.0, sequence_len: int = 2048) -> int:
+    """Train shards that hold the token budget (param_data_ratio x parameters) of a depth-`depth` model, with 10%
+    to spare, so pretraining never wraps into a second epoch: 237 for depth 20 (~560 M parameters)."""
+    import torch
+
+    from pretrain.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        params = GPT(GPTConfig.from_depth(depth, vocab_size, sequence_len)).num_params()
+    chars = param_data_ratio * params * FINEWEB_CHARS_PER_TOKEN
+    return max(1, math.ceil(1.1 * chars / FINEWEB_CHARS_PER_SHARD))
 
 
 def fineweb_corpus(shards: int, out_dir: Path, val_shard: int = FINEWEB_LAST_SHARD, base_url: str | None = None,

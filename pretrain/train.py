@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +299,19 @@ def accumulation(total_batch_tokens: int, micro_tokens: int) -> tuple[int, int]:
     return steps, steps * micro_tokens
 
 
+def check_ranks_agree(model: torch.nn.Module, dist: Dist) -> None:
+    """Raise if the ranks' weights differ (they must take identical steps): a checksum per parameter, compared
+    by its min and max over ranks, before every checkpoint."""
+    if dist.world_size == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    low, high = sums.clone(), sums.clone()
+    torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+    torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the ranks' weights have diverged; this is a bug, please report it")
+
+
 def _resume_point(run_dir: Path, dist: Dist) -> Path:
     """The newest checkpoint that every rank can read: on node-local disks a kill during a save may have left
     one node a step ahead, so all ranks take the lowest of their newest steps."""
@@ -353,7 +367,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         step, elapsed, tokens_seen = m["step"], m["elapsed"], m["tokens"]
         if "loader" in m and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(m["loader"])
-        say(f"resumed from {path} at step {step}")
+        print(f"resumed from {path} at step {step}" + (f" (rank {dist.rank})" if dist.world_size > 1 else ""))
         resumed_from = path
     start_step = step
 
@@ -363,7 +377,9 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     train_model = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = train_model = DDP(model, device_ids=[dist.local_rank] if cuda else None, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only this name
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = train_model = DDP(model, device_ids=[dist.local_rank] if cuda else None, broadcast_buffers=False)
     compile_on = cuda if cfg.compile is None else cfg.compile
     if compile_on:
         train_model = torch.compile(train_model)
@@ -431,6 +447,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
                       "loader": pending_state, "total_steps": total_steps,
                       "metrics": {k: v for k, v in result.items() if k in ("val_bpb", "val_loss", "loss")}}
             ckpt_path = run_dir / f"step_{step:06d}"
+            check_ranks_agree(model, dist)
             if dist.fs_main:  # one copy per filesystem: on node-local disks every node keeps its own
                 save_checkpoint(ckpt_path, model, tokenizer, record, optimizers)
                 prune_checkpoints(run_dir, cfg.keep_last)
@@ -487,6 +504,8 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
                 bar.total = min(total_steps, max(step, round(step / progress())))
             bar.update(1)
     bar.close()
+    if dist.world_size > 1 and cfg.save_every >= 0:
+        say(f"weights identical on all {dist.world_size} ranks at every checkpoint")
 
     if dist.is_main:
         name = run_dir.name

@@ -36,6 +36,7 @@ class TrainConfig:
     out: str = flag("", "where to write tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
     pattern: str = flag("gpt4", f"split pattern: one of {', '.join(PATTERNS)}, or a regex")
     workers: int = flag(0, "processes that split the text (0: all cores)")
+    max_chars: int = flag(0, "train on the first N characters of the input, whole documents (0: all of it)")
 
 
 @dataclass
@@ -89,13 +90,25 @@ def _load(path: str) -> Tokenizer:
     return Tokenizer.load(Path(path) if path else default_tokenizer_path())
 
 
+def _first_chars(texts, limit: int):
+    """Documents until `limit` characters have gone by (web-scale corpora: a sample trains a tokenizer as well)."""
+    for text in texts:
+        if limit <= 0:
+            return
+        yield text
+        limit -= len(text)
+
+
 def train(cfg: TrainConfig) -> None:
     pattern = PATTERNS.get(cfg.pattern, cfg.pattern)
     out = Path(cfg.out) if cfg.out else default_tokenizer_path()
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name like {out / 'tokenizer.json'}")
     t0 = time.time()
-    tok = Tokenizer.train(iter_texts(cfg.input), cfg.vocab_size, pattern, progress=True, workers=cfg.workers or None)
+    texts = iter_texts(cfg.input)
+    if cfg.max_chars > 0:
+        texts = _first_chars(texts, cfg.max_chars)
+    tok = Tokenizer.train(texts, cfg.vocab_size, pattern, progress=True, workers=cfg.workers or None)
     if tok.vocab_size < cfg.vocab_size:
         print(f"note: the text only had pairs for {tok.vocab_size} tokens (asked for {cfg.vocab_size})", file=sys.stderr)
     tok.save(out)
