@@ -30,7 +30,7 @@ HELP = {
     "allowed_hosts": "a Host name to answer besides localhost and IP addresses, e.g. the machine's name on the LAN "
                      "(repeatable; '*': any)",
     "header_timeout": "seconds a connection may stay open without a request in progress (idle, or sending headers)",
-    "max_connections": "open connections and requests together; beyond it requests get 503",
+    "max_connections": "open connections: beyond it new ones are closed at once (and requests get 503 at it)",
     "model_name": "the model id clients send and /v1/models lists",
     "cors_origins": "origins allowed to call the API from a browser (repeatable; default: none)",
     "device": "cpu, cuda, mps or auto",
@@ -197,28 +197,37 @@ def main(argv: list[str] | None = None) -> int:
     # The engine thread runs Python between kernels; a shorter GIL switch interval (default 5 ms) lets the event
     # loop thread answer requests and hand out tokens without waiting behind it.
     sys.setswitchinterval(0.001)
+    raise_file_limit()
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                   http=with_header_timeout(AutoHTTPProtocol, cfg.header_timeout),
+                                   http=guarded(AutoHTTPProtocol, cfg.header_timeout, cfg.max_connections),
                                    limit_concurrency=cfg.max_connections,
                                    timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5))
     print(f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"
           + (" with an API key" if cfg.api_key else ""), flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: no traceback for that
+        return 130
     return 1 if failed else 0
 
 
-def with_header_timeout(protocol: type, seconds: float) -> type:
-    """uvicorn's HTTP protocol, closing a connection that has had no request in progress for `seconds` since it
-    opened or since its last response: idle sockets and headers trickled a byte at a time (slowloris) would
-    otherwise hold a file descriptor each for as long as the client likes. (A body sent too slowly is the
-    app's to refuse: Limits.body_timeout.)"""
+def guarded(protocol: type, header_timeout: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has had no request in progress for `header_timeout`
+    seconds since it opened or since its last response: idle sockets and headers trickled a byte at a time
+    (slowloris) would otherwise hold a file descriptor each for as long as the client likes. Connections beyond
+    `max_connections` are closed at once, so that slow clients cannot use up the process's file descriptors
+    (uvicorn's limit_concurrency only answers their requests 503). A body sent too slowly is the app's to
+    refuse: Limits.body_timeout."""
 
-    class HeaderTimeout(protocol):
+    class Guarded(protocol):
         _timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
             self._arm()
 
         def on_response_complete(self) -> None:
@@ -233,13 +242,24 @@ def with_header_timeout(protocol: type, seconds: float) -> type:
         def _arm(self) -> None:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self.loop.call_later(seconds, self._expire)
+            self._timer = self.loop.call_later(header_timeout, self._expire)
 
         def _expire(self) -> None:
             if self.cycle is None or self.cycle.response_complete:  # no request has started since _arm
                 self.transport.close()
 
-    return HeaderTimeout
+    return Guarded
+
+
+def raise_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each connection is a file, and running out makes
+    asyncio's accept loop spin (and log) until connections close. --max-connections stays far below it."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # no such limit here (Windows), or one the OS won't grant (macOS)
+        pass
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -333,3 +333,32 @@ def test_a_request_queued_at_shutdown_gets_503(one_slot):
     holder.close()
     err = error_of(results[0], 503)
     assert err["code"] == "shutting_down" and results[0].headers["retry-after"]
+
+
+# ---------------------------------------------------------------- out of file descriptors
+
+@pytest.mark.parametrize("max_connections", [128, 20])
+def test_a_low_file_limit_and_many_idle_sockets_leave_health_answering(checkpoint, tmp_path, max_connections):
+    """100 idle sockets against a server started with a soft limit of 40 open files. It used to run out, write
+    asyncio's traceback for every failed accept() (hundreds of MB in seconds) and stop answering. Now it lifts
+    the soft limit to the hard one, closes connections beyond --max-connections at once, and idle ones after the
+    header timeout."""
+    log = tmp_path / "serve.log"
+    with running_server(checkpoint, "--header-timeout", "1", "--max-connections", str(max_connections),
+                        log=log, fd_limit=40) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
+        t0 = time.monotonic()
+        wait_for(lambda: _health_ok(url), 10)
+        assert time.monotonic() - t0 < HEADER_TIMEOUT + 1
+        for s in sockets:
+            s.close()
+    text = log.read_text()
+    assert "Traceback" not in text and len(text) < 1000, text[:2000]
+
+
+def _health_ok(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
