@@ -137,7 +137,8 @@ class TokenizeConfig:
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file (100 MB at uint16)"})
     workers: int = field(default=0, metadata={"help": "encode_batch processes (0: all cores)"})
     # Text handed to encode_batch at once: enough to amortise starting the worker processes.
-    chunk_chars: int = field(default=4_000_000, metadata={"help": "characters encoded per encode_batch call"})
+    chunk_chars: int = field(default=0, metadata={"help": "characters encoded per encode_batch call (0: 4 M, or "
+                                                          "0.5 M per worker where that is more)"})
     force: bool = field(default=False, metadata={"help": "re-tokenize even when the shards are up to date"})
 
 
@@ -195,7 +196,7 @@ def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
 
 
 def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50_000_000, workers: int | None = None,
-                    chunk_chars: int = 4_000_000, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
+                    chunk_chars: int = 0, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
     """Encode every document of the corpus, each preceded by <|bos|>, into `out_dir` shards.
 
     Returns (manifest, built). The output directory is assembled beside the final one and swapped in,
@@ -211,6 +212,9 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
     if shard_tokens < 1:
         raise CorpusError(f"shard_tokens must be >= 1, got {shard_tokens}")
 
+    # encode_batch cuts a call into tasks of >= 128 k characters: a call must hold a few per worker, or a 200-core
+    # node would keep ~31 of them busy.
+    chunk_chars = chunk_chars or max(4_000_000, 512_000 * (workers or os.cpu_count() or 1))
     dtype = dtype_for_vocab(tok.vocab_size)
     bos = np.array([tok.bos_id], dtype=dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
