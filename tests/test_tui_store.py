@@ -60,19 +60,105 @@ def test_prompt_history_is_oldest_first_across_chats(store):
     assert store.user_prompts(limit=2) == ["two", "three"]
 
 
-def test_recover_marks_streaming_rows_interrupted_on_reopen(tmp_path):
+WRITER = """
+import sys, time
+from tui.store import Store
+s = Store(sys.argv[1])
+chat = s.create_chat("c")
+s.add_message(chat.id, "assistant", "half an ans", status="streaming")
+s.add_message(chat.id, "assistant", "whole", status="done")
+print(chat.id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_recover_marks_the_answers_of_a_killed_process_interrupted(tmp_path):
     path = tmp_path / "chats.db"
-    s = Store(path)
-    chat = s.create_chat("c")
-    s.add_message(chat.id, "assistant", "half an ans", status="streaming")
-    s.add_message(chat.id, "assistant", "whole", status="done")
-    # No close(): like a killed process. A second connection sees the committed rows.
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        chat_id = int(writer.stdout.readline())
+        live = Store(path)
+        assert live.recover() == 0  # its writer is still running: a second instance leaves its answer alone
+        assert [m.status for m in live.messages(chat_id)] == ["streaming", "done"]
+        live.close()
+    finally:
+        writer.kill()  # SIGKILL: no close(), no cleanup
+        writer.wait()
     again = Store(path)
     assert again.recover() == 1
-    assert [(m.content, m.status) for m in again.messages(chat.id)] == [("half an ans", "interrupted"), ("whole", "done")]
+    assert [(m.content, m.status) for m in again.messages(chat_id)] == [("half an ans", "interrupted"),
+                                                                     ("whole", "done")]
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert list((tmp_path / "chats.db-owners").iterdir()) == [again._owners / again.owner]  # no litter
     again.close()
+
+
+def test_a_second_instance_in_one_process_leaves_a_live_answer_alone(tmp_path):
+    first = Store(tmp_path / "chats.db")
+    chat = first.create_chat("c")
+    answer = first.add_message(chat.id, "assistant", "so far", status="streaming")
+    second = Store(tmp_path / "chats.db")
+    assert second.recover() == 0 and first.recover() == 0
+    answer.content, answer.status = "so far, and done", "done"
+    first.update_message(answer)
+    assert [(m.content, m.status) for m in second.messages(chat.id)] == [("so far, and done", "done")]
+    first.close()
+    second.close()
+
+
+def test_a_store_from_before_owners_is_migrated_and_recovered(tmp_path):
+    import sqlite3
+    path = tmp_path / "chats.db"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_WITHOUT_OWNER)
+    old.execute("INSERT INTO chats (title, created, updated) VALUES ('c', 1, 1)")
+    old.execute("INSERT INTO messages (chat_id, role, content, status, created) VALUES (1, 'assistant', 'x', "
+                "'streaming', 1)")
+    old.commit()
+    old.close()
+    s = Store(path)
+    assert s.recover() == 1 and s.messages(1)[0].status == "interrupted"
     s.close()
+
+
+def test_files_are_private(tmp_path):
+    path = tmp_path / "new" / "chats.db"
+    s = Store(path)
+    s.create_chat("secret")
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.is_file()} == {
+        "chats.db": 0o600, "chats.db-wal": 0o600, "chats.db-shm": 0o600}
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    s.close()
+    old = tmp_path / "old.db"  # made world-readable by an older version
+    Store(old).close()
+    old.chmod(0o644)
+    Store(old).close()
+    assert old.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_write_blocked_by_another_program_is_a_store_error(tmp_path):
+    import sqlite3
+    path = tmp_path / "chats.db"
+    s = Store(path, busy_timeout=0.2)
+    chat = s.create_chat("c")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another program holding the write lock
+    with pytest.raises(StoreError, match=f"cannot write the chat store at {path}: database is locked"):
+        s.add_message(chat.id, "user", "hi")
+    other.execute("ROLLBACK")
+    s.add_message(chat.id, "user", "hi")  # and it works again once the other program lets go
+    other.close()
+    s.close()
+
+
+SCHEMA_WITHOUT_OWNER = """
+CREATE TABLE chats (id INTEGER PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '', temperature REAL NOT NULL DEFAULT 0.7,
+    max_tokens INTEGER NOT NULL DEFAULT 512, model TEXT NOT NULL DEFAULT '');
+CREATE TABLE messages (id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL, content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'done', error TEXT NOT NULL DEFAULT '',
+    prompt_tokens INTEGER, completion_tokens INTEGER, tokens_per_s REAL, created REAL NOT NULL);
+"""
 
 
 def test_exports(store):

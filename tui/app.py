@@ -7,6 +7,7 @@ the server; every answer is written to the store while it streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -26,7 +27,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, Markdown, Opti
 from textual.widgets.option_list import Option
 
 from .client import Finish, ServerError, Usage, list_models, make_http, stream_chat
-from .store import Chat, Message, Store, default_db_path, write_atomic
+from .store import Chat, Message, Store, StoreError, default_db_path, write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
@@ -524,18 +525,23 @@ class ChatApp(App[None]):
         self.prompt.remember(text)
         self.prompt.clear()
         self.prompt.border_title = None
-        if self.editing is not None:
-            await self._drop_from(self.editing)
-            self.editing = None
-        if not self.chat.id:
-            c = self.chat
-            title = text.strip().splitlines()[0][:48]
-            self.chat = self.store.create_chat(title=title, system_prompt=c.system_prompt,
-                                               temperature=c.temperature, max_tokens=c.max_tokens, model=c.model)
-            self.title = self.chat.title
+        try:
+            if self.editing is not None:
+                await self._drop_from(self.editing)
+                self.editing = None
+            if not self.chat.id:
+                c = self.chat
+                title = text.strip().splitlines()[0][:48]
+                self.chat = self.store.create_chat(title=title, system_prompt=c.system_prompt,
+                                                   temperature=c.temperature, max_tokens=c.max_tokens, model=c.model)
+                self.title = self.chat.title
+            message = self.store.add_message(self.chat.id, "user", text)
+        except StoreError as exc:  # another program holds the chat file: say so, and keep the prompt to resend
+            self.notify(str(exc), severity="error", timeout=10)
+            self.prompt.load_text(text)
+            return
         for empty in self.conversation.query("#empty"):
             await empty.remove()
-        message = self.store.add_message(self.chat.id, "user", text)
         await self.conversation.mount(MessageView(message))
         self.conversation.anchor()  # sending jumps to the bottom and follows the answer again
         self.generate()
@@ -558,9 +564,13 @@ class ChatApp(App[None]):
     @work(exclusive=True, group="generate")
     async def generate(self) -> None:
         """Stream one answer into the conversation and the store."""
-        self._generating = True
         payload = self._payload()
-        message = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
+        try:
+            message = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
+        except StoreError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self._generating = True
         view = MessageView(message)
         await self.conversation.mount(view)
         stream = Markdown.get_stream(view.query_one(Markdown))
@@ -574,7 +584,8 @@ class ChatApp(App[None]):
                     await stream.write(item)
                     # Saving every chunk would cost a transaction per token; a kill loses at most this much.
                     if time.monotonic() - last_save > 0.2:
-                        self.store.update_message(message)
+                        with contextlib.suppress(StoreError):  # busy: the next save (or the last) writes it
+                            self.store.update_message(message)
                         last_save = time.monotonic()
                 elif isinstance(item, Usage):
                     message.prompt_tokens, message.completion_tokens = item.prompt_tokens, item.completion_tokens
@@ -592,7 +603,10 @@ class ChatApp(App[None]):
             elapsed = time.monotonic() - start
             if message.completion_tokens and elapsed > 0:
                 message.tokens_per_s = message.completion_tokens / elapsed
-            self.store.update_message(message)
+            try:
+                self.store.update_message(message)
+            except StoreError as exc:
+                self.notify(f"the answer was not saved: {exc}", severity="error", timeout=10)
             await stream.stop()
             view.refresh_meta()
             self._generating = False

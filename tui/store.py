@@ -2,19 +2,30 @@
 
 WAL journaling plus one transaction per change means a process killed at any instant
 leaves the previous committed state: never a torn row. An answer is written while it
-streams (status "streaming"); rows still "streaming" when a store is opened belong to
-a process that died, and `recover()` marks them "interrupted" so the UI can say so.
+streams (status "streaming"), tagged with the id of the store that writes it. Each open
+store holds a lock on a file named by that id; the kernel drops it when the process dies,
+however it dies. `recover()` marks "interrupted" the streaming rows whose writer holds no
+lock any more, and leaves alone the live answers of another open instance.
+
+The files hold private conversations: they are readable by their owner only (0600).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; recover() then treats every other store's answers as abandoned
+    fcntl = None
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
@@ -37,7 +48,8 @@ CREATE TABLE IF NOT EXISTS messages (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     tokens_per_s REAL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 """
@@ -72,8 +84,11 @@ class Message:
     created: float = field(default=0.0)
 
 
+MESSAGE_COLUMNS = ", ".join(f.name for f in fields(Message))  # not the owner: an id for recover() alone
+
+
 class StoreError(Exception):
-    """The store file cannot be opened or is not a scratchchat store."""
+    """The store file cannot be opened, is not a scratchchat store, or stays locked by another program."""
 
 
 def default_db_path() -> Path:
@@ -83,36 +98,81 @@ def default_db_path() -> Path:
 
 
 class Store:
-    """All reads and writes of chats and messages. One connection, used from one thread."""
+    """All reads and writes of chats and messages. One connection, used from one thread.
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    A write that waits more than `busy_timeout` seconds for another program's transaction raises StoreError."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
         self.clock = clock
+        self.owner = uuid.uuid4().hex
+        self._owners = self.path.with_name(self.path.name + "-owners")  # one lock file per open store
+        self._lock: int | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its WAL the same mode
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(p, 0o600)  # files an older version left readable by everyone
             # isolation_level=None: we open transactions ourselves with `with self._tx()`.
-            self.db = sqlite3.connect(self.path, isolation_level=None)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process kill; only an OS crash may lose the last commits.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
+            if "owner" not in {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}:
+                self.db.execute("ALTER TABLE messages ADD COLUMN owner TEXT NOT NULL DEFAULT ''")  # older stores
+            if fcntl is not None:
+                self._owners.mkdir(mode=0o700, exist_ok=True)
+                self._lock = os.open(self._owners / self.owner, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open chat store at {self.path}: {exc}") from None
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            (self._owners / self.owner).unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
 
     def _tx(self) -> sqlite3.Connection:
         # sqlite3.Connection as a context manager commits or rolls back; BEGIN makes it explicit.
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # "database is locked": another program holds it too long
+            raise StoreError(f"cannot write the chat store at {self.path}: {exc} (another program is writing "
+                             "it; try again)") from None
         return self.db
 
+    def _alive(self, owner: str) -> bool:
+        """Whether the store that wrote `owner`'s rows is still open, in this process or another."""
+        if owner == self.owner:
+            return True
+        if fcntl is None or not owner:  # no locks here, or a row from before owners were recorded
+            return False
+        try:
+            fd = os.open(self._owners / owner, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        (self._owners / owner).unlink(missing_ok=True)  # its writer is gone: the lock file is litter
+        return False
+
     def recover(self) -> int:
-        """Mark answers left "streaming" by a dead process as "interrupted"; return how many."""
+        """Mark answers left "streaming" by a process that died as "interrupted"; return how many."""
+        owners = [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM messages WHERE status='streaming'")]
+        dead = [o for o in owners if not self._alive(o)]
         with self._tx() as db:
-            return db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'").rowcount
+            return sum(db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming' AND owner=?",
+                                  (o,)).rowcount for o in dead)
 
     # chats
 
@@ -160,8 +220,8 @@ class Store:
         now = self.clock()
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO messages (chat_id, role, content, status, created) VALUES (?, ?, ?, ?, ?)",
-                (chat_id, role, content, status, now),
+                "INSERT INTO messages (chat_id, role, content, status, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, role, content, status, now, self.owner),
             )
             db.execute("UPDATE chats SET updated=? WHERE id=?", (now, chat_id))
         return Message(id=cur.lastrowid, chat_id=chat_id, role=role, content=content, status=status, created=now)
@@ -177,7 +237,8 @@ class Store:
             )
 
     def messages(self, chat_id: int) -> list[Message]:
-        rows = self.db.execute("SELECT * FROM messages WHERE chat_id=? ORDER BY id", (chat_id,)).fetchall()
+        rows = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id=? ORDER BY id",
+                               (chat_id,)).fetchall()
         return [Message(**dict(r)) for r in rows]
 
     def delete_messages_from(self, chat_id: int, message_id: int) -> None:
