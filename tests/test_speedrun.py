@@ -152,3 +152,39 @@ def test_bad_flag_is_one_clear_line(tmp_path, args, message):
     assert run.returncode == 2
     assert run.stderr.strip().startswith(message) and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "home").exists()
+
+
+def fake_bin(tmp_path: Path, **scripts: str) -> Path:
+    """A folder of stand-in commands (name -> sh body) to put first on PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text("#!/bin/sh\n" + body + "\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_gpus_that_torch_cannot_use_stop_the_run(tmp_path):
+    # nvidia-smi lists a GPU, but this torch (a CPU build here; on a node, a CUDA build too new for the driver)
+    # sees none: the speedrun must not quietly train on the CPU for hours.
+    fake = fake_bin(tmp_path, **{"nvidia-smi": 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"'})
+    env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path / "home"), "SCRATCHCHAT_NO_SETUP": "1",
+           "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("SCRATCHCHAT_DEVICE", None)
+    run = subprocess.run(["bash", str(ROOT / "speedrun.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout[-2000:]
+    assert run.stderr.startswith("error: nvidia-smi lists 1 GPU(s) but torch") and "SCRATCHCHAT_DEVICE=cpu" in run.stderr
+    assert not (tmp_path / "home" / "data").exists()
+
+
+def test_setup_refuses_a_python_older_than_3_11(tmp_path):
+    # As on Ubuntu 22.04: python3 is 3.10 and no newer python is on PATH.
+    fake = fake_bin(tmp_path, python3='[ "$1" = --version ] && echo "Python 3.10.12" && exit 0; exit 1')
+    (fake / "dirname").symlink_to(shutil.which("dirname"))
+    env = {"PATH": str(fake), "SCRATCHCHAT_VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
+    run = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "setup.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("error: scratchchat needs Python 3.11 or newer; found Python 3.10.12. Install one "
+                                  "(e.g. apt install python3.11 python3.11-venv) and run again.")
+    assert not (tmp_path / "venv").exists()
