@@ -4,19 +4,20 @@
     <dir>/config.json         model config, the tokenizer (json) and its hash, step, data position, metrics
     <dir>/optim.safetensors   optimizer state + RNG state, only needed to resume training
 
-Everything is written into a temporary sibling directory that is renamed into place at the end, so a
-killed process never leaves half a checkpoint. Anything wrong on load (missing or corrupt files, shapes
+Everything is written into a temporary sibling directory, flushed to disk, and renamed into place at the end,
+so a killed process (or a crashed machine) never leaves half a checkpoint. Anything wrong on load (missing or corrupt files, shapes
 that do not fit, a different tokenizer) raises `CheckpointError` with one clear line.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -89,17 +90,46 @@ def save_checkpoint(dir: str | Path, model: torch.nn.Module, tokenizer, meta: di
         if optimizer is not None:
             tensors, metadata = _optim_tensors(_as_list(optimizer))
             save_file(tensors, tmp / "optim.safetensors", metadata=metadata)
+        for f in [*tmp.iterdir(), tmp]:  # on disk before any rename can make them the checkpoint
+            _fsync(f)
         if dir.exists():  # re-saving a step: move the old one aside first so the rename below cannot fail
             old = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".old-{dir.name}-"))
-            os.replace(dir, old / dir.name)
+            os.replace(dir, old / dir.name)  # a crash from here to the next rename: prune_checkpoints puts it back
             os.replace(tmp, dir)
+            _fsync(dir.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dir)
+            _fsync(dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dir
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk: a rename is durable only once both are."""
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_model_config(config: dict) -> None:
+    """Each field of the right type (json "8192" is not 8192): integers at least 1, numbers finite and >= 0."""
+    for f in fields(GPTConfig):
+        value = config.get(f.name, f.default)
+        if isinstance(f.default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and value >= 0
+        if not ok:
+            kind = "an integer >= 1" if isinstance(f.default, int) else "a finite number >= 0"
+            raise ValueError(f"model_config.{f.name} must be {kind}, got {value!r}")
 
 
 def read_config(path: str | Path) -> dict:
@@ -108,10 +138,13 @@ def read_config(path: str | Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())
         GPTConfig(**config["model_config"])
+        _check_model_config(config["model_config"])
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a checkpoint (no config.json)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}/config.json is corrupt: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}/config.json is corrupt: nested too deeply") from None
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {config.get('format')}, this code reads {FORMAT}")
     return config
@@ -226,6 +259,9 @@ def latest_checkpoint(kind: str = "base", root: str | Path | None = None) -> Pat
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Keep the newest `keep` step dirs (keep <= 0 keeps all) and clear leftovers of killed saves."""
     root = Path(root)
+    for old in root.glob(".old-step_*/step_*"):
+        if STEP_DIR.match(old.name) and not (root / old.name).exists():
+            os.replace(old, root / old.name)  # a re-save died between its two renames: the old copy is the step
     found = step_dirs(root)
     for _, p in found[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)

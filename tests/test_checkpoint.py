@@ -1,5 +1,6 @@
 """Checkpoints: round trips of model, tokenizer and optimizer state; atomic layout; clear errors for bad files."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,56 @@ def test_loading_skips_init_and_never_imports_dynamo(tmp_path, tok):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": "300"}, "model_config.vocab_size must be an integer >= 1, got '300'"),
+    ({"n_layer": True}, "model_config.n_layer must be an integer >= 1, got True"),
+    ({"n_layer": 0}, "model_config.n_layer must be an integer >= 1, got 0"),
+    ({"softcap": "15"}, "model_config.softcap must be a finite number >= 0, got '15'"),
+])
+def test_config_fields_of_the_wrong_type_are_corrupt(tmp_path, tok, change, message):
+    path = save_checkpoint(tmp_path / "ck", make(tok), tok, {"step": 1})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, model_config={**config["model_config"], **change})))
+    with pytest.raises(CheckpointError, match="corrupt: " + message):
+        load_checkpoint(path)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path, tok):
+    path = save_checkpoint(tmp_path / "ck", make(tok), tok, {"step": 1})
+    (path / "config.json").write_text('{"meta": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match="corrupt: nested too deeply"):
+        load_checkpoint(path)
+
+
+def test_saves_reach_the_disk_before_their_renames(tmp_path, tok, monkeypatch):
+    import os
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b)))
+    dir = tmp_path / "step_000001"
+    for _ in range(2):  # a first save, then a re-save of the same step
+        events.clear()
+        save_checkpoint(dir, make(tok), tok, {"step": 1}, build_optimizers(make(tok)))
+        first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "replace")
+        synced = {Path(p).name for kind, p in events[:first_rename] if kind == "fsync"}
+        assert {"model.safetensors", "config.json", "optim.safetensors"} <= synced
+        assert any(name.startswith(".tmp-step_000001") for name in synced)  # the directory's entries too
+        assert events[-1] == ("fsync", str(tmp_path))  # and the renames themselves
+
+
+def test_prune_after_a_crash_between_the_renames_of_a_resave_keeps_the_step(tmp_path, tok):
+    model = make(tok)
+    save_checkpoint(tmp_path / "step_000005", model, tok, {"step": 5})
+    # What save_checkpoint leaves when killed after moving the old copy aside, before renaming the new one in:
+    old = tmp_path / ".old-step_000005-x"
+    old.mkdir()
+    (tmp_path / "step_000005").rename(old / "step_000005")
+    (tmp_path / ".tmp-step_000005-y").mkdir()
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000005"]
+    loaded, _, meta = load_checkpoint(tmp_path / "step_000005")
+    assert meta["step"] == 5 and torch.equal(loaded.lm_head.weight, model.lm_head.weight)

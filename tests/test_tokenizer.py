@@ -436,3 +436,10 @@ def test_encode_batch_workers_never_block_process_exit(small, monkeypatch):
         child.kill()
     assert child.exitcode == 0
     assert got == [small.encode(t) for t in texts]
+
+
+def test_load_of_deeply_nested_json_is_a_clear_error(tmp_path):
+    deep = tmp_path / "tokenizer.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # json's decoder recursed until RecursionError
+    with pytest.raises(ValueError, match=f"{deep}: tokenizer file is not valid JSON \\(nested too deeply\\)"):
+        Tokenizer.load(deep)

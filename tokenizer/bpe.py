@@ -542,6 +542,8 @@ class Tokenizer:
             return cls.from_json(text)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            raise ValueError(f"{path}: tokenizer file is not valid JSON (nested too deeply)") from None
 
     def __getstate__(self) -> dict:
         # Pickle the content only: caches and worker processes don't travel.
