@@ -510,6 +510,47 @@ def test_health_is_503_until_the_model_is_loaded(checkpoint):
         thread.join(20)
 
 
+def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint):
+    """Not a silent finish_reason "length": OpenAI's error event, which its client raises as an APIError."""
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import Engine
+
+    model, tok, _ = load_checkpoint(checkpoint)
+    forward, calls = model.forward, []
+
+    def fails_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 4 == 0:
+            raise RuntimeError("out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    model.forward = fails_after_three
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(lambda: Engine(model, tok, max_batch=2)), host="127.0.0.1",
+                                          port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while not server.started or httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError, match="generation failed on the server"):
+            for _ in client.chat.completions.create(model="scratchchat", messages=user("Count"), stream=True,
+                                                    temperature=0):
+                pass
+        calls.clear()
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Count"), "temperature": 0}, timeout=30)
+        assert error_of(r, 500)["type"] == "server_error"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
 def test_cli_without_a_checkpoint_says_run_speedrun(tmp_path, monkeypatch, capsys):
     from serve.__main__ import main
     monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
