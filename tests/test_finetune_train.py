@@ -111,3 +111,32 @@ def test_bad_data_names_the_line_and_can_be_skipped(home, tmp_path, monkeypatch,
     assert sft.main(args + ["--skip-bad"]) == 0
     assert f"data: {bad} 4 (1 bad skipped)" in capsys.readouterr().out
     assert latest_checkpoint("sft", root=tmp_path / "run") is not None
+
+
+def test_epochs_and_batch_do_not_grow_with_the_world_size(home, tmp_path):
+    # rows_per_epoch counts every rank's rows: 2 ranks once ran 2 epochs for --epochs 1, at twice the batch.
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["-m", "finetune", "--data", str(home / "chat.jsonl"), "--epochs", "40", "--eval-every", "0",
+            "--quick-eval-items", "0", "--device", "cpu"]
+    env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plans = []
+    for launch, run_dir in ([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run",
+                                                        "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                                                        f"--master_port={port}"], "two"):
+        run = subprocess.run([*launch, *args, "--run-dir", str(tmp_path / run_dir)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        plans.append(re.search(r"([\d,]+) tokens/step \((\d+) x (\d+) x \d+ x (\d+) devices\), up to (\d+) steps",
+                               run.stdout + run.stderr).groups())
+    (one_tokens, *_, one_steps), (two_tokens, *_, two_steps) = plans
+    assert one_tokens == two_tokens and one_steps == two_steps, plans
+    assert plans[1][3] == "2" and int(plans[0][2]) == 2 * int(plans[1][2])  # half the rows per device on 2 ranks
