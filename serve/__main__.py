@@ -256,7 +256,7 @@ def raise_file_limit() -> None:
     asyncio's accept loop spin (and log) until connections close. --max-connections stays far below it."""
     try:
         import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):  # no such limit here (Windows), or one the OS won't grant (macOS)
         pass
