@@ -34,7 +34,7 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import Dist, SyntheticLoader, evaluate_bpb, token_byte_lengths
-from tokenizer.files import scratchchat_home
+from common.paths import tokenizer_path, tokens_dir
 
 
 # ----------------------------------------------------------------------------- the nanoGPT baseline
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--baseline-lr", type=float, default=1e-3, help="nanoGPT's small-model AdamW lr")
-    parser.add_argument("--tokens-dir", default=str(scratchchat_home() / "tokens" / "default"))
+    parser.add_argument("--tokens-dir", default=str(tokens_dir("default")))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--newton-schulz", action="store_true",
@@ -232,7 +232,7 @@ def main() -> None:
     try:
         manifest = load_manifest(token_dir)
         from tokenizer import Tokenizer
-        tok = Tokenizer.load(scratchchat_home() / "tokenizer" / "tokenizer.json")
+        tok = Tokenizer.load(tokenizer_path())
         if tok.hash != manifest.get("tokenizer_hash"):
             raise ShardError("the default tokenizer does not match the shards")
         vocab, token_bytes = tok.vocab_size, token_byte_lengths(tok)

@@ -31,7 +31,8 @@ from pathlib import Path
 if not __package__:  # run as a file, this folder comes first on sys.path and its name would shadow the package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer, iter_texts, scratchchat_home
+from common.paths import data_dir
+from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer, iter_texts
 
 # ---- corpus ----------------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ def _strings(node) -> list[str]:
 
 
 def load_corpus() -> tuple[str, list[str]]:
-    default = sorted((scratchchat_home() / "data" / "default").glob("**/*.parquet"))
+    default = sorted(data_dir("default").glob("**/*.parquet"))
     if default:
         return f"default corpus ({len(default)} parquet files)", list(iter_texts(default))
     docs: list[str] = []

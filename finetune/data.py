@@ -244,11 +244,11 @@ def download_smoltalk(dest: str | Path | None = None, n_files: int = 1, total: i
 
     The URL template comes from $SCRATCHCHAT_SMOLTALK_URL when set (mirrors, tests)."""
     from pretrain.download import download
-    from tokenizer.files import scratchchat_home
+    from common.paths import data_dir
 
     template = os.environ.get(SMOLTALK_URL_ENV, SMOLTALK_URL)
     urls = [template.format(i=i, n=total) for i in range(min(n_files, total))]
-    return download(urls, dest or scratchchat_home() / "data" / "smoltalk")
+    return download(urls, dest or data_dir("smoltalk"))
 
 
 # --- the default mix -------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from pretrain.download import DownloadError, download
 from pretrain.model import KVCache
 from pretrain.report import append_metrics
 from pretrain.train import config_from_args, dataclass_parser, flag, pick_device
-from tokenizer.files import scratchchat_home
+from common.files import write_text_atomic
+from common.paths import data_dir, report_dir
 
 
 @torch.no_grad()
@@ -242,7 +243,7 @@ def benchmark_file(name: str) -> Path:
     mirror = os.environ.get(BENCHMARK_URL_ENV)
     url = f"{mirror.rstrip('/')}/{name}.parquet" if mirror else BENCHMARKS[name]
     try:
-        (path,) = download([url], scratchchat_home() / "data" / "benchmarks" / name, progress=False)
+        (path,) = download([url], data_dir("benchmarks") / name, progress=False)
     except DownloadError as e:
         raise ValueError(f"benchmark {name}: {e}") from None
     return path
@@ -330,11 +331,8 @@ def run(cfg: EvalConfig) -> str:
     header = "## Chat evaluation\n\n" + "\n".join(f"- {name}: `{path}`" for name, (path, _) in models.items())
     text = f"{header}\n\n{table}\n\n({sum(r['n'] for r in rows)} items per model, {time.time() - t0:.0f}s)\n"
     print(text)
-    out = Path(cfg.report_dir) if cfg.report_dir else scratchchat_home() / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "chat_eval.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "chat_eval.md")
+    out = Path(cfg.report_dir) if cfg.report_dir else report_dir()
+    write_text_atomic(out / "chat_eval.md", text)
     append_metrics(out / "metrics.jsonl", {"kind": "chat_eval", "rows": rows,
                                            "models": {k: str(p) for k, (p, _) in models.items()}})
     print(f"wrote {out / 'chat_eval.md'}\nnext: chat with it: python -m serve --checkpoint {sft_path}")

@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from finetune import data as chat_data
@@ -24,7 +23,7 @@ from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpo
 from pretrain.download import DownloadError
 from pretrain.train import (Dist, TrainConfig, accumulation, cleanup_distributed, config_from_args, dataclass_parser,
                             explicit_flags, flag, fs_barrier, init_distributed, print_result, train)
-from tokenizer.files import scratchchat_home
+from common.paths import checkpoints_dir
 
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
 # (pretraining: 20%), so its mean is ~0.6x pretraining's from the same peak. A lower peak (half) was
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base = Path(scfg.from_checkpoint) if scfg.from_checkpoint else latest_checkpoint("base")
         if base is None:
-            raise CheckpointError(f"no base checkpoint in {scratchchat_home() / 'checkpoints' / 'base'}; "
+            raise CheckpointError(f"no base checkpoint in {checkpoints_dir('base')}; "
                                   "run python -m pretrain first or pass --from CHECKPOINT")
         if not base.is_dir():
             raise CheckpointError(f"{base}: no such checkpoint directory")
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                           dist.rank, dist.world_size, dist.device) if val_examples else None)
         val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None
         evaluate = quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say) if scfg.quick_eval_items > 0 else None
-        run_dir = Path(scfg.run_dir) if scfg.run_dir else scratchchat_home() / "checkpoints" / "sft"
+        run_dir = Path(scfg.run_dir) if scfg.run_dir else checkpoints_dir("sft")
         meta = {"kind": "sft", "from": str(base.resolve()), "data": summary, "examples": len(examples),
                 "dropped_conversations": stats.dropped, "dropped_exchanges": stats.dropped_exchanges,
                 "split_conversations": stats.split}

