@@ -119,8 +119,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 class KVCache:
     """Keys and values of every layer for `batch_size` rows; row b holds `pos[b]` valid positions.
 
-    forward(idx [b, T], kv_cache=cache, rows=..., lengths=...) writes the new tokens of each row at positions
+    forward(idx [b, T], kv_cache=cache, lengths=...) writes the new tokens of each row at positions
     pos[row] .. pos[row]+T-1, attends over that row's prefix, then advances pos[row] by lengths[row] (default T).
+    A `view` of some rows continues only those.
     Right-padded prefills pass `lengths`: the padding is written but lies beyond pos, so it is never attended
     to and is overwritten by the next tokens. `pos` lives on the host even when k/v are on a GPU: the forward
     needs the lengths for shapes every step, and reading them back from the device would stall it.
@@ -149,12 +150,19 @@ class KVCache:
         self.v[:, dst, :n] = self.v[:, src, :n]
         self.pos[dst] = n
 
-    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Forget rows (all by default) so their slots can take new sequences."""
-        if rows is None:
-            self.pos.zero_()
-        else:
-            self.pos[torch.as_tensor(rows, dtype=torch.long)] = 0
+    def reset(self) -> None:
+        """Forget every row (of this view) so the slots can take new sequences."""
+        self.pos.zero_()
+
+
+@dataclass
+class CacheStep:
+    """Where one forward's T new tokens go in a KVCache and what they attend to: the same for every layer."""
+    kv: KVCache
+    write: tuple  # index of the new keys/values in one layer's [batch, position] cache
+    read: tuple  # index of the keys/values the new tokens attend over
+    mask: torch.Tensor | None = None  # [T, span] or [b, 1, T, span]: key j visible to query t
+    causal: bool = False  # a prefill from position 0: SDPA's own causal mask instead of `mask`
 
 
 class CausalSelfAttention(nn.Module):
@@ -167,7 +175,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None) -> torch.Tensor:
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         # q and k side by side get one rotary and one norm. (Concatenating the three weights for one matmul
@@ -180,14 +188,13 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=gqa)
         else:
-            kv: KVCache = cache["cache"]
-            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
-            kc[cache["write"]] = k.to(kc.dtype)
-            vc[cache["write"]] = v.to(vc.dtype)
-            keys, values = kc[cache["read"]], vc[cache["read"]]
+            kc, vc = cache.kv.k[self.layer_idx], cache.kv.v[self.layer_idx]
+            kc[cache.write] = k.to(kc.dtype)
+            vc[cache.write] = v.to(vc.dtype)
+            keys, values = kc[cache.read], vc[cache.read]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                                               values.transpose(1, 2).to(q.dtype), attn_mask=cache["mask"],
-                                               is_causal=cache["causal"], enable_gqa=gqa)
+                                               values.transpose(1, 2).to(q.dtype), attn_mask=cache.mask,
+                                               is_causal=cache.causal, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -207,7 +214,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None) -> torch.Tensor:
         x = x + self.attn(norm(x), cos, sin, cache)
         return x + self.mlp(norm(x))
 
@@ -266,41 +273,35 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
-    def _cache_context(self, kv: KVCache, T: int, rows, lengths) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Where each layer writes and reads the cache for T new tokens of `rows`, the attention mask, and the
-        rotary angles. All of it is worked out on the host from kv.pos: no device round trip per step."""
+    def _cache_step(self, kv: KVCache, T: int) -> tuple[CacheStep, torch.Tensor, torch.Tensor]:
+        """Where each layer writes and reads the cache for T new tokens of every row, and the rotary angles. All of
+        it is worked out on the host from kv.pos: no device round trip per step."""
         device = kv.k.device
-        all_rows = rows is None
-        rows = torch.arange(kv.batch_size) if all_rows else torch.as_tensor(rows, dtype=torch.long).cpu()
-        start = kv.pos[rows]
+        start = kv.pos
         span = int(start.max()) + T
         if span > min(kv.max_len, self.rotary_len):
             raise ValueError(f"sequence of {span} tokens exceeds the cache ({kv.max_len}) or rotary table ({self.rotary_len})")
-        cache = {"cache": kv, "rows": rows, "mask": None, "causal": False}
-        if all_rows and bool((start == start[0]).all()):
+        read = (slice(None), slice(None, span))
+        if bool((start == start[0]).all()):
             # Every row continues from the same length p (one stream; a batch prefilled together): plain slices,
             # and no mask for one new token (it sees every key) or a prefill from 0 (causal).
             p = int(start[0])
-            cache["write"], cache["read"] = (slice(None), slice(p, p + T)), (slice(None), slice(None, span))
-            cache["causal"] = T > 1 and p == 0
-            if T > 1 and p > 0:
-                cache["mask"] = torch.ones(T, span, dtype=torch.bool, device=device).tril(p)
-            return cache, self.cos[None, p:p + T, None], self.sin[None, p:p + T, None]
+            mask = torch.ones(T, span, dtype=torch.bool, device=device).tril(p) if T > 1 and p > 0 else None
+            step = CacheStep(kv, (slice(None), slice(p, p + T)), read, mask, causal=T > 1 and p == 0)
+            return step, self.cos[None, p:p + T, None], self.sin[None, p:p + T, None]
         positions = (start[:, None] + torch.arange(T)).to(device)  # [b, T]
-        rows_dev = rows.to(device)
-        cache["write"] = (rows_dev[:, None], positions)
-        cache["read"] = (slice(None), slice(None, span)) if all_rows else (rows_dev, slice(None, span))
-        # [b, 1, T, span]: key j visible to query t of row b
-        cache["mask"] = (torch.arange(span, device=device) <= positions[:, :, None])[:, None]
-        return cache, self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        rows = torch.arange(kv.batch_size, device=device)
+        mask = (torch.arange(span, device=device) <= positions[:, :, None])[:, None]
+        step = CacheStep(kv, (rows[:, None], positions), read, mask)
+        return step, self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, rows: torch.Tensor | list[int] | None = None,
-                lengths: torch.Tensor | list[int] | None = None, reduction: str = "mean") -> torch.Tensor:
+                kv_cache: KVCache | None = None, lengths: torch.Tensor | list[int] | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """Logits [B, T, V] when targets is None, else the loss: mean over positions where targets != -1 and
         loss_mask (bool or float, 1 = learn) is set; reduction="none" gives the per-position loss [B, T].
 
-        With kv_cache, idx [b, T] continues cache rows `rows` (default: all rows, b == cache batch size);
+        With kv_cache, idx [b, T] continues every row of the cache (b == its batch size; a view for some rows);
         `lengths` [b] says how many of the T tokens are real in each right-padded row."""
         B, T = idx.shape
         cache = None
@@ -309,7 +310,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
             cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
         else:
-            cache, cos, sin = self._cache_context(kv_cache, T, rows, lengths)
+            cache, cos, sin = self._cache_step(kv_cache, T)
         x = self.transformer.wte(idx)
         if torch.is_autocast_enabled(x.device.type):
             # Autocast leaves the embedding and the rotary tables fp32, which would make the residual stream and
@@ -322,7 +323,7 @@ class GPT(nn.Module):
         logits = self.lm_head(norm(x)).float()  # the loss and soft-cap want fp32 even under bf16 autocast
         if cache is not None:
             step = T if lengths is None else torch.as_tensor(lengths, dtype=torch.long).cpu()
-            kv_cache.pos[cache["rows"]] += step
+            kv_cache.pos += step
         cap = self.config.softcap
         if targets is not None and cap and logits.requires_grad and not torch.compiler.is_compiling():
             # Training in eager mode: the hand-fused loss. Compiled, the plain formula below fuses into a few

@@ -130,12 +130,13 @@ def test_kv_cache_matches_full_forward_for_ragged_batch():
             torch.testing.assert_close(step[i, 0], full[i][p + t], atol=1e-5, rtol=1e-5)
     # A subset of rows continues (multi-token chunk) while the others wait.
     chunk = torch.stack([seqs[0][7:9], seqs[1][13:15]])
-    step = model(chunk, kv_cache=cache, rows=[0, 1])
+    step = model(chunk, kv_cache=cache.view(0, 2))
     torch.testing.assert_close(step[0], full[0][7:9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step[1], full[1][13:15], atol=1e-5, rtol=1e-5)
     assert cache.pos.tolist() == [9, 15, 5]
-    cache.reset([1])  # a freed slot takes a new sequence from scratch
-    step = model(seqs[2][None, :5], kv_cache=cache, rows=[1])
+    slot = cache.view(1, 2)
+    slot.reset()  # a freed slot takes a new sequence from scratch
+    step = model(seqs[2][None, :5], kv_cache=slot)
     torch.testing.assert_close(step[0], full[2][:5], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         model(torch.zeros(3, 20, dtype=torch.long), kv_cache=cache)
