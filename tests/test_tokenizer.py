@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer
 from tokenizer import bpe, train
-from tokenizer.reference import reference_tokenizer
+from tokenizer.openai_vocabs import reference_tokenizer
 
 EXACTNESS_BYTES = int(os.environ.get("SCRATCHCHAT_EXACTNESS_BYTES", "60000"))
 

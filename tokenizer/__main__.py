@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, Tokenizer
 from tokenizer.files import iter_texts, scratchchat_home
-from tokenizer.reference import reference_tokenizers
+from tokenizer.openai_vocabs import reference_tokenizers
 
 PATTERNS = {"gpt4": GPT4_PATTERN, "cl100k": CL100K_PATTERN, "o200k": O200K_PATTERN, "gpt2": GPT2_PATTERN}
 
