@@ -10,23 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import Parser, add_flags, flag, run_cli
+from common.paths import tokenizer_path
+
 from tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, Tokenizer
-from tokenizer.files import iter_texts, scratchchat_home
+from tokenizer.files import iter_texts
 from tokenizer.openai_vocabs import reference_tokenizers
 
 PATTERNS = {"gpt4": GPT4_PATTERN, "cl100k": CL100K_PATTERN, "o200k": O200K_PATTERN, "gpt2": GPT2_PATTERN}
-
-
-def default_tokenizer_path() -> Path:
-    return scratchchat_home() / "tokenizer" / "tokenizer.json"
-
-
-def flag(default=MISSING, help: str = "", **kw):  # noqa: A002 - mirrors argparse's name
-    """A dataclass field that is also a CLI flag: the help text travels with the field."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -52,42 +46,20 @@ class StatsConfig:
     tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _add_flags(parser: argparse.ArgumentParser, config: type) -> None:
-    for f in fields(config):
-        kw = {k: v for k, v in f.metadata.items() if k != "help"}
-        positional = kw.get("nargs") == "?"
-        name = f.name if positional else "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(name, action="store_true", help=f.metadata["help"])
-            continue
-        typ = int if f.type in ("int", int) else str
-        if f.default is MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = f.default
-        parser.add_argument(name, type=typ, help=f.metadata["help"], **kw)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, config, help_ in [
         ("train", TrainConfig, "train a tokenizer on text files"),
         ("encode", EncodeConfig, "print the token ids of a text"),
         ("stats", StatsConfig, "bytes per token on held-out text, next to GPT-2 and cl100k"),
     ]:
-        _add_flags(sub.add_parser(name, help=help_, description=help_), config)
+        add_flags(sub.add_parser(name, help=help_, description=help_), config)
     return p
 
 
 def _load(path: str) -> Tokenizer:
-    return Tokenizer.load(Path(path) if path else default_tokenizer_path())
+    return Tokenizer.load(Path(path) if path else tokenizer_path())
 
 
 def _first_chars(texts, limit: int):
@@ -101,7 +73,7 @@ def _first_chars(texts, limit: int):
 
 def train(cfg: TrainConfig) -> None:
     pattern = PATTERNS.get(cfg.pattern, cfg.pattern)
-    out = Path(cfg.out) if cfg.out else default_tokenizer_path()
+    out = Path(cfg.out) if cfg.out else tokenizer_path()
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name like {out / 'tokenizer.json'}")
     t0 = time.time()
@@ -140,16 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     run, config = {"train": (train, TrainConfig), "encode": (encode, EncodeConfig), "stats": (stats, StatsConfig)}[command]
-    try:
-        run(config(**args))
-    except ValueError as e:  # every error a user can cause is raised as ValueError with a readable message
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    # every error a user can cause is raised as ValueError with a readable message
+    return run_cli(lambda: run(config(**args)), (ValueError,))
 
 if __name__ == "__main__":
     sys.exit(main())
