@@ -22,10 +22,14 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def _kind(f: dataclasses.Field) -> type:
     """The value type of a field's flag: its default's, else its annotation's (a string under `annotations`)."""
-    if f.default is not MISSING and f.default is not None:
-        return type(f.default)
+    if _default(f) is not MISSING and _default(f) is not None:
+        return type(_default(f))
     annotation = str(f.type)
     return int if annotation.startswith("int") else float if annotation.startswith("float") else str
 
@@ -39,15 +43,16 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, skip: tuple[str, 
                 continue
             kw = {k: v for k, v in f.metadata.items() if k != "help"}
             kw["help"] = f.metadata.get("help", "")
+            default = _default(f)
             if kw.get("nargs") == "?":  # an optional positional argument
-                group.add_argument(f.name, type=_kind(f), default=f.default, **kw)
+                group.add_argument(f.name, type=_kind(f), default=default, **kw)
                 continue
-            if f.default is MISSING:
+            if default is MISSING:
                 kw["required"] = True
             else:
-                kw["default"] = f.default
+                kw["default"] = default
             name = "--" + f.name.replace("_", "-")
-            if isinstance(f.default, bool) or (f.default is None and "bool" in str(f.type)):
+            if isinstance(default, bool) or (default is None and "bool" in str(f.type)):
                 group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, **kw)
             else:
                 group.add_argument(name, dest=f.name, type=_kind(f), **kw)
