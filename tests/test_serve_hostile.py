@@ -350,7 +350,7 @@ def test_a_low_file_limit_and_many_idle_sockets_leave_health_answering(checkpoin
         sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
         t0 = time.monotonic()
         wait_for(lambda: _health_ok(url), 10)
-        assert time.monotonic() - t0 < HEADER_TIMEOUT + 1
+        assert time.monotonic() - t0 < HEADER_TIMEOUT + 3  # an unguarded server never answered again
         for s in sockets:
             s.close()
     text = log.read_text()
