@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.files import fsync_dir
 from pretrain.model import GPT, GPTConfig
 from tokenizer.files import scratchchat_home
 
@@ -90,32 +91,23 @@ def save_checkpoint(dir: str | Path, model: torch.nn.Module, tokenizer, meta: di
         if optimizer is not None:
             tensors, metadata = _optim_tensors(_as_list(optimizer))
             save_file(tensors, tmp / "optim.safetensors", metadata=metadata)
-        for f in [*tmp.iterdir(), tmp]:  # on disk before any rename can make them the checkpoint
-            _fsync(f)
+        for f in tmp.iterdir():  # on disk before any rename can make them the checkpoint
+            with open(f, "rb+") as file:
+                os.fsync(file.fileno())
+        fsync_dir(tmp)
         if dir.exists():  # re-saving a step: move the old one aside first so the rename below cannot fail
             old = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".old-{dir.name}-"))
             os.replace(dir, old / dir.name)  # a crash from here to the next rename: prune_checkpoints puts it back
             os.replace(tmp, dir)
-            _fsync(dir.parent)
+            fsync_dir(dir.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dir)
-            _fsync(dir.parent)
+            fsync_dir(dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dir
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk: a rename is durable only once both are."""
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_model_config(config: dict) -> None:
