@@ -119,15 +119,18 @@ def load_manifest(token_dir: str | Path) -> dict:
 class TokenLoader:
     """Streams (x, y) int64 batches of shape [batch_size, seq_len] from one split's shards.
 
-    The split's shards form one stream. Each step takes world_size consecutive windows of
-    batch_size*seq_len + 1 tokens (y is x shifted by one) and rank r keeps window r, so ranks
-    never see the same tokens and together cover the stream. The position is global (identical on
-    every rank), so any rank's `state_dict()` resumes all of them. When the stream cannot fill
-    another step it wraps to the start and counts an epoch; the short tail is skipped.
+    The split's shards form one stream, cut into windows of seq_len + 1 tokens starting every seq_len tokens
+    (y is x shifted by one, so neighbouring windows share one token). An epoch takes the windows in an order
+    shuffled by (seed, epoch), so a batch's rows come from all over the corpus: rows from one contiguous span
+    are mostly one document, and such gradients swing from step to step. Each step takes the next
+    world_size * batch_size windows of the order and rank r keeps the r-th batch_size of them, so ranks never
+    share a window and each window comes once per epoch; the few left at the end of an order, too few for a
+    step, are skipped that epoch (different ones each time). The position (epoch, windows used) is global,
+    identical on every rank, so any rank's `state_dict()` resumes all of them.
     """
 
     def __init__(self, token_dir: str | Path, split: str, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -139,33 +142,54 @@ class TokenLoader:
         sizes = [len(s) for s in self.shards]
         self.starts = np.cumsum([0] + sizes)  # stream offset of each shard's first token
         self.total = int(self.starts[-1])
-        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
-        self.window = batch_size * seq_len  # tokens a rank consumes per step (+1 for the last target)
-        if self.total < world_size * self.window + 1:
+        self.window = batch_size * seq_len  # tokens of one rank's contiguous validation batch (+1 target)
+        self.windows = (self.total - 1) // seq_len  # train windows: seq_len + 1 tokens at every multiple of seq_len
+        if self.windows < world_size * batch_size:
             raise ShardError(f"{split} split has {self.total} tokens, fewer than one step needs "
                              f"({world_size} x {batch_size} x {seq_len} + 1); use a smaller batch or more data")
-        self.epoch, self.position = 0, 0
+        self.epoch, self.used = 0, 0  # completed passes; windows of this epoch's order already taken
+        self._order: tuple[int, int, np.ndarray] | None = None  # (seed, epoch, order), cached
 
     def __iter__(self) -> TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._wrap_if_short()  # a state loaded with a bigger batch or world size may not fit
-        x, y = self._batch(self.position + self.rank * self.window)
-        self.position += self.world_size * self.window
-        self._wrap_if_short()  # eagerly, so state_dict() always names the next batch's real position
-        return x, y
+        first = self.used + self.rank * self.batch_size
+        batch = self._rows(self._epoch_order()[first:first + self.batch_size])
+        self.used += self.world_size * self.batch_size
+        self._wrap_if_short()  # eagerly, so `epoch` counts a finished pass and state_dict() names a real position
+        return batch
 
     def _wrap_if_short(self) -> None:
-        if self.position + self.world_size * self.window + 1 > self.total:
-            self.epoch, self.position = self.epoch + 1, 0
+        if self.used + self.world_size * self.batch_size > self.windows:
+            self.epoch, self.used = self.epoch + 1, 0
+
+    def _epoch_order(self) -> np.ndarray:
+        """This epoch's permutation of the window indices, the same on every rank (seeded by seed and epoch)."""
+        if self._order is None or self._order[:2] != (self.seed, self.epoch):
+            # int32 halves the memory of a big corpus's order; shuffle() permutes the same way for any dtype.
+            order = np.arange(self.windows, dtype=np.int32 if self.windows < 2**31 else np.int64)
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+            self._order = (self.seed, self.epoch, order)
+        return self._order[2]
+
+    def _rows(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        buf = torch.from_numpy(np.stack([self._tokens(int(w) * T, T + 1) for w in windows]))
+        if self.pin:  # page-locked memory lets the host->GPU copy overlap with compute
+            buf = buf.pin_memory()
+        buf = buf.to(self.device, non_blocking=self.pin)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # the loss views targets flat
 
     def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One deterministic pass from the start of the stream (no wrap), independent of the train position.
 
+        Each batch is one contiguous span of the stream, so validation figures compare across loader changes.
         Every rank yields the same number of batches, so DDP ranks can all-reduce after the loop.
         """
         step = self.world_size * self.window
@@ -190,7 +214,7 @@ class TokenLoader:
 
     def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = torch.from_numpy(self._tokens(start, self.window + 1))
-        if self.pin:  # page-locked memory lets the host->GPU copy overlap with compute
+        if self.pin:
             buf = buf.pin_memory()
         buf = buf.to(self.device, non_blocking=self.pin)
         x = buf[:-1].view(self.batch_size, self.seq_len)
@@ -198,17 +222,22 @@ class TokenLoader:
         return x, y
 
     def state_dict(self) -> dict:
-        """The next batch's position: epoch, shard index and offset in it (json-able, equal on every rank)."""
-        k = int(np.searchsorted(self.starts, self.position, side="right")) - 1
-        return {"split": self.split, "epoch": self.epoch, "shard": k,
-                "offset": self.position - int(self.starts[k]), "total_tokens": self.total}
+        """The next batch's position: epoch and windows used of its shuffled order (json-able, equal on every rank)."""
+        return {"split": self.split, "order": "shuffled-windows", "seed": self.seed, "epoch": self.epoch,
+                "used": self.used, "seq_len": self.seq_len, "total_tokens": self.total}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`; refuses a state taken on different data."""
-        if state.get("total_tokens") != self.total or not 0 <= state.get("shard", -1) < len(self.shards):
+        """Continue from `state_dict()` (its seed included); refuses a state taken on different data or windows."""
+        if state.get("order") != "shuffled-windows":
+            raise ShardError("loader state is from the older loader of contiguous batches, which this one cannot "
+                             "continue exactly: start the run afresh, or finish it with the code that began it")
+        if state.get("total_tokens") != self.total:
             raise ShardError(f"loader state is for a {state.get('total_tokens')}-token {state.get('split')} split, "
                              f"this {self.split} split has {self.total} tokens: the token shards changed")
-        position = int(self.starts[state["shard"]]) + int(state["offset"])
-        if not 0 <= position < self.total:
-            raise ShardError(f"loader state offset {state['offset']} lies outside shard {state['shard']}")
-        self.epoch, self.position = int(state["epoch"]), position
+        if state.get("seq_len") != self.seq_len:
+            raise ShardError(f"loader state is for windows of {state.get('seq_len')} tokens, this run uses "
+                             f"{self.seq_len}: resume with the same --sequence-len")
+        used = int(state["used"])
+        if not 0 <= used < self.windows:
+            raise ShardError(f"loader state has used {used} windows of an epoch of {self.windows}")
+        self.seed, self.epoch, self.used = int(state["seed"]), int(state["epoch"]), used

@@ -1,4 +1,4 @@
-"""Token shards: the on-disk format, its error checks, and the batch loader's determinism, resume and rank striding."""
+"""Token shards: the on-disk format, its error checks, and the loader's shuffled windows, resume and rank split."""
 import json
 import struct
 
@@ -63,56 +63,130 @@ def test_corrupt_shards_give_clear_errors(tmp_path):
         read_shard(tmp_path / "missing.bin")
 
 
-def test_loader_batches_are_shifted_windows_of_the_stream_across_shards(tmp_path):
-    stream = make_dir(tmp_path, [37, 5, 0, 61])  # windows straddle shard boundaries and an empty shard
+def unique_dir(tmp_path, sizes, split="train"):
+    """Shards holding a stream of distinct ids, so a row's first id names the window it came from."""
+    stream = np.random.default_rng(1).permutation(sum(sizes))
+    at = 0
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at:at + n], vocab_size=len(stream))
+        at += n
+    return stream
+
+
+def window_ids(stream, T, x):
+    """The window index (stream offset / T) of each row of x."""
+    where = np.argsort(stream)
+    return [int(where[v]) // T for v in x[:, 0].tolist()]
+
+
+def test_loader_rows_are_shifted_windows_of_the_stream_across_shards(tmp_path):
+    stream = unique_dir(tmp_path, [37, 5, 0, 61])  # windows straddle shard boundaries and an empty shard
     loader = TokenLoader(tmp_path, "train", batch_size=2, seq_len=4)
-    for i in range(12):
+    seen = set()
+    for _ in range(24):  # two epochs of 25 windows (the odd one out is skipped)
         x, y = next(loader)
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, 4)
-        start = (i % ((len(stream) - 1) // 8)) * 8
-        assert x.flatten().tolist() == stream[start:start + 8].tolist()
-        assert y.flatten().tolist() == stream[start + 1:start + 9].tolist()
-    assert loader.epoch == 1  # 103 tokens hold 12 batches of 8+1, so the 13th wrapped
+        for row, w in enumerate(window_ids(stream, 4, x)):
+            assert x[row].tolist() == stream[4 * w:4 * w + 4].tolist()
+            assert y[row].tolist() == stream[4 * w + 1:4 * w + 5].tolist()
+            seen.add(w)
+    assert loader.epoch == 2
+    assert {9, 10} <= seen  # stream offsets 36 and 40: across the 37|5|0|61 shard boundaries
+
+
+def epochs_of_windows(tmp_path, stream, B, T, world_size, epochs):
+    """For each epoch, each rank's list of window indices, read by one loader per rank."""
+    loaders = [TokenLoader(tmp_path, "train", B, T, rank=r, world_size=world_size) for r in range(world_size)]
+    out = []
+    for e in range(epochs):
+        ranks = [[] for _ in range(world_size)]
+        while loaders[0].epoch == e:
+            for r, loader in enumerate(loaders):
+                ranks[r] += window_ids(stream, T, next(loader)[0])
+        assert len({loader.epoch for loader in loaders}) == 1  # ranks count epochs in step
+        out.append(ranks)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_window_once_per_epoch_in_a_fresh_order(tmp_path, world_size):
+    T, B = 3, 2
+    stream = unique_dir(tmp_path, [40, 33])  # (73 - 1) // 3 = 24 windows: 4, 2 and 1 full passes of 6
+    epochs = epochs_of_windows(tmp_path, stream, B, T, world_size, epochs=3)
+    orders = []
+    for ranks in epochs:
+        every = sorted(w for rank in ranks for w in rank)
+        assert every == list(range(24))
+        orders.append([w for rank in ranks for w in rank])
+    assert orders[0] != orders[1] != orders[2]  # each epoch reshuffles
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_never_share_a_window_in_an_epoch(tmp_path, world_size):
+    stream = unique_dir(tmp_path, [50, 53])  # 34 windows of 3: a step of 2 x 2 or 3 x 2 leaves a remainder
+    for ranks in epochs_of_windows(tmp_path, stream, 2, 3, world_size, epochs=2):
+        for a in range(world_size):
+            assert len(set(ranks[a])) == len(ranks[a])
+            for b in range(a + 1, world_size):
+                assert not set(ranks[a]) & set(ranks[b])
+        assert sum(map(len, ranks)) == 34 - 34 % (world_size * 2)  # all but a short remainder
+
+
+def test_a_batch_mixes_the_stream(tmp_path):
+    stream = unique_dir(tmp_path, [200_000])
+    loader = TokenLoader(tmp_path, "train", batch_size=8, seq_len=16)
+    windows = (len(stream) - 1) // 16
+    spans = []
+    for _ in range(20):
+        ids = sorted(window_ids(stream, 16, next(loader)[0]))
+        assert np.diff(ids).max() > 1  # never one contiguous run of windows
+        spans.append((ids[-1] - ids[0]) / windows)
+    assert np.median(spans) > 0.5  # rows come from across the corpus, not one neighbourhood (8 uniform: ~0.78)
 
 
 def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
     make_dir(tmp_path, [50, 50, 50])
-    uninterrupted = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
-    reference = [next(uninterrupted) for _ in range(40)]  # several epochs
+    for rank in range(2):
+        def new(rank=rank):
+            return TokenLoader(tmp_path, "train", batch_size=3, seq_len=5, rank=rank, world_size=2)
+        uninterrupted = new()
+        reference = [next(uninterrupted) for _ in range(13)]  # several epochs of 4 steps
 
-    first = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
-    got = [next(first) for _ in range(17)]
-    state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint's JSON
-    resumed = TokenLoader(tmp_path, "train", batch_size=3, seq_len=5)
-    resumed.load_state_dict(state)
-    got += [next(resumed) for _ in range(23)]
-    for (x, y), (rx, ry) in zip(got, reference, strict=True):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
-    assert resumed.state_dict() == uninterrupted.state_dict()
-    assert resumed.epoch == uninterrupted.epoch > 0
+        first = new()
+        got = [next(first) for _ in range(6)]
+        state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint's JSON
+        other = TokenLoader(tmp_path, "train", 3, 5, rank=1 - rank, world_size=2)
+        for _ in range(6):
+            next(other)
+        assert other.state_dict() == state  # any rank's state resumes every rank
+        resumed = new()
+        resumed.load_state_dict(state)
+        got += [next(resumed) for _ in range(7)]
+        for (x, y), (rx, ry) in zip(got, reference, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert resumed.state_dict() == uninterrupted.state_dict()
+        assert resumed.epoch == uninterrupted.epoch == 3
+
+    # The seed picks the order: the same seed repeats it, another seed gives another.
+    a, b, c = (TokenLoader(tmp_path, "train", 3, 5, seed=s) for s in (0, 0, 1))
+    xa, xb, xc = (torch.cat([next(loader)[0] for _ in range(5)]) for loader in (a, b, c))
+    assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+    c.load_state_dict(TokenLoader(tmp_path, "train", 3, 5, seed=0).state_dict())  # the state's seed wins
+    assert torch.equal(torch.cat([next(c)[0] for _ in range(5)]), xa)
 
 
-def test_load_state_refuses_other_data(tmp_path):
+def test_load_state_refuses_other_data_and_old_states(tmp_path):
     make_dir(tmp_path / "a", [100])
     make_dir(tmp_path / "b", [120])
     state = TokenLoader(tmp_path / "a", "train", 2, 4).state_dict()
     with pytest.raises(ShardError, match="shards changed"):
         TokenLoader(tmp_path / "b", "train", 2, 4).load_state_dict(state)
-
-
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_are_disjoint_and_cover_the_stream(tmp_path, world_size):
-    stream = make_dir(tmp_path, [80, 80], vocab=10**6)  # ids almost surely unique, so positions are identifiable
-    B, T, steps = 2, 3, (len(stream) - 1) // (world_size * 6)
-    seen = []
-    for rank in range(world_size):
-        loader = TokenLoader(tmp_path, "train", B, T, rank=rank, world_size=world_size)
-        seen.append(np.concatenate([next(loader)[0].flatten().numpy() for _ in range(steps)]))
-    for a in range(world_size):
-        for b in range(a + 1, world_size):
-            assert not set(seen[a]) & set(seen[b])
-    covered = np.sort(np.concatenate(seen))
-    assert covered.tolist() == np.sort(stream[:steps * world_size * B * T]).tolist()
+    with pytest.raises(ShardError, match="windows of 4 tokens, this run uses 5"):
+        TokenLoader(tmp_path / "a", "train", 2, 5).load_state_dict(state)
+    old = {"split": "train", "epoch": 0, "shard": 0, "offset": 16, "total_tokens": 100}  # the contiguous loader's
+    with pytest.raises(ShardError, match="older loader of contiguous batches") as e:
+        TokenLoader(tmp_path / "a", "train", 2, 4).load_state_dict(old)
+    assert "\n" not in str(e.value)
 
 
 def test_val_pass_is_deterministic_and_ignores_train_position(tmp_path):
@@ -179,7 +253,7 @@ def test_tokenize_end_to_end(tmp_path, monkeypatch, capsys):
         assert info["shard_counts"][:-1] == [2000] * (len(info["files"]) - 1)
         assert info["utf8_bytes"] == sum(len(d.encode("utf-8")) for d in docs)
     assert len(manifest["splits"]["train"]["files"]) >= 3
-    x, y = next(TokenLoader(out, "train", 2, 16))
+    x, _ = next(TokenLoader(out, "train", 2, 16).iter_val())  # the stream's start: the first document's <|bos|>
     assert x[0, 0].item() == tok.bos_id
 
     stamp = (out / "train_00000.bin").stat().st_mtime_ns
