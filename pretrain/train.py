@@ -1,9 +1,10 @@
 """The training loop, shared by pretraining (`python -m pretrain`) and fine-tuning (`python -m finetune`).
 
 `train(model, cfg, batches, run_dir=...)` runs Muon + AdamW with a warmup / constant / warmdown schedule,
-gradient accumulation to `total_batch_tokens`, clipping, bf16 autocast + torch.compile on CUDA and DDP under
-torchrun. It evaluates validation bits per byte, samples from fixed prompts, logs to `<run_dir>/metrics.jsonl`
-and a tqdm bar, checkpoints to `<run_dir>/step_N/` and resumes exactly (model, optimizer, schedule, RNG, data).
+gradient accumulation to `total_batch_tokens`, clipping, bf16 autocast (CUDA, and CPUs with bf16 matmul),
+torch.compile on CUDA and DDP under torchrun. It evaluates validation bits per byte, samples from fixed prompts,
+logs to `<run_dir>/metrics.jsonl` and a tqdm bar, checkpoints to `<run_dir>/step_N/` and resumes exactly (model,
+optimizer, schedule, RNG, data).
 
 Batches are (x, y) or (x, y, loss_mask) tensors; the batch source needs `__next__`, and `state_dict()` /
 `load_state_dict()` when checkpoints should resume on the same data (TokenLoader and SyntheticLoader do).
@@ -65,6 +66,8 @@ class TrainConfig:
     keep_last: int = flag(2, "checkpoints to keep (0: all)")
     resume: bool = flag(False, "continue the newest checkpoint in the run directory exactly")
     compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
+    dtype: str = flag("auto", "autocast dtype of the matmuls: bf16, fp32 or auto (bf16 on CUDA and on CPUs with "
+                              "bf16 matmul instructions, fp32 elsewhere)")
     device: str = flag("auto", "cuda, cpu, mps or auto ($SCRATCHCHAT_DEVICE, else the best available)")
     seed: int = flag(42, "seed for the model init and sampling")
 
@@ -188,6 +191,28 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast about halves a training
+    step's time; elsewhere oneDNN emulates bf16 and is no faster than fp32. The kernel flags come from Linux's
+    /proc/cpuinfo; torch must also dispatch its AVX512 kernels (ATEN_CPU_CAPABILITY may lower it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: unknown, so the safe choice
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and capability.startswith("AVX512")
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast the matmuls to for --dtype `name` on `device` (None: plain fp32)."""
+    if name not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--dtype must be auto, bf16 or fp32, got {name!r}")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
+    return torch.bfloat16 if name == "bf16" else None
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist, op=None) -> torch.Tensor:
@@ -348,7 +373,8 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    low = autocast_dtype(cfg.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=low)) if low else contextlib.nullcontext
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
     token_bytes = token_byte_lengths(tokenizer, device) if tokenizer is not None else None
@@ -401,7 +427,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     say(f"{model.num_params():,} parameters, {flops_per_token:.3g} FLOPs/token, {total_batch:,} tokens/step "
         f"({grad_accum} x {x.size(0)} x {x.size(1)} x {dist.world_size} devices), up to {total_steps:,} steps "
-        f"on {device}{' (compiled)' if compile_on else ''}")
+        f"on {device} ({'bf16 autocast' if low else 'fp32'}{', compiled' if compile_on else ''})")
 
     def time_up() -> bool:
         return cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
