@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.files import fsync_dir
+from common.paths import checkpoints_dir
 from pretrain.model import GPT, GPTConfig
-from tokenizer.files import scratchchat_home
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -243,8 +243,8 @@ def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(kind: str = "base", root: str | Path | None = None) -> Path | None:
-    """Newest `step_N` under `root` (default: scratchchat_home()/checkpoints/<kind>), or None."""
-    found = step_dirs(root if root is not None else scratchchat_home() / "checkpoints" / kind)
+    """Newest `step_N` under `root` (default: $SCRATCHCHAT_HOME/checkpoints/<kind>), or None."""
+    found = step_dirs(root if root is not None else checkpoints_dir(kind))
     return found[-1][1] if found else None
 
 
