@@ -34,6 +34,8 @@ from typing import Literal
 
 import regex
 
+from common.files import write_text_atomic
+
 # Published split patterns (tiktoken's, so vocabularies loaded from OpenAI files encode identically).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (
@@ -67,7 +69,10 @@ CHAT_SPECIAL_TOKENS = [
 ]
 
 FORMAT_VERSION = 1
-CACHE_SIZE = 1 << 18  # chunk -> ids entries (~40 MB); text has a long tail, so clear and refill when full
+# Cached chunks and their ids, counted in characters + 8 bytes per id (~64 MB of Python objects at most): the bound
+# holds whatever the text, e.g. a server tokenizing unique 100k-character words. Text has a long tail, so the
+# cache is cleared and refilled when full.
+CACHE_BYTES = 1 << 24
 _BYTES = [bytes([b]) for b in range(256)]
 _NO_RANK = 1 << 62  # "this pair is not a token": larger than any rank
 _LONG_PIECE = 256  # above this many bytes, merge with a heap: the simple scan is quadratic
@@ -145,13 +150,16 @@ class _ChunkCache(dict):
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.size = tokenizer, 0
 
     def __missing__(self, chunk: str) -> tuple[int, ...]:
         ids = self.tokenizer._encode_piece(chunk.encode("utf-8"))
-        if len(self) >= CACHE_SIZE:
+        cost = len(chunk) + 8 * len(ids)
+        if self.size + cost > CACHE_BYTES:
             self.clear()
+            self.size = 0
         self[chunk] = ids
+        self.size += cost
         return ids
 
 
@@ -523,14 +531,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename), so a crash never leaves half a tokenizer."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
