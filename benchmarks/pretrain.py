@@ -33,7 +33,8 @@ from pretrain import optim
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.shards import ShardError, TokenLoader, load_manifest
-from pretrain.train import Dist, SyntheticLoader, evaluate_bpb, token_byte_lengths
+from common.dist import Dist
+from pretrain.train import SyntheticLoader, evaluate_bpb, token_byte_lengths
 from common.paths import tokenizer_path, tokens_dir
 
 

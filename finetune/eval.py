@@ -34,7 +34,8 @@ from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError, download
 from pretrain.model import KVCache
 from pretrain.report import append_metrics
-from pretrain.train import config_from_args, dataclass_parser, flag, pick_device
+from common.cli import config_from_args, flag, parser_for
+from common.dist import pick_device
 from common.files import write_text_atomic
 from common.paths import data_dir, report_dir
 
@@ -340,7 +341,7 @@ def run(cfg: EvalConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = dataclass_parser(EvalConfig, description=__doc__.split("\n\n")[0])
+    parser = parser_for(EvalConfig, description=__doc__.split("\n\n")[0])
     parser.prog = "python -m finetune.eval"
     cfg = config_from_args(EvalConfig, parser.parse_args(argv))
     try:

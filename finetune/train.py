@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from finetune import data as chat_data
@@ -21,8 +22,9 @@ from finetune import tasks
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
-from pretrain.train import (Dist, TrainConfig, accumulation, cleanup_distributed, config_from_args, dataclass_parser,
-                            explicit_flags, flag, fs_barrier, init_distributed, print_result, train)
+from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
+from common.dist import Dist, distributed, fs_barrier
+from pretrain.train import TrainConfig, accumulation, print_result, train
 from common.paths import checkpoints_dir
 
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
@@ -93,40 +95,41 @@ def quick_eval(tok, n: int, seed: int, say):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    # `--from` is the documented spelling; a dataclass field cannot be named `from`.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = ["--from-checkpoint" + a[len("--from"):] if a == "--from" or a.startswith("--from=") else a for a in argv]
-    parser = dataclass_parser(SFTConfig, TrainConfig, description=__doc__.splitlines()[0])
-    parser.prog = "python -m finetune"
-    args = parser.parse_args(argv)
-    scfg, tcfg = config_from_args(SFTConfig, args), config_from_args(TrainConfig, args)
-    explicit = explicit_flags(parser, argv)
-    result, dist = None, None
-    try:
-        dist = init_distributed(tcfg.device)
-        table = {**SFT_DEFAULTS, **(CUDA_DEFAULTS if dist.device.type == "cuda" else CPU_DEFAULTS)}
-        for key, value in table.items():
-            if key not in explicit and not (key == "max_minutes" and tcfg.max_steps > 0):
-                setattr(tcfg, key, value)
+def load_base(scfg: SFTConfig, device: torch.device):
+    """(model, tokenizer, path) of the base checkpoint to fine-tune: --from, else the newest one."""
+    base = Path(scfg.from_checkpoint) if scfg.from_checkpoint else latest_checkpoint("base")
+    if base is None:
+        raise CheckpointError(f"no base checkpoint in {checkpoints_dir('base')}; "
+                              "run python -m pretrain first or pass --from CHECKPOINT")
+    if not base.is_dir():
+        raise CheckpointError(f"{base}: no such checkpoint directory")
+    model, tok, _ = load_checkpoint(base, device=device)
+    if tok is None:
+        raise CheckpointError(f"{base} has no tokenizer (a synthetic run?); SFT needs a real tokenizer")
+    return model, tok, base
 
-        base = Path(scfg.from_checkpoint) if scfg.from_checkpoint else latest_checkpoint("base")
-        if base is None:
-            raise CheckpointError(f"no base checkpoint in {checkpoints_dir('base')}; "
-                                  "run python -m pretrain first or pass --from CHECKPOINT")
-        if not base.is_dir():
-            raise CheckpointError(f"{base}: no such checkpoint directory")
-        model, tok, _ = load_checkpoint(base, device=dist.device)
-        if tok is None:
-            raise CheckpointError(f"{base} has no tokenizer (a synthetic run?); SFT needs a real tokenizer")
+
+def set_defaults(tcfg: TrainConfig, explicit: set[str], dist: Dist, seq_len: int) -> None:
+    """Fill the flags the user left unset for this hardware."""
+    table = {**SFT_DEFAULTS, **(CUDA_DEFAULTS if dist.device.type == "cuda" else CPU_DEFAULTS)}
+    for key, value in table.items():
+        if key not in explicit and not (key == "max_minutes" and tcfg.max_steps > 0):
+            setattr(tcfg, key, value)
+    if "total_batch_tokens" not in explicit:
+        # The same optimizer batch on any number of devices, so the learning rates hold: fewer rows per device
+        # as devices are added, gradient accumulation where one micro-step holds fewer than the step.
+        rows = SFT_ROWS_PER_STEP["cuda" if dist.device.type == "cuda" else "cpu"]
+        tcfg.total_batch_tokens = rows * seq_len
+        if "device_batch_size" not in explicit:
+            tcfg.device_batch_size = max(1, min(tcfg.device_batch_size, rows // dist.world_size))
+
+
+def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
+    """Render the conversations, pack them into rows, train, and say where the checkpoint went."""
+    with distributed(tcfg.device) as dist:
+        model, tok, base = load_base(scfg, dist.device)
         seq_len = model.config.sequence_len
-        if "total_batch_tokens" not in explicit:
-            # The same optimizer batch on any number of devices, so the learning rates hold: fewer rows per device
-            # as devices are added, gradient accumulation where one micro-step holds fewer than the step.
-            rows = SFT_ROWS_PER_STEP["cuda" if dist.device.type == "cuda" else "cpu"]
-            tcfg.total_batch_tokens = rows * seq_len
-            if "device_batch_size" not in explicit:
-                tcfg.device_batch_size = max(1, min(tcfg.device_batch_size, rows // dist.world_size))
+        set_defaults(tcfg, explicit, dist, seq_len)
         say = tqdm.write if dist.is_main else (lambda *a, **k: None)
 
         convs, summary = load_conversations(scfg, tcfg.seed, dist)
@@ -139,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats.split} split between exchanges, {stats.dropped_exchanges} over-long exchanges dropped, "
             f"{stats.dropped} conversations dropped, {sum(stats.invalid.values())} invalid"
             + (f" ({dict(stats.invalid.most_common(3))})" if stats.invalid else ""))
-        loader = chat_data.SFTLoader(examples, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed,
-                                     dist.rank, dist.world_size, dist.device)
+
+        def packed(exs: list) -> chat_data.SFTLoader:
+            return chat_data.SFTLoader(exs, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed, dist.rank,
+                                       dist.world_size, dist.device)
+
+        loader = packed(examples)
         learned = sum(sum(m) for _, m in examples)
         rows = loader.rows_per_epoch()
         say(f"{rows} packed rows of {seq_len} tokens per epoch, {learned:,} learned (assistant) tokens "
@@ -148,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if tcfg.max_steps <= 0:  # rows counts every rank's rows, so compare it with every rank's rows per step
             _, step_tokens = accumulation(tcfg.total_batch_tokens, tcfg.device_batch_size * seq_len * dist.world_size)
             tcfg.max_steps = max(1, round(scfg.epochs * rows * seq_len / step_tokens))
-        val_loader = (chat_data.SFTLoader(val_examples, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed,
-                                          dist.rank, dist.world_size, dist.device) if val_examples else None)
+        val_loader = packed(val_examples) if val_examples else None
         val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None
         evaluate = quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say) if scfg.quick_eval_items > 0 else None
         run_dir = Path(scfg.run_dir) if scfg.run_dir else checkpoints_dir("sft")
@@ -158,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                 "split_conversations": stats.split}
         result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tok, val_batches=val_batches,
                        evaluate=evaluate, dist=dist, meta=meta, prompts=())
-    except (CheckpointError, chat_data.DataError, DownloadError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        cleanup_distributed()
     if dist.is_main:
         print_result(result, run_dir)
         print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `--from` is the documented spelling; a dataclass field cannot be named `from`.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--from-checkpoint" + a[len("--from"):] if a == "--from" or a.startswith("--from=") else a for a in argv]
+    parser = parser_for(SFTConfig, TrainConfig, prog="python -m finetune", description=__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    scfg, tcfg = config_from_args(SFTConfig, args), config_from_args(TrainConfig, args)
+    explicit = explicit_flags(parser, argv)
+    return run_cli(lambda: finetune(scfg, tcfg, explicit),
+                   (CheckpointError, chat_data.DataError, DownloadError, FileNotFoundError, ValueError, OSError))

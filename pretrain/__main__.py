@@ -14,8 +14,9 @@ import torch
 from pretrain.checkpoint import CheckpointError
 from pretrain.model import GPT, GPTConfig
 from pretrain.shards import ShardError, TokenLoader, load_manifest
-from pretrain.train import (Dist, SyntheticLoader, TrainConfig, cleanup_distributed, config_from_args,
-                            dataclass_parser, explicit_flags, flag, init_distributed, print_result, train)
+from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
+from common.dist import distributed
+from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 from common.paths import checkpoints_dir, tokenizer_path, tokens_dir
 
 # Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
@@ -76,13 +77,16 @@ def fit_device_batch(model: GPT, batch: int, seq_len: int, device: torch.device)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = dataclass_parser(PretrainConfig, TrainConfig, description=__doc__.splitlines()[0])
+    parser = parser_for(PretrainConfig, TrainConfig, prog="python -m pretrain", description=__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     pcfg, tcfg = config_from_args(PretrainConfig, args), config_from_args(TrainConfig, args)
     explicit = explicit_flags(parser, argv)
-    dist = Dist()
-    try:
-        dist = init_distributed(tcfg.device)
+    return run_cli(lambda: pretrain(pcfg, tcfg, explicit), (ShardError, CheckpointError, FileNotFoundError, ValueError))
+
+
+def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
+    """Build the model and its data for this hardware, train it, and say where the checkpoint went."""
+    with distributed(tcfg.device) as dist:
         apply_hardware_defaults(pcfg, tcfg, dist.device, explicit)
         tokenizer, vocab_size, token_dir = None, pcfg.vocab_size, None
         if not pcfg.synthetic:
@@ -124,19 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({config.n_kv_head} kv), sequence {config.sequence_len}, vocab {config.vocab_size}")
         result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tokenizer, val_batches=val_batches,
                        dist=dist, meta=meta)
-    except (ShardError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        cleanup_distributed()
     if dist.is_main:
         print_result(result, run_dir)
         print("next: python -m finetune")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,36 +11,28 @@ Batches are (x, y) or (x, y, loss_mask) tensors; the batch source needs `__next_
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
-import dataclasses
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from common.cli import flag
+from common.dist import Dist, all_reduce, fs_barrier
+from common.paths import report_dir
 from pretrain.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, prune_checkpoints,
                                  save_checkpoint, step_dirs)
 from pretrain.model import GPT
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.report import append_metrics, plot_metrics
-from tokenizer.files import scratchchat_home
 
 SAMPLE_PROMPTS = ("The capital of France is", "The history of", "Water is", "In the beginning")
-
-
-def flag(default, help: str):
-    """A dataclass field that is also a documented CLI flag."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -72,114 +64,7 @@ class TrainConfig:
     seed: int = flag(42, "seed for the model init and sampling")
 
 
-def dataclass_parser(*classes: type, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser whose flags are the fields of the given dataclasses (--snake-case)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls in classes:
-        group = parser.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            name = "--" + f.name.replace("_", "-")
-            kw = dict(default=f.default, help=f.metadata.get("help", ""), dest=f.name)
-            if isinstance(f.default, bool) or f.default is None:
-                group.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-            else:
-                group.add_argument(name, type=type(f.default), **kw)
-    return parser
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
-    """Names of the fields the user set on the command line (so hardware defaults fill only the rest)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_args(argv)))
-
-
-def config_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-# ----------------------------------------------------------------------------- devices and processes
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # The first process of each filesystem: it writes checkpoints and downloads there. One per job on a disk that
-    # every node shares; one per node on node-local disks, so that every node can read every checkpoint.
-    fs_main: bool = True
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-DEVICE_ENV = "SCRATCHCHAT_DEVICE"  # e.g. cpu: every stage on the CPU (gloo under torchrun), GPUs or not
-
-
-def pick_device(name: str = "auto") -> str:
-    if name == "auto":
-        name = os.environ.get(DEVICE_ENV, "auto") or "auto"
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); else a single process."""
-    kind = pick_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        dev = torch.device(kind)
-        if kind == "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return Dist(device=dev)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if kind == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-        torch_dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device(kind)
-        torch_dist.init_process_group("gloo")
-    dist = Dist(rank=rank, local_rank=local, world_size=world, device=dev)
-    dist.fs_main = _first_on_filesystem(dist, scratchchat_home())
-    return dist
-
-
-def _first_on_filesystem(dist: Dist, home: Path) -> bool:
-    """Whether this process is the lowest rank that sees `home`: the first process of every node leaves a mark
-    in a directory named by a token from rank 0, and a node that finds a lower rank's mark shares its disk."""
-    token = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.long, device=dist.device)
-    torch_dist.broadcast(token, 0)
-    marks = home / "speedrun" / f".ranks-{int(token.item()):x}"
-    if dist.local_rank == 0:
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / str(dist.rank)).touch()
-    torch_dist.barrier()
-    first = dist.local_rank == 0 and min(int(p.name) for p in marks.iterdir()) == dist.rank
-    torch_dist.barrier()
-    if first:
-        shutil.rmtree(marks, ignore_errors=True)
-    return first
-
-
-def fs_barrier(dist: Dist) -> None:
-    """Wait here until every rank arrives: after one process per filesystem did the shared work."""
-    if dist.world_size > 1:
-        torch_dist.barrier()
-
-
-def cleanup_distributed() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
+# ----------------------------------------------------------------------------- devices and precision
 
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU, for MFU; None where we do not know it (CPU, unknown GPUs)."""
@@ -213,12 +98,6 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         name = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
     return torch.bfloat16 if name == "bf16" else None
-
-
-def _all_reduce(t: torch.Tensor, dist: Dist, op=None) -> torch.Tensor:
-    if dist.world_size > 1:
-        torch_dist.all_reduce(t, op=op or torch_dist.ReduceOp.SUM)
-    return t
 
 
 # ----------------------------------------------------------------------------- data without a corpus
@@ -294,7 +173,7 @@ def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None
                 nbytes = token_bytes[ys.clamp(min=0)] * valid
                 sums[0] += (nats * (nbytes > 0)).sum()
                 sums[1] += nbytes.sum()
-    _all_reduce(sums, dist)
+    all_reduce(sums, dist)
     out = {"val_loss": (sums[2] / sums[3].clamp(min=1)).item()}
     if token_bytes is not None and sums[1] > 0:
         out["val_bpb"] = (sums[0] / (math.log(2) * sums[1])).item()
@@ -342,7 +221,7 @@ def _resume_point(run_dir: Path, dist: Dist) -> Path:
     one node a step ahead, so all ranks take the lowest of their newest steps."""
     steps = dict(step_dirs(run_dir))
     found = torch.tensor([max(steps, default=-1)], device=dist.device)
-    _all_reduce(found, dist, torch_dist.ReduceOp.MIN if dist.world_size > 1 else None)
+    all_reduce(found, dist, torch_dist.ReduceOp.MIN if dist.world_size > 1 else None)
     step = int(found.item())
     if step < 0:
         raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}"
@@ -361,7 +240,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
           dist: Dist | None = None, meta: dict | None = None, prompts: Sequence[str] = SAMPLE_PROMPTS) -> dict:
     """Train `model` (already on its device, initialised or loaded) on `batches`; returns the final figures.
 
-    run_dir: where step_N/ checkpoints, metrics.jsonl and loss.png go (e.g. scratchchat_home()/checkpoints/base).
+    run_dir: where step_N/ checkpoints, metrics.jsonl and loss.png go (e.g. $SCRATCHCHAT_HOME/checkpoints/base).
     tokenizer: saved into checkpoints; with it, validation reports bits per byte and samples are printed.
     val_batches: returns a fresh deterministic iterable of validation batches (this rank's share).
     evaluate: extra evaluation (model -> metrics dict), e.g. chat evals in fine-tuning; runs on every rank.
@@ -505,7 +384,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss_val = (_all_reduce(loss_sum, dist) / (grad_accum * dist.world_size)).item()  # .item() syncs the device
+        loss_val = (all_reduce(loss_sum, dist) / (grad_accum * dist.world_size)).item()  # .item() syncs the device
         dt = time.perf_counter() - t0
         if dist.world_size > 1:  # every rank follows rank 0's clock: the same lr, checkpoints and stop
             dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
@@ -537,7 +416,7 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
         name = run_dir.name
         plot = plot_metrics(metrics_path, run_dir / "loss.png", title=name)
         if plot is not None:
-            plot_metrics(metrics_path, scratchchat_home() / "report" / f"{name}_loss.png", title=name)
+            plot_metrics(metrics_path, report_dir() / f"{name}_loss.png", title=name)
     if rates:  # the steady state: the median of the later half skips compilation and warm-up
         steady = sorted(rates[len(rates) // 2:])[len(rates[len(rates) // 2:]) // 2]
         result["tok_per_s"] = steady

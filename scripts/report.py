@@ -29,7 +29,8 @@ from finetune.eval import format_table  # noqa: E402
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, read_config  # noqa: E402
 from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
-from pretrain.train import config_from_args, dataclass_parser, flag, pick_device  # noqa: E402
+from common.cli import config_from_args, flag, parser_for  # noqa: E402
+from common.dist import pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from common.files import write_text_atomic  # noqa: E402
 from common.paths import scratchchat_home  # noqa: E402
@@ -384,7 +385,7 @@ def build(cfg: ReportConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = dataclass_parser(ReportConfig, description=__doc__.splitlines()[0])
+    parser = parser_for(ReportConfig, description=__doc__.splitlines()[0])
     parser.prog = "python scripts/report.py"
     cfg = config_from_args(ReportConfig, parser.parse_args(argv))
     try:

@@ -18,7 +18,8 @@ from pretrain.checkpoint import latest_checkpoint
 from pretrain.model import GPT, GPTConfig
 from pretrain.report import read_metrics
 from pretrain.shards import write_shard
-from pretrain.train import (Dist, SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths,
+from common.dist import Dist
+from pretrain.train import (SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths,
                             train)
 from tokenizer import Tokenizer
 
@@ -99,7 +100,8 @@ DDP_SCRIPT = """
 import sys, torch
 from pretrain.model import GPT, GPTConfig
 import pretrain.optim
-from pretrain.train import SyntheticLoader, TrainConfig, cleanup_distributed, init_distributed, train
+from common.dist import cleanup_distributed, init_distributed
+from pretrain.train import SyntheticLoader, TrainConfig, train
 # fp32 Newton-Schulz: bf16 rounds the differently summed (but equal) gradients of 1 vs 2 ranks apart by ~1e-3.
 pretrain.optim.fast_matmul_dtype = lambda device: torch.float32
 dist = init_distributed("cpu")
