@@ -1,4 +1,4 @@
-"""Tokenizer behaviour against references: tiktoken for encoding, a naive minbpe-style trainer for merges.
+"""Tokenizer behaviour against references: tiktoken for encoding, the plain trainer (train.naive_merges) for merges.
 
 The OpenAI vocabularies come from the offline data packages (requirements-data.txt). The exactness
 sample size can be raised for a full check: SCRATCHCHAT_EXACTNESS_BYTES=1000000 pytest -k exactness.
@@ -218,42 +218,13 @@ def test_decode_unknown_id_is_value_error(small):
 # ---- training --------------------------------------------------------------------------------
 
 
-def naive_merges(texts: list[str], n_merges: int, pattern: str = GPT4_PATTERN) -> list[tuple[int, int]]:
-    """minbpe-style: recount every pair after every merge. Same tie-break and reuse rule as ours."""
-    chunks = Counter(c for t in texts for c in regex.findall(pattern, t))
-    words = Counter()
-    for c, n in chunks.items():
-        words[tuple(sanitize(c).encode("utf-8"))] += n
-    tokens = [bytes([i]) for i in range(256)]
-    merges = []
-    while len(merges) < n_merges:
-        stats = Counter()
-        for w, n in words.items():
-            for pair in zip(w, w[1:]):
-                stats[pair] += n
-        if not stats:
-            break
-        pair = min(stats, key=lambda p: (-stats[p], p))
-        joined = tokens[pair[0]] + tokens[pair[1]]
-        if joined in tokens:
-            z = tokens.index(joined)
-        else:
-            z = len(tokens)
-            tokens.append(joined)
-            merges.append(pair)
-        merged = Counter()
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
-                    out.append(z)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            merged[tuple(out)] += n
-        words = merged
-    return merges
+def chunk_counts(texts: list[str]) -> Counter[str]:
+    """What count_chunks computes, counted here with plain regex in one process."""
+    return Counter(c for t in texts for c in regex.findall(GPT4_PATTERN, t))
+
+
+def naive_merges(texts: list[str], n_merges: int) -> list[tuple[int, int]]:
+    return train.naive_merges(chunk_counts(texts), n_merges)[1]
 
 
 @settings(max_examples=60, deadline=None)
@@ -271,6 +242,26 @@ def test_training_equals_naive_reference(texts, n_merges):
 def test_training_equals_naive_on_real_text():
     texts = [varied_text(1500, seed, surrogates=False) for seed in range(3)]
     assert Tokenizer.train(texts, 256 + 11 + 120).merges == naive_merges(texts, 120)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(st.text(alphabet="aab é\ud800😀", min_size=1, max_size=12), st.integers(1, 5), max_size=8),
+    st.integers(0, 30),
+)
+def test_learn_merges_equals_naive_merges(counts, n_merges):
+    # Chunks straight in: runs of one letter (overlapping occurrences of a pair), multi-byte
+    # characters and lone surrogates (replaced before training) all reach both trainers.
+    assert train.learn_merges(counts, n_merges) == train.naive_merges(counts, n_merges)
+
+
+@pytest.mark.parametrize("trainer", [train.naive_merges, train.learn_merges])
+def test_merges_worked_by_hand(trainer):
+    # Pairs: (a,a) 2x2 = 4 and (a,b) 2+1 = 3, so (a,a) first: "aaab" -> aa a b. Now (aa,a) 2 and
+    # (a,b) 3: "aaab" -> aa ab, "ab" -> ab. Last (aa,ab) 2, then no pair is left.
+    tokens, merges = trainer({"aaab": 2, "ab": 1}, 10)
+    assert merges == [(97, 97), (97, 98), (256, 257)]
+    assert tokens[256:] == [b"aa", b"ab", b"aaab"]
 
 
 def test_tie_break_highest_count_then_smallest_pair():
