@@ -32,7 +32,7 @@ from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError, download
-from pretrain.model import KVCache
+from pretrain.model import KVCache, sample_next
 from pretrain.report import append_metrics
 from common.cli import config_from_args, flag, parser_for
 from common.dist import pick_device
@@ -102,7 +102,7 @@ def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int,
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
+        nxt = sample_next(logits)  # temperature 0: the argmax
         for row, token in enumerate(nxt.tolist()):
             if not done[row]:
                 out[row].append(token)

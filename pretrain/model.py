@@ -344,25 +344,44 @@ class GPT(nn.Module):
         return (loss * weight).sum() / weight.sum().clamp(min=1.0)
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int = 0, stop: set[int] | None = None) -> list[int]:
-        """Continue one prompt with the KV cache: greedy at temperature 0, else seeded sampling."""
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: set[int] | None = None) -> list[int]:
+        """Continue one prompt with the KV cache, each token picked by `sample_next`: greedy at temperature 0,
+        else seeded sampling."""
         device = self.lm_head.weight.device
         gen = torch.Generator(device=device).manual_seed(seed)
         cache = KVCache(self.config, 1, len(prompt) + max_new_tokens, device=device, dtype=self.lm_head.weight.dtype)
         logits = self(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1]
         out: list[int] = []
         for _ in range(max_new_tokens):
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
             out.append(int(nxt))
             if stop and out[-1] in stop:
                 break
-            logits = self(nxt, kv_cache=cache)[:, -1]
+            logits = self(nxt[:, None], kv_cache=cache)[:, -1]
         return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token [b] of each row of logits [b, V]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) kept to the top_k likeliest tokens (0: all) and then to the smallest set of them
+    whose probability reaches top_p (1: all). The one token picker of training samples, evaluation and serving.
+
+    The rows share `generator`, so a row's draw depends on the rows before it: the serving engine, whose seeded
+    requests must not depend on their neighbours, calls this once per row with that row's generator."""
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or a temperature that rounds to 0 in the logits' dtype
+        return logits.argmax(-1)
+    # Shift so the largest logit is 0 before dividing: any other temperature, however tiny, then gives finite
+    # values <= 0 (at worst -inf for the others), so a tiny temperature is greedy instead of inf - inf = NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -18,9 +18,8 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from pretrain.model import GPT, KVCache
+from pretrain.model import GPT, KVCache, sample_next
 
 
 @dataclass(frozen=True)
@@ -125,24 +124,6 @@ class Stats:
             return 0.0
         span = max(time.monotonic() - window[0][0], 1e-3)
         return sum(n for _, n in window) / span if span <= 10.0 else 0.0
-
-
-def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
-    """Draw one token from fp32 CPU logits [V] with temperature, top-k and top-p (nucleus)."""
-    # Shift so the largest logit is 0 before dividing: any temperature > 0, however tiny, then gives finite
-    # values <= 0 (at worst -inf for the others), so a tiny temperature is greedy instead of inf - inf = NaN.
-    logits = (logits - logits.max()) / p.temperature
-    if p.top_k and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
-        drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=rng))
 
 
 def _longest_token(tokenizer) -> int:
@@ -359,12 +340,13 @@ class Engine:
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, out: list) -> None:
         """Pick each row's next token from logits [len(rows), V], detokenize, apply stop rules."""
-        tokens: list[int | None] = logits.argmax(-1).tolist()
+        tokens: list[int | None] = sample_next(logits).tolist()  # greedy for all, on the device, in one go
         sampled = [i for i, r in enumerate(rows) if r.gen.params.temperature > 0]
         cpu = logits[sampled].float().cpu() if sampled else None
         for j, i in enumerate(sampled):
-            try:
-                tokens[i] = _sample(cpu[j], rows[i].gen.params, rows[i].rng)
+            p = rows[i].gen.params
+            try:  # one row at a time, with its own generator: a seeded request draws the same whoever its neighbours
+                tokens[i] = int(sample_next(cpu[j:j + 1], p.temperature, p.top_k, p.top_p, rows[i].rng))
             except Exception:  # this row's numbers went bad: it ends alone, its neighbours carry on
                 traceback.print_exc()
                 tokens[i] = None

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import GPT, GPTConfig, KVCache
+from pretrain.model import GPT, GPTConfig, KVCache, sample_next
 from pretrain.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
 
 TINY = dict(vocab_size=101, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -169,6 +169,25 @@ def test_generate_greedy_matches_argmax_loop():
     assert out == seq[3:]
     sampled = model.generate(prompt, 6, temperature=1.0, top_k=10, seed=3)
     assert sampled == model.generate(prompt, 6, temperature=1.0, top_k=10, seed=3)
+
+
+def test_sample_next_is_greedy_at_temperature_0_and_keeps_to_top_k_and_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, 0.0]])  # row 0's softmax: .64 .24 .09 .03
+    assert sample_next(logits).tolist() == [0, 1]
+    gen = torch.Generator().manual_seed(0)
+    for tiny in (1e-38, 5e-324):  # logits / tiny overflows; shifted first, it is the argmax, not NaN
+        assert sample_next(logits, tiny, generator=gen).tolist() == [0, 1]
+    many = logits[:1].repeat(2000, 1)
+
+    def drawn(**kw) -> set[int]:
+        return set(sample_next(many, 1.0, generator=torch.Generator().manual_seed(1), **kw).tolist())
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=2) == {0, 1}
+    assert drawn(top_p=0.7) == {0, 1}  # .64 falls short of .7, so the next token is kept too
+    assert drawn(top_p=0.5) == {0}
+    assert drawn(top_k=3, top_p=0.99) == {0, 1, 2}
+    seeded = [sample_next(many[:50], 1.0, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*seeded)
 
 
 def test_optimizer_groups_cover_every_parameter_once():

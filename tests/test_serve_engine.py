@@ -215,30 +215,31 @@ async def _submit(engine: Engine, ids: list[int]) -> None:
 
 
 def test_a_degenerate_temperature_leaves_its_neighbours_untouched(engine, tok):
-    """1e-38 used to overflow logits / temperature and make torch.multinomial fail the whole batch."""
+    """1e-38 used to overflow logits / temperature and make torch.multinomial fail the whole batch; 5e-324 is 0
+    in fp32, and 0 / 0 used to fail its row."""
     seeded = (prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=1234))
     alone = run(engine, [seeded])[0]
     tiny = SamplingParams(max_tokens=12, temperature=1e-38, seed=1)
     got = run(engine, [seeded, (prompt(tok, "dog"), tiny), (prompt(tok, "a"), SamplingParams(max_tokens=12,
                                                                                           temperature=5e-324))])
     assert got[0] == alone
-    greedy = run(engine, [(prompt(tok, "dog"), SamplingParams(max_tokens=12, temperature=0))])[0]
-    assert got[1] == greedy  # a temperature this small is greedy
+    greedy = run(engine, [(prompt(tok, text), SamplingParams(max_tokens=12, temperature=0)) for text in ("dog", "a")])
+    assert got[1:] == greedy  # a temperature this small is greedy
 
 
 def test_a_row_whose_sampling_fails_ends_alone(engine, tok, monkeypatch, capsys):
     import serve.engine
-    sample = serve.engine._sample
+    sample = serve.engine.sample_next
 
-    def fails_for_seed_7(logits, p, rng):
-        if p.seed == 7:
+    def fails_at_temperature_09(logits, temperature=0.0, *args):
+        if temperature == 0.9:
             raise RuntimeError("bad row (simulated)")
-        return sample(logits, p, rng)
+        return sample(logits, temperature, *args)
 
     seeded = (prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=1234))
     alone = run(engine, [seeded])[0]
-    monkeypatch.setattr(serve.engine, "_sample", fails_for_seed_7)
-    got = run(engine, [seeded, (prompt(tok, "dog"), SamplingParams(max_tokens=12, temperature=1.0, seed=7))])
+    monkeypatch.setattr(serve.engine, "sample_next", fails_at_temperature_09)
+    got = run(engine, [seeded, (prompt(tok, "dog"), SamplingParams(max_tokens=12, temperature=0.9, seed=7))])
     assert got[0] == alone and got[1] == ("", "error", 0)
     assert "bad row (simulated)" in capsys.readouterr().err
 
