@@ -246,187 +246,229 @@ def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokeniz
     evaluate: extra evaluation (model -> metrics dict), e.g. chat evals in fine-tuning; runs on every rank.
     meta: json-able facts stored in every checkpoint (e.g. the corpus, the base checkpoint).
     """
-    dist = dist or Dist(device=model.lm_head.weight.device)
-    device, run_dir = dist.device, Path(run_dir)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    low = autocast_dtype(cfg.dtype, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=low)) if low else contextlib.nullcontext
-    optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                  unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
-    token_bytes = token_byte_lengths(tokenizer, device) if tokenizer is not None else None
-    metrics_path = run_dir / "metrics.jsonl"
-    say = tqdm.write if dist.is_main else (lambda *a, **k: None)
-
-    step, elapsed, tokens_seen, resumed_from = 0, 0.0, 0, None
-    if cfg.resume:
-        path = _resume_point(run_dir, dist)
-        saved = load_model_state(path, model)
-        if tokenizer is not None and saved.get("tokenizer_hash") not in (None, tokenizer.hash):
-            raise CheckpointError(f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
-                                  f"this run uses {tokenizer.hash[:12]}")
-        load_optimizer_state(path, optimizers)
-        m = saved["meta"]
-        step, elapsed, tokens_seen = m["step"], m["elapsed"], m["tokens"]
-        if "loader" in m and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(m["loader"])
-        print(f"resumed from {path} at step {step}" + (f" (rank {dist.rank})" if dist.world_size > 1 else ""))
-        resumed_from = path
-    start_step = step
-
-    # DDP first, then compile: the compiled graph splits at DDP's buckets, so each gradient all-reduce overlaps
-    # the rest of the backward pass. The rotary tables never change: no need to re-send buffers every step.
-    ddp = None
-    train_model = model
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only this name
-            warnings.simplefilter("ignore", FutureWarning)
-            ddp = train_model = DDP(model, device_ids=[dist.local_rank] if cuda else None, broadcast_buffers=False)
-    compile_on = cuda if cfg.compile is None else cfg.compile
-    if compile_on:
-        train_model = torch.compile(train_model)
-    model.train()
-
-    # The first batch fixes the micro-batch shape, hence the accumulation and the token budget.
-    loader_state = (lambda: batches.state_dict()) if hasattr(batches, "state_dict") else (lambda: None)
-    pending_state = loader_state()
-    x, y, mask = _batch_parts(next(batches))
-    micro_tokens = x.numel() * dist.world_size
-    grad_accum, total_batch = accumulation(cfg.total_batch_tokens, micro_tokens)
-    if cfg.total_batch_tokens > 0 and total_batch != cfg.total_batch_tokens:
-        say(f"note: {cfg.total_batch_tokens:,} tokens per step is not a multiple of {micro_tokens:,} (device batch x "
-            f"sequence x {dist.world_size} devices): using {total_batch:,} ({grad_accum} micro-batches)")
-    if cfg.max_steps > 0:
-        total_steps = cfg.max_steps
-    else:
-        total_steps = max(1, round(cfg.param_data_ratio * model.num_params() / total_batch))
-    flops_per_token, peak = model.flops_per_token(), peak_flops(device)
-    say(f"{model.num_params():,} parameters, {flops_per_token:.3g} FLOPs/token, {total_batch:,} tokens/step "
-        f"({grad_accum} x {x.size(0)} x {x.size(1)} x {dist.world_size} devices), up to {total_steps:,} steps "
-        f"on {device} ({'bf16 autocast' if low else 'fp32'}{', compiled' if compile_on else ''})")
-
-    def time_up() -> bool:
-        return cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
-
-    def progress() -> float:
-        p = step / total_steps
-        return max(p, elapsed / (60 * cfg.max_minutes)) if cfg.max_minutes > 0 else p
-
-    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, unit="step")
-    result: dict = {"val_bpb": None, "loss": None}
-    rates: list[float] = []  # tokens/s of each step this session
-    ckpt_path = resumed_from  # stays so when the resumed run had already finished
-    saved_at = elapsed
-    epoch = getattr(batches, "epoch", 0)
+    run = _Run(model, cfg, batches, Path(run_dir), tokenizer, dist or Dist(device=model.lm_head.weight.device), meta)
     while True:
-        last = step >= total_steps or time_up()
-        if (step > start_step or step == 0) and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            model.eval()
-            figures = {}
-            if val_batches is not None:
-                figures.update(evaluate_bpb(model, val_batches(), token_bytes, dist, autocast()))
-            if evaluate is not None:
-                figures.update(evaluate(model))
-            model.train()
-            if figures:
-                result.update(figures)
-                if dist.is_main:
-                    append_metrics(metrics_path, {"kind": "eval", "step": step, **figures})
-                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
-        if tokenizer is not None and dist.is_main and step > start_step and (
-                last or (cfg.sample_every > 0 and step % cfg.sample_every == 0)):
-            with autocast():
-                texts = sample(model, tokenizer, prompts, seed=cfg.seed)
-            for t in texts:
-                say(f"  sample: {t!r}")
-            append_metrics(metrics_path, {"kind": "sample", "step": step, "samples": texts})
-            result["samples"] = texts
-        every_minutes = cfg.save_every_minutes > 0 and elapsed >= saved_at + 60 * cfg.save_every_minutes
-        if step > start_step and cfg.save_every >= 0 and (
-                last or every_minutes or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-            # The batch fetched for the next step is not consumed yet, so record the position it came from.
-            record = {**(meta or {}), "step": step, "elapsed": elapsed, "tokens": tokens_seen,
-                      "loader": pending_state, "total_steps": total_steps,
-                      "metrics": {k: v for k, v in result.items() if k in ("val_bpb", "val_loss", "loss")}}
-            ckpt_path = run_dir / f"step_{step:06d}"
-            check_ranks_agree(model, dist)
-            if dist.fs_main:  # one copy per filesystem: on node-local disks every node keeps its own
-                save_checkpoint(ckpt_path, model, tokenizer, record, optimizers)
-                prune_checkpoints(run_dir, cfg.keep_last)
-            fs_barrier(dist)
-            saved_at = elapsed
+        last = run.step >= run.total_steps or (cfg.max_minutes > 0 and run.elapsed >= 60 * cfg.max_minutes)
+        ran = run.step > run.start_step
+        if (ran or run.step == 0) and (last or _every(cfg.eval_every, run.step)):
+            run.evaluate(val_batches, evaluate)
+        if tokenizer is not None and ran and (last or _every(cfg.sample_every, run.step)):
+            run.sample(prompts)
+        due = cfg.save_every_minutes > 0 and run.elapsed >= run.saved_at + 60 * cfg.save_every_minutes
+        if ran and cfg.save_every >= 0 and (last or due or _every(cfg.save_every, run.step)):
+            run.save()
         if last:
-            break
+            return run.finish()
+        run.optimizer_step()
 
+
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class _Run:
+    """One training run's state and its phases, in the order train() calls them: set up (optimizers, resume,
+    DDP and compile, the batch plan), then evaluate / sample / save / step until the end, then the figures."""
+
+    def __init__(self, model: GPT, cfg: TrainConfig, batches, run_dir: Path, tokenizer, dist: Dist,
+                 meta: dict | None) -> None:
+        self.model, self.cfg, self.batches, self.run_dir, self.tokenizer, self.dist = (model, cfg, batches, run_dir,
+                                                                                       tokenizer, dist)
+        self.meta, self.device, self.metrics_path = meta or {}, dist.device, run_dir / "metrics.jsonl"
+        self.say = tqdm.write if dist.is_main else (lambda *a, **k: None)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.low = autocast_dtype(cfg.dtype, self.device)
+        self.optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                           unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
+        self.token_bytes = token_byte_lengths(tokenizer, self.device) if tokenizer is not None else None
+        self.step, self.elapsed, self.tokens, self.checkpoint = 0, 0.0, 0, None
+        if cfg.resume:
+            self._restore()
+        self.start_step, self.saved_at = self.step, self.elapsed
+        self.result: dict = {"val_bpb": None, "loss": None}
+        self.rates: list[float] = []  # tokens/s of each step this session
+        self._wrap()
+        self._plan()
+        self.epoch = getattr(batches, "epoch", 0)
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
+                        unit="step")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.low) if self.low else contextlib.nullcontext()
+
+    # --- set-up
+
+    def _restore(self) -> None:
+        """Continue the newest checkpoint every rank has: weights, optimizer state, position, data."""
+        path = _resume_point(self.run_dir, self.dist)
+        saved = load_model_state(path, self.model)
+        if self.tokenizer is not None and saved.get("tokenizer_hash") not in (None, self.tokenizer.hash):
+            raise CheckpointError(f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
+                                  f"this run uses {self.tokenizer.hash[:12]}")
+        load_optimizer_state(path, self.optimizers)
+        m = saved["meta"]
+        self.step, self.elapsed, self.tokens = m["step"], m["elapsed"], m["tokens"]
+        if "loader" in m and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(m["loader"])
+        rank = f" (rank {self.dist.rank})" if self.dist.world_size > 1 else ""
+        print(f"resumed from {path} at step {self.step}{rank}")
+        self.checkpoint = path  # stays so when the resumed run had already finished
+
+    def _wrap(self) -> None:
+        """DDP first, then compile: the compiled graph splits at DDP's buckets, so each gradient all-reduce
+        overlaps the rest of the backward pass. The rotary tables never change: no buffers re-sent per step."""
+        self.ddp, self.train_model = None, self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only this name
+                warnings.simplefilter("ignore", FutureWarning)
+                ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+                self.ddp = self.train_model = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+        self.compiled = self.device.type == "cuda" if self.cfg.compile is None else self.cfg.compile
+        if self.compiled:
+            self.train_model = torch.compile(self.train_model)
+        self.model.train()
+
+    def _plan(self) -> None:
+        """The first batch fixes the micro-batch shape, hence the accumulation and the token budget."""
+        cfg, dist = self.cfg, self.dist
+        self.pending_state = self._loader_state()
+        self.x, self.y, self.mask = _batch_parts(next(self.batches))
+        micro_tokens = self.x.numel() * dist.world_size
+        self.grad_accum, self.total_batch = accumulation(cfg.total_batch_tokens, micro_tokens)
+        if cfg.total_batch_tokens > 0 and self.total_batch != cfg.total_batch_tokens:
+            self.say(f"note: {cfg.total_batch_tokens:,} tokens per step is not a multiple of {micro_tokens:,} "
+                     f"(device batch x sequence x {dist.world_size} devices): using {self.total_batch:,} "
+                     f"({self.grad_accum} micro-batches)")
+        params = self.model.num_params()
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, round(cfg.param_data_ratio * params
+                                                                                / self.total_batch))
+        self.flops_per_token, self.peak = self.model.flops_per_token(), peak_flops(self.device)
+        self.say(f"{params:,} parameters, {self.flops_per_token:.3g} FLOPs/token, {self.total_batch:,} tokens/step "
+                 f"({self.grad_accum} x {self.x.size(0)} x {self.x.size(1)} x {dist.world_size} devices), up to "
+                 f"{self.total_steps:,} steps on {self.device} ({'bf16 autocast' if self.low else 'fp32'}"
+                 f"{', compiled' if self.compiled else ''})")
+
+    def _loader_state(self) -> dict | None:
+        return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+
+    # --- the phases of the loop
+
+    def evaluate(self, val_batches: Callable[[], Iterable] | None, evaluate: Callable[[GPT], dict] | None) -> None:
+        self.model.eval()
+        figures = {}
+        if val_batches is not None:
+            figures.update(evaluate_bpb(self.model, val_batches(), self.token_bytes, self.dist, self.autocast()))
+        if evaluate is not None:
+            figures.update(evaluate(self.model))
+        self.model.train()
+        if figures:
+            self.result.update(figures)
+            if self.dist.is_main:
+                append_metrics(self.metrics_path, {"kind": "eval", "step": self.step, **figures})
+            self.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+
+    def sample(self, prompts: Sequence[str]) -> None:
+        if not self.dist.is_main:
+            return
+        with self.autocast():
+            texts = sample(self.model, self.tokenizer, prompts, seed=self.cfg.seed)
+        for t in texts:
+            self.say(f"  sample: {t!r}")
+        append_metrics(self.metrics_path, {"kind": "sample", "step": self.step, "samples": texts})
+        self.result["samples"] = texts
+
+    def save(self) -> None:
+        # The batch fetched for the next step is not consumed yet, so record the position it came from.
+        record = {**self.meta, "step": self.step, "elapsed": self.elapsed, "tokens": self.tokens,
+                  "loader": self.pending_state, "total_steps": self.total_steps,
+                  "metrics": {k: v for k, v in self.result.items() if k in ("val_bpb", "val_loss", "loss")}}
+        self.checkpoint = self.run_dir / f"step_{self.step:06d}"
+        check_ranks_agree(self.model, self.dist)
+        if self.dist.fs_main:  # one copy per filesystem: on node-local disks every node keeps its own
+            save_checkpoint(self.checkpoint, self.model, self.tokenizer, record, self.optimizers)
+            prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        fs_barrier(self.dist)
+        self.saved_at = self.elapsed
+
+    def progress(self) -> float:
+        p = self.step / self.total_steps
+        return max(p, self.elapsed / (60 * self.cfg.max_minutes)) if self.cfg.max_minutes > 0 else p
+
+    def optimizer_step(self) -> None:
+        cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
-        set_schedule(optimizers, lr_multiplier(progress(), cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
-                     step)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
+        set_schedule(self.optimizers, lr_multiplier(self.progress(), cfg.warmup_ratio, cfg.warmdown_ratio,
+                                                    cfg.final_lr_frac), self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
             # Only the last micro-batch all-reduces the gradients; no_sync() is a fresh context every time.
-            sync = ddp is None or micro == grad_accum - 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                with autocast():
-                    loss = train_model(x, y, loss_mask=mask)
-                (loss / grad_accum).backward()
+            sync = self.ddp is None or micro == self.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    loss = self.train_model(self.x, self.y, loss_mask=self.mask)
+                (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
-            pending_state = loader_state()
-            x, y, mask = _batch_parts(next(batches))
-        if getattr(batches, "epoch", 0) != epoch:
-            epoch = batches.epoch
-            say(f"warning: the training data ran out at step {step + 1}: epoch {epoch + 1} repeats it (a bigger "
-                f"corpus, e.g. more FineWeb-Edu shards, or fewer steps avoids this)")
+            self.pending_state = self._loader_state()
+            self.x, self.y, self.mask = _batch_parts(next(self.batches))
+        if getattr(self.batches, "epoch", 0) != self.epoch:
+            self.epoch = self.batches.epoch
+            self.say(f"warning: the training data ran out at step {self.step + 1}: epoch {self.epoch + 1} repeats "
+                     f"it (a bigger corpus, e.g. more FineWeb-Edu shards, or fewer steps avoids this)")
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        for opt in self.optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_val = (all_reduce(loss_sum, dist) / (grad_accum * dist.world_size)).item()  # .item() syncs the device
+        self.model.zero_grad(set_to_none=True)
+        loss = (all_reduce(loss_sum, dist) / (self.grad_accum * dist.world_size)).item()  # .item() syncs the device
         dt = time.perf_counter() - t0
         if dist.world_size > 1:  # every rank follows rank 0's clock: the same lr, checkpoints and stop
-            dt_t = torch.tensor([dt], dtype=torch.float64, device=device)
+            dt_t = torch.tensor([dt], dtype=torch.float64, device=self.device)
             torch_dist.broadcast(dt_t, 0)
             dt = dt_t.item()
-        step += 1
-        elapsed += dt
-        tokens_seen += total_batch
-        tok_s = total_batch / dt
-        record = {"kind": "train", "step": step, "loss": loss_val, "lr_mult": optimizers[0].param_groups[0]["lr"]
-                  / optimizers[0].param_groups[0]["initial_lr"], "tokens": tokens_seen, "tok_per_s": tok_s,
-                  "elapsed": elapsed}
-        if peak:
-            record["mfu"] = flops_per_token * tok_s / (peak * dist.world_size)
-        result["loss"] = loss_val
-        rates.append(tok_s)
-        if dist.is_main:
-            append_metrics(metrics_path, record)
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}",
-                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            if cfg.max_minutes > 0:  # a time limit ends the run first: let the bar's total and ETA follow it
-                bar.total = min(total_steps, max(step, round(step / progress())))
-            bar.update(1)
-    bar.close()
-    if dist.world_size > 1 and cfg.save_every >= 0:
-        say(f"weights identical on all {dist.world_size} ranks at every checkpoint")
+        self.step, self.elapsed, self.tokens = self.step + 1, self.elapsed + dt, self.tokens + self.total_batch
+        self._log_step(loss, self.total_batch / dt)
 
-    if dist.is_main:
-        name = run_dir.name
-        plot = plot_metrics(metrics_path, run_dir / "loss.png", title=name)
-        if plot is not None:
-            plot_metrics(metrics_path, report_dir() / f"{name}_loss.png", title=name)
-    if rates:  # the steady state: the median of the later half skips compilation and warm-up
-        steady = sorted(rates[len(rates) // 2:])[len(rates[len(rates) // 2:]) // 2]
-        result["tok_per_s"] = steady
-        if peak:
-            result["mfu"] = flops_per_token * steady / (peak * dist.world_size)
-    if cuda:
-        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result.update(step=step, elapsed=elapsed, tokens=tokens_seen, checkpoint=str(ckpt_path) if ckpt_path else None,
-                  total_steps=total_steps)
-    return result
+    def _log_step(self, loss: float, tok_s: float) -> None:
+        group = self.optimizers[0].param_groups[0]
+        record = {"kind": "train", "step": self.step, "loss": loss, "lr_mult": group["lr"] / group["initial_lr"],
+                  "tokens": self.tokens, "tok_per_s": tok_s, "elapsed": self.elapsed}
+        if self.peak:
+            record["mfu"] = self.flops_per_token * tok_s / (self.peak * self.dist.world_size)
+        self.result["loss"] = loss
+        self.rates.append(tok_s)
+        if self.dist.is_main:
+            append_metrics(self.metrics_path, record)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                                 **({"mfu": f"{record['mfu']:.1%}"} if self.peak else {}))
+            if self.cfg.max_minutes > 0:  # a time limit ends the run first: let the bar's total and ETA follow it
+                self.bar.total = min(self.total_steps, max(self.step, round(self.step / self.progress())))
+            self.bar.update(1)
+
+    # --- the end
+
+    def finish(self) -> dict:
+        """Plots, the steady throughput, and the figures train() returns."""
+        self.bar.close()
+        dist, result = self.dist, self.result
+        if dist.world_size > 1 and self.cfg.save_every >= 0:
+            self.say(f"weights identical on all {dist.world_size} ranks at every checkpoint")
+        if dist.is_main:
+            name = self.run_dir.name
+            if plot_metrics(self.metrics_path, self.run_dir / "loss.png", title=name) is not None:
+                plot_metrics(self.metrics_path, report_dir() / f"{name}_loss.png", title=name)
+        if self.rates:  # the steady state: the median of the later half skips compilation and warm-up
+            later = sorted(self.rates[len(self.rates) // 2:])
+            result["tok_per_s"] = later[len(later) // 2]
+            if self.peak:
+                result["mfu"] = self.flops_per_token * result["tok_per_s"] / (self.peak * dist.world_size)
+        if self.device.type == "cuda":
+            result["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        result.update(step=self.step, elapsed=self.elapsed, tokens=self.tokens, total_steps=self.total_steps,
+                      checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        return result
 
 
 def print_result(result: dict, run_dir: Path) -> None:
