@@ -478,3 +478,19 @@ def test_load_of_deeply_nested_json_is_a_clear_error(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)  # json's decoder recursed until RecursionError
     with pytest.raises(ValueError, match=f"{deep}: tokenizer file is not valid JSON \\(nested too deeply\\)"):
         Tokenizer.load(deep)
+
+
+def test_chunk_cache_is_bounded_in_bytes(monkeypatch):
+    # A server tokenizing unique huge words must not grow memory: the cache counts characters and ids, not entries.
+    import random as _random
+
+    from tokenizer import bpe
+
+    monkeypatch.setattr(bpe, "CACHE_BYTES", 200_000)
+    tok = Tokenizer.train(["hello world " * 50], vocab_size=300)
+    rng = _random.Random(0)
+    for _ in range(40):
+        word = "".join(rng.choice("abcdefghij") for _ in range(20_000))
+        assert tok.decode(tok.encode(word)) == word
+        cached = sum(len(chunk) + 8 * len(ids) for chunk, ids in tok._cache.items())
+        assert cached == tok._cache.size <= 200_000
