@@ -177,7 +177,7 @@ def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
     if not manifest or manifest.get("config") != wanted:
         return None
     try:
-        for split, info in manifest["splits"].items():
+        for info in manifest["splits"].values():
             if [read_header(out_dir / f)[1] for f in info["files"]] != info["shard_counts"]:
                 return None
     except (ShardError, KeyError):

@@ -159,7 +159,7 @@ def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None
     dist = dist or Dist()
     device = model.lm_head.weight.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats over text, bytes, nats over all, tokens
-    for x, y, *rest in batches:
+    for x, y, *_ in batches:
         T, V = x.size(1), model.config.vocab_size
         rows = max(1, 2**29 // (T * V))  # bound the fp32 logits of one forward to ~2 GB
         for i in range(0, x.size(0), rows):

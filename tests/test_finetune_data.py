@@ -212,7 +212,7 @@ def test_loader_packs_every_example_once_per_epoch(tok):
         x, y, m = next(loader)
         assert x.shape == y.shape == m.shape == (2, 63) and m.dtype == torch.bool
         assert torch.equal(x[:, 1:], y[:, :-1])
-        for row_x, row_y, row_m in zip(x, y, m):
+        for row_y, row_m in zip(y, m):
             text = tok.decode(row_y[row_m].tolist())
             seen.update(t for t in text.split("<|assistant_end|>") if t)
     # The last batch may wrap into epoch 1; every answer appears, at most twice.

@@ -168,7 +168,7 @@ def test_two_nodes_on_one_machine(tmp_path, mirror, layout):
     assert set(fetched) == {*FINEWEB, SMOLTALK, *BENCHMARKS}
     for name, n in fetched.items():  # once per filesystem: the benchmarks only on the first node, which evaluates
         assert n == (1 if layout == "shared" or name in BENCHMARKS else 2), (name, n)
-    for n, h in enumerate(homes):
+    for h in homes:
         log = (h / "logs" / "pretrain.log").read_text()
         assert "resumed from" in log and "at step 20" in log
         assert latest_checkpoint(root=h / "checkpoints" / "base").name == "step_000030"
