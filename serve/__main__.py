@@ -15,104 +15,46 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from serve.app import Limits
+import torch
+import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-HELP = {
-    "checkpoint": "checkpoint directory (default: newest under $SCRATCHCHAT_HOME/checkpoints/sft)",
-    "host": "interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it)",
-    "port": "TCP port",
-    "api_key": "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no auth); other users "
-               "can read it in `ps`: prefer the variable or --api-key-file",
-    "api_key_file": "read the API key from the first line of this file",
-    "allowed_hosts": "a Host name to answer besides localhost and IP addresses, e.g. the machine's name on the LAN "
-                     "(repeatable; '*': any)",
-    "header_timeout": "seconds a connection may stay open without a request in progress (idle, or sending headers)",
-    "max_connections": "open connections: beyond it new ones are closed at once (and requests get 503 at it)",
-    "model_name": "the model id clients send and /v1/models lists",
-    "cors_origins": "origins allowed to call the API from a browser (repeatable; default: none)",
-    "device": "cpu, cuda, mps or auto",
-    "max_batch": "sequences decoded together (KV-cache slots)",
-    "max_queue": "requests allowed to wait for a slot before answering 429",
-    "threads": "torch CPU threads (0: torch's default)",
-    "seed": "seed of the generator that seeds requests sent without one",
-    "shutdown_grace": "seconds running generations may continue after a shutdown signal",
-    "max_messages": "messages per chat request",
-    "max_message_chars": "characters per message",
-    "max_total_chars": "characters in all messages (or the prompt) together",
-    "max_tokens": "largest max_tokens a request may ask for",
-    "default_max_tokens": "max_tokens of a chat request that does not say",
-    "max_stop": "stop sequences per request",
-    "max_body_bytes": "largest request body (413 above it)",
-    "body_timeout": "seconds a client may take to send its request body (408 after it)",
-    "request_timeout": "seconds a request may take, queueing included",
-    "retry_after": "seconds clients are told to wait (Retry-After) on 429/503",
-    "log_level": "uvicorn log level",
-}
+from common.cli import Parser, add_flags, config_from_args, flag, run_cli
+from common.dist import pick_device
+from common.paths import checkpoints_dir
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from serve.app import Limits, State, create_app
+from serve.engine import Engine
 
 
 @dataclass
 class ServeConfig(Limits):
-    checkpoint: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    api_key_file: str | None = None
-    model_name: str = "scratchchat"
-    cors_origins: list[str] = field(default_factory=list)
-    allowed_hosts: list[str] = field(default_factory=list)
-    header_timeout: float = 10.0
-    max_connections: int = 128
-    device: str = "auto"
-    max_batch: int = 8
-    max_queue: int = 64
-    threads: int = 0
-    seed: int = 0
-    shutdown_grace: float = 10.0
-    log_level: str = "info"
-
-
-def parse_args(argv: list[str] | None = None) -> ServeConfig:
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    limit_names = {f.name for f in dataclasses.fields(Limits)}
-    server, limits = parser.add_argument_group("server"), parser.add_argument_group("per-request limits")
-    for f in sorted(dataclasses.fields(ServeConfig), key=lambda f: f.name in limit_names):
-        group = limits if f.name in limit_names else server
-        if f.name in ("cors_origins", "allowed_hosts"):
-            flag = {"cors_origins": "--cors-origin", "allowed_hosts": "--allowed-host"}[f.name]
-            group.add_argument(flag, dest=f.name, action="append", default=[], help=HELP[f.name])
-            continue
-        kind = {"int": int, "float": float}.get(f.type, str)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
-                           help=HELP[f.name])
-    cfg = ServeConfig(**vars(parser.parse_args(argv)))
-    for name, value in vars(cfg).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"{flag} must be a finite number of seconds, got {value}")
-        if name in AT_LEAST and value < AT_LEAST[name]:
-            parser.error(f"{flag} must be at least {AT_LEAST[name]}, got {value}")
-        if name in POSITIVE and value <= 0:
-            parser.error(f"{flag} must be more than 0, got {value}")
-    if not 0 <= cfg.port <= 65535:
-        parser.error(f"--port must be between 0 and 65535, got {cfg.port}")
-    if cfg.api_key is not None:
-        print("warning: --api-key is visible to other users in `ps`; prefer $SCRATCHCHAT_API_KEY or --api-key-file",
-              file=sys.stderr)
-    elif cfg.api_key_file is not None:
-        try:
-            cfg.api_key = Path(cfg.api_key_file).expanduser().read_text(encoding="utf-8").partition("\n")[0].strip()
-        except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"cannot read --api-key-file: {e}")
-    else:
-        cfg.api_key = os.environ.get("SCRATCHCHAT_API_KEY") or None
-    # Clients send the key in an HTTP header, which carries ASCII: any other key could never match.
-    if cfg.api_key is not None and not re.fullmatch(r"[!-~]+", cfg.api_key):
-        parser.error("the API key must be printable ASCII without spaces (HTTP headers carry nothing else)")
-    return cfg
+    """The server's flags; the per-request limits it inherits (serve.app.Limits) are flags too."""
+    checkpoint: str | None = flag(None, "checkpoint directory (default: newest under $SCRATCHCHAT_HOME/checkpoints/sft)")
+    host: str = flag("127.0.0.1", "interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it)")
+    port: int = flag(8000, "TCP port")
+    api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no "
+                                     "auth); other users can read it in `ps`: prefer the variable or --api-key-file")
+    api_key_file: str | None = flag(None, "read the API key from the first line of this file")
+    model_name: str = flag("scratchchat", "the model id clients send and /v1/models lists")
+    cors_origin: list[str] | None = flag(None, "an origin allowed to call the API from a browser (repeatable)",
+                                         action="append")
+    allowed_host: list[str] | None = flag(None, "a Host name to answer besides localhost and IP addresses, e.g. the "
+                                                "machine's name on the LAN (repeatable; '*': any)", action="append")
+    header_timeout: float = flag(10.0, "seconds a connection may stay open without a request in progress (idle, "
+                                       "or sending headers)")
+    max_connections: int = flag(128, "open connections: beyond it new ones are closed at once (and requests get "
+                                     "503 at it)")
+    device: str = flag("auto", "cpu, cuda, mps or auto ($SCRATCHCHAT_DEVICE, else the best there is)")
+    max_batch: int = flag(8, "sequences decoded together (KV-cache slots)")
+    max_queue: int = flag(64, "requests allowed to wait for a slot before answering 429")
+    threads: int = flag(0, "torch CPU threads (0: torch's default)")
+    seed: int = flag(0, "seed of the generator that seeds requests sent without one")
+    shutdown_grace: float = flag(10.0, "seconds running generations may continue after a shutdown signal")
+    log_level: str = flag("info", "uvicorn log level")
 
 
 AT_LEAST = {"max_batch": 1, "max_queue": 1, "max_messages": 1, "max_message_chars": 1, "max_total_chars": 1,
@@ -121,52 +63,81 @@ AT_LEAST = {"max_batch": 1, "max_queue": 1, "max_messages": 1, "max_message_char
 POSITIVE = ("request_timeout", "body_timeout", "header_timeout")
 
 
-def pick_device(name: str):
-    import torch
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    """The config from the command line, every number checked and the API key found; a bad flag is one
+    `error:` line and exit status 2."""
+    parser = Parser(prog="python -m serve", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    limit_names = tuple(f.name for f in dataclasses.fields(Limits))
+    add_flags(parser.add_argument_group("server"), ServeConfig, skip=limit_names)
+    add_flags(parser.add_argument_group("per-request limits"), Limits)
+    cfg = config_from_args(ServeConfig, parser.parse_args(argv))
+    for name, value in vars(cfg).items():
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{option} must be a finite number of seconds, got {value}")
+        if name in AT_LEAST and value < AT_LEAST[name]:
+            parser.error(f"{option} must be at least {AT_LEAST[name]}, got {value}")
+        if name in POSITIVE and value <= 0:
+            parser.error(f"{option} must be more than 0, got {value}")
+    if not 0 <= cfg.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {cfg.port}")
+    try:
+        torch.device(pick_device(cfg.device))
+    except RuntimeError as e:
+        parser.error(f"bad --device {cfg.device!r}: {e}")
+    cfg.api_key = api_key(cfg, parser)
+    return cfg
+
+
+def api_key(cfg: ServeConfig, parser: Parser) -> str | None:
+    """--api-key (warned about), else the first line of --api-key-file, else $SCRATCHCHAT_API_KEY, else None."""
+    key = cfg.api_key
+    if key is not None:
+        print("warning: --api-key is visible to other users in `ps`; prefer $SCRATCHCHAT_API_KEY or --api-key-file",
+              file=sys.stderr)
+    elif cfg.api_key_file is not None:
+        try:
+            key = Path(cfg.api_key_file).expanduser().read_text(encoding="utf-8").partition("\n")[0].strip()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read --api-key-file: {e}")
+    else:
+        key = os.environ.get("SCRATCHCHAT_API_KEY") or None
+    # Clients send the key in an HTTP header, which carries ASCII: any other key could never match.
+    if key is not None and not re.fullmatch(r"[!-~]+", key):
+        parser.error("the API key must be printable ASCII without spaces (HTTP headers carry nothing else)")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from pretrain.checkpoint import latest_checkpoint, load_checkpoint
-    from tokenizer.files import scratchchat_home
+    return run_cli(lambda: serve(cfg), (ValueError,))
 
+
+def checkpoint_path(cfg: ServeConfig) -> Path:
+    """--checkpoint, or the newest fine-tuned checkpoint."""
     if cfg.checkpoint is None:
         path = latest_checkpoint("sft")
         if path is None:
-            print(f"error: no fine-tuned checkpoint under {scratchchat_home() / 'checkpoints' / 'sft'}: "
-                  "run bash speedrun.sh first (or pass --checkpoint PATH)", file=sys.stderr)
-            return 1
-    else:
-        path = Path(cfg.checkpoint).expanduser()
-        if not path.is_dir():
-            print(f"error: no checkpoint directory at {path}", file=sys.stderr)
-            return 1
-    try:
-        device = pick_device(cfg.device)
-    except RuntimeError as e:
-        print(f"error: bad --device {cfg.device!r}: {e}", file=sys.stderr)
-        return 2
+            raise ValueError(f"no fine-tuned checkpoint under {checkpoints_dir('sft')}: run bash speedrun.sh first "
+                             "(or pass --checkpoint PATH)")
+        return path
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"no checkpoint directory at {path}")
+    return path
 
-    import uvicorn
 
-    from serve.app import create_app
-    from serve.engine import Engine
-
+def serve(cfg: ServeConfig) -> int:
+    """Load the checkpoint in the background and serve it until Ctrl-C or SIGTERM; 1 if it failed to load."""
+    path = checkpoint_path(cfg)
     failed: list[str] = []
 
     def load() -> Engine:
         try:
             if cfg.threads > 0:
-                import torch
                 torch.set_num_threads(cfg.threads)
-            model, tok, _meta = load_checkpoint(path, device=str(device))
+            model, tok, _meta = load_checkpoint(path, device=pick_device(cfg.device))
             return Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue, seed=cfg.seed)
         except Exception as e:  # a corrupt checkpoint is the user's to fix: say so and stop the server
             failed.append(f"cannot load {path}: {e}")
@@ -174,42 +145,45 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
             raise
 
-    limits = Limits(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Limits)})
-    app = create_app(load, limits=limits, model_name=cfg.model_name, api_key=cfg.api_key,
-                     cors_origins=cfg.cors_origins, allowed_hosts=[cfg.host, *cfg.allowed_hosts])  # --host may be a name
-
-    class Server(uvicorn.Server):
-        """uvicorn, told to end generations cleanly: on a shutdown signal the engine gets `shutdown_grace`
-        seconds to finish, then ends each stream with a finish chunk and [DONE], so connections close by
-        themselves before uvicorn's own (harder) timeout."""
-
-        def handle_exit(self, sig, frame) -> None:
-            state = app.state.serve
-            state.shutting_down = True
-            if state.engine is not None:
-                state.engine.shutdown(grace=cfg.shutdown_grace)
-            super().handle_exit(sig, frame)
-
-        async def startup(self, sockets=None) -> None:
-            quiet_accept_errors(asyncio.get_running_loop())
-            await super().startup(sockets)
-
+    # ServeConfig extends Limits: the config is the limits. --host may be a name, which must be answered too.
+    app = create_app(load, limits=cfg, model_name=cfg.model_name, api_key=cfg.api_key,
+                     cors_origins=cfg.cors_origin, allowed_hosts=[cfg.host, *(cfg.allowed_host or [])])
     # The engine thread runs Python between kernels; a shorter GIL switch interval (default 5 ms) lets the event
     # loop thread answer requests and hand out tokens without waiting behind it.
     sys.setswitchinterval(0.001)
     raise_file_limit()
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                   http=guarded(AutoHTTPProtocol, cfg.header_timeout, cfg.max_connections),
-                                   limit_concurrency=cfg.max_connections,
-                                   timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5))
+    server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                           http=guarded(AutoHTTPProtocol, cfg.header_timeout, cfg.max_connections),
+                                           limit_concurrency=cfg.max_connections,
+                                           timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5),
+                            app.state.serve, cfg.shutdown_grace)
     print(f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"
           + (" with an API key" if cfg.api_key else ""), flush=True)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: no traceback for that
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: the usual way to stop
         return 130
     return 1 if failed else 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, told to end generations cleanly: on a shutdown signal the engine gets `grace` seconds to finish,
+    then ends each stream with a finish chunk and [DONE], so connections close by themselves before uvicorn's
+    own (harder) timeout."""
+
+    def __init__(self, config: uvicorn.Config, state: State, grace: float) -> None:
+        super().__init__(config)
+        self.state, self.grace = state, grace
+
+    def handle_exit(self, sig, frame) -> None:
+        self.state.shutting_down = True
+        if self.state.engine is not None:
+            self.state.engine.shutdown(grace=self.grace)
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets=None) -> None:
+        quiet_accept_errors(asyncio.get_running_loop())
+        await super().startup(sockets)
 
 
 def guarded(protocol: type, header_timeout: float, max_connections: int) -> type:

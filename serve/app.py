@@ -10,6 +10,9 @@ model or route, 408 body sent too slowly, 413 body too large, 415 body not sent 
 No request may hurt another: sampling fails per row, tokenization runs one request at a time (a long text
 holds the GIL and would stall the engine thread's decode steps), and text that cannot fit the context is
 refused before it is tokenized.
+
+The handlers are plain functions that find what they share (`State`) at request.app.state.serve; ENDPOINTS, near
+the end, is the one list of routes, from which the app, the OpenAPI document and /metrics take theirs.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -35,25 +38,30 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from common.cli import flag
+from finetune.chat import ChatFormatError, render_prompt
+from serve import openapi
 from serve.engine import Chunk, Engine, EngineClosed, Generation, QueueFull, SamplingParams
-from serve.openapi import openapi_schema
 
 STATIC = Path(__file__).parent / "static"
+GENERATION_FAILED = "generation failed on the server; see its log"
 
 
 @dataclass
 class Limits:
     """What one request may ask for; every field is a `python -m serve` flag."""
-    max_messages: int = 64
-    max_message_chars: int = 32_000
-    max_total_chars: int = 128_000
-    max_tokens: int = 4096  # upper bound a request may ask for (the context may end a generation earlier)
-    default_max_tokens: int = 512  # chat, when the request does not say; completions default to 16 as OpenAI's
-    max_stop: int = 4
-    max_body_bytes: int = 1 << 20
-    body_timeout: float = 30.0  # seconds a client may take to send its request body (408 after)
-    request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
-    retry_after: int = 1  # seconds suggested to clients told to come back (429/503)
+    max_messages: int = flag(64, "messages per chat request")
+    max_message_chars: int = flag(32_000, "characters per message")
+    max_total_chars: int = flag(128_000, "characters in all messages (or the prompt) together")
+    # An upper bound only: the context may end a generation earlier.
+    max_tokens: int = flag(4096, "largest max_tokens a request may ask for")
+    # Completions default to 16, as OpenAI's do.
+    default_max_tokens: int = flag(512, "max_tokens of a chat request that does not say")
+    max_stop: int = flag(4, "stop sequences per request")
+    max_body_bytes: int = flag(1 << 20, "largest request body (413 above it)")
+    body_timeout: float = flag(30.0, "seconds a client may take to send its request body (408 after it)")
+    request_timeout: float = flag(300.0, "seconds a request may take, queueing included")
+    retry_after: int = flag(1, "seconds clients are told to wait (Retry-After) on 429/503")
 
 
 class APIError(Exception):
@@ -71,16 +79,24 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
-class State:
-    """What the routes share: the engine once loaded, the limits, and request counters for /metrics."""
 
-    def __init__(self, limits: Limits, model_name: str, api_key: str | None) -> None:
-        self.limits, self.model_name, self.api_key = limits, model_name, api_key
+
+class State:
+    """What the handlers share, found at request.app.state.serve: the engine once loaded (by `load`, in a thread at
+    startup), the limits, request counters for /metrics, and the one turn at the tokenizer."""
+
+    def __init__(self, load: Callable[[], Engine], limits: Limits, model_name: str, api_key: str | None) -> None:
+        self.load, self.limits, self.model_name, self.api_key = load, limits, model_name, api_key
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
         self.shutting_down = False
+        self.tokenizer_turn = asyncio.Semaphore(1)
+
+    def retry_after(self) -> dict[str, str]:
+        """The header that tells a client told 429 or 503 when to come back."""
+        return {"Retry-After": str(self.limits.retry_after)}
 
 
 # ---------------------------------------------------------------- request parsing and validation
@@ -219,7 +235,306 @@ def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
                        code="context_length_exceeded")
 
 
-# ---------------------------------------------------------------- the app
+def check_chars(text: str, limit: int, param: str) -> None:
+    if len(text) > limit:
+        raise APIError(400, f"'{param}' has {len(text)} characters; the limit is {limit}", param=param)
+
+
+# ---------------------------------------------------------------- what the handlers share
+
+def state_of(request: Request) -> State:
+    return request.app.state.serve
+
+
+def shutting_down(state: State) -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                    headers=state.retry_after())
+
+
+def ready_engine(state: State) -> Engine:
+    """The engine, or 503 while it loads, after it failed to load, and during shutdown."""
+    if state.shutting_down:
+        raise shutting_down(state)
+    if state.engine is None:
+        why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+        raise APIError(503, why, type="server_error", code="model_not_ready", headers=state.retry_after())
+    return state.engine
+
+
+def authorize(request: Request) -> None:
+    key = state_of(request).api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       type="invalid_request_error", code="invalid_api_key")
+
+
+def check_model(state: State, data: dict) -> None:
+    model = data.get("model", state.model_name)
+    if not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", param="model")
+    if model != state.model_name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def include_usage(data: dict) -> bool:
+    opts = data.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    return _bool(opts, "include_usage")
+
+
+async def tokenize_off_loop(state: State, fn: Callable, *args):
+    """Tokenize in a thread, one request at a time: a dozen at once would hold the GIL in turns and stall
+    the engine's decode steps, and through them every stream."""
+    async with state.tokenizer_turn:
+        return await asyncio.to_thread(fn, *args)
+
+
+async def chat_prompt(state: State, eng: Engine, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids the model sees for a chat: refused before tokenizing if it cannot fit the context."""
+    check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
+    try:
+        return await tokenize_off_loop(state, render_prompt, eng.tokenizer, messages)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def start(state: State, eng: Engine, prompt: list[int], params: SamplingParams) -> Generation:
+    try:
+        return eng.submit(prompt, params, timeout=state.limits.request_timeout)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                       code="queue_full", headers=state.retry_after()) from None
+    except EngineClosed:
+        raise shutting_down(state) from None
+
+
+async def first_chunk(state: State, it: AsyncIterator[Chunk]) -> Chunk:
+    """Wait for the first output before answering, so a request that timed out in the queue still gets a 503."""
+    chunk = await anext(it)
+    if chunk.finish_reason == "error":
+        raise APIError(500, GENERATION_FAILED, type="server_error")
+    if chunk.finish_reason == "timeout":
+        raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
+                       type="server_error", code="timeout", headers=state.retry_after())
+    if chunk.finish_reason == "shutdown":
+        raise shutting_down(state)
+    if chunk.finish_reason == "cancelled":  # the client left while queued: the answer goes nowhere
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    return chunk
+
+
+async def completion_request(request: Request) -> tuple[State, dict, Engine]:
+    """What both completion routes check first, in this order: the API key, the body, the model name, the engine."""
+    state = state_of(request)
+    authorize(request)
+    data = await read_json(request, state.limits)
+    check_model(state, data)
+    return state, data, ready_engine(state)
+
+
+async def respond(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
+                  kind: str) -> Response:
+    """Shared by chat and text completions: stream SSE chunks or collect one JSON answer."""
+    state = state_of(request)
+    stream = _bool(data, "stream")
+    reply = Reply(kind, state.model_name, include_usage(data))
+    gen = start(state, eng, prompt, params)
+    it = aiter(gen)
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gen))
+    try:
+        chunk = await first_chunk(state, it)
+    except BaseException:
+        gen.cancel()
+        watcher.cancel()
+        raise
+    if not stream:
+        try:
+            parts = [chunk.text]
+            while chunk.finish_reason is None:
+                chunk = await anext(it)
+                parts.append(chunk.text)
+        finally:
+            gen.cancel()  # a no-op once finished; frees the slot if this handler is torn down early
+            watcher.cancel()
+        if chunk.finish_reason == "error":
+            raise APIError(500, GENERATION_FAILED, type="server_error")
+        return JSONResponse(reply.completion("".join(parts), chunk))
+    watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
+    return StreamingResponse(events(reply, gen, it, chunk), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first: Chunk) -> AsyncIterator[str]:
+    """A generation as server-sent events, from its first chunk to `data: [DONE]`."""
+    try:
+        c = first
+        if reply.kind == "chat":  # the first delta announces the role, as OpenAI's does
+            yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
+        while True:
+            if c.text or c.finish_reason is None:
+                yield _sse(reply.chunk({"content": c.text} if reply.kind == "chat" else c.text, None))
+            if c.finish_reason is not None:
+                break
+            c = await anext(it)
+        if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
+            yield _sse({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+            return
+        yield _sse(reply.chunk({} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
+        if reply.with_usage:
+            yield _sse({"id": reply.id, "object": reply.object(stream=True), "created": reply.created,
+                        "model": reply.model, "choices": [], "usage": _usage(c)})
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()
+
+
+# ---------------------------------------------------------------- the handlers
+
+async def chat_completions(request: Request) -> Response:
+    state, data, eng = await completion_request(request)
+    messages = chat_messages(data, state.limits)
+    params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
+    prompt = await chat_prompt(state, eng, messages)
+    check_prompt_fits(len(prompt), eng.max_context, "messages")
+    return await respond(request, eng, data, prompt, params, "chat")
+
+
+async def completions(request: Request) -> Response:
+    state, data, eng = await completion_request(request)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    check_chars(prompt, state.limits.max_total_chars, "prompt")
+    if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
+        raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
+    params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
+    check_text_can_fit(len(prompt), eng, "prompt")
+    # A document starts with <|bos|>, as in training.
+    ids = [eng.tokenizer.bos_id] + await tokenize_off_loop(state, eng.tokenizer.encode, prompt)
+    check_prompt_fits(len(ids), eng.max_context, "prompt")
+    return await respond(request, eng, data, ids, params, "text")
+
+
+def model_card(state: State) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "scratchchat"}
+
+
+async def list_models(request: Request) -> Response:
+    authorize(request)
+    return JSONResponse({"object": "list", "data": [model_card(state_of(request))]})
+
+
+async def get_model(request: Request) -> Response:
+    authorize(request)
+    state, name = state_of(request), request.path_params["model"]
+    if name != state.model_name:
+        raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+    return JSONResponse(model_card(state))
+
+
+async def tokenize(request: Request) -> Response:
+    state = state_of(request)
+    authorize(request)
+    data = await read_json(request, state.limits)
+    eng = ready_engine(state)
+    if "messages" in data:
+        ids = await chat_prompt(state, eng, chat_messages(data, state.limits))
+    elif isinstance(data.get("text"), str):
+        check_chars(data["text"], state.limits.max_total_chars, "text")
+        check_text_can_fit(len(data["text"]), eng, "text")
+        ids = await tokenize_off_loop(state, eng.tokenizer.encode, data["text"])
+    else:
+        raise APIError(400, "send {'text': str} or {'messages': [...]}", param="text")
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_context": eng.max_context})
+
+
+async def health(request: Request) -> Response:
+    state = state_of(request)
+    if state.engine is None or state.shutting_down:
+        status = "shutting_down" if state.shutting_down else ("error" if state.load_error else "loading")
+        return JSONResponse({"status": status}, status_code=503, headers=state.retry_after())
+    return JSONResponse({"status": "ok", "model": state.model_name, "active": state.engine.active,
+                         "queued": state.engine.queued})
+
+
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(_prometheus(state_of(request)), media_type="text/plain; version=0.0.4")
+
+
+async def openapi_document(request: Request) -> Response:
+    return JSONResponse(openapi.schema(state_of(request).model_name, ENDPOINTS))
+
+
+async def index(request: Request) -> Response:
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
+                        headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                            "style-src 'unsafe-inline'; img-src 'none'"})
+
+
+# The one list of what the server answers: the app's routes, the OpenAPI document's paths and the /metrics route
+# labels all come from it. (method, path, handler, its OpenAPI operation from serve/openapi.py)
+ENDPOINTS = (
+    ("GET", "/", index, openapi.INDEX),
+    ("GET", "/health", health, openapi.HEALTH),
+    ("GET", "/metrics", metrics, openapi.METRICS),
+    ("GET", "/openapi.json", openapi_document, openapi.OPENAPI),
+    ("POST", "/tokenize", tokenize, openapi.TOKENIZE),
+    ("GET", "/v1/models", list_models, openapi.LIST_MODELS),
+    ("GET", "/v1/models/{model:path}", get_model, openapi.GET_MODEL),
+    ("POST", "/v1/chat/completions", chat_completions, openapi.CHAT_COMPLETIONS),
+    ("POST", "/v1/completions", completions, openapi.COMPLETIONS),
+)
+ROUTES = [Route(path, handler, methods=[method]) for method, path, handler, _ in ENDPOINTS]
+# /metrics counts requests by path; a path with a parameter (any model name) is counted under "other", so that
+# clients cannot grow the label set without bound.
+COUNTED_PATHS = frozenset(path for _, path, _, _ in ENDPOINTS if "{" not in path)
+
+
+# ---------------------------------------------------------------- errors, startup and shutdown, the app
+
+async def on_api_error(request: Request, exc: APIError) -> Response:
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    messages = {404: f"no route {request.method} {request.url.path}",
+                405: f"method {request.method} is not allowed on {request.url.path}"}
+    message = messages.get(exc.status_code, exc.detail)
+    return error_response(exc.status_code, message, code={404: "not_found"}.get(exc.status_code),
+                          headers=dict(exc.headers or {}))
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    """Load the engine in a thread (so /health can answer 503 meanwhile); at shutdown, end its generations."""
+    state: State = app.state.serve
+
+    def load_in_thread() -> None:
+        try:
+            state.engine = state.load()
+        except Exception as e:  # reported by /health and every route, never as a traceback
+            state.load_error = str(e) or type(e).__name__
+    threading.Thread(target=load_in_thread, name="scratchchat-load", daemon=True).start()
+    yield
+    state.shutting_down = True
+    if state.engine is not None:
+        state.engine.shutdown(grace=0)
+        await asyncio.to_thread(state.engine.join, 5.0)
+
 
 def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, model_name: str = "scratchchat",
                api_key: str | None = None, cors_origins: list[str] | None = None,
@@ -227,273 +542,12 @@ def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, mode
     """The Starlette app. `load` builds the engine; it runs in a thread at startup so /health can say 503 meanwhile.
 
     `allowed_hosts`: Host names answered besides localhost and IP addresses ("*": any)."""
-    state = State(limits or Limits(), model_name, api_key)
-    one_tokenizer = asyncio.Semaphore(1)
-
-    async def tokenize_off_loop(fn: Callable, *args):
-        """Tokenize in a thread, one request at a time: a dozen at once would hold the GIL in turns and stall
-        the engine's decode steps, and through them every stream."""
-        async with one_tokenizer:
-            return await asyncio.to_thread(fn, *args)
-
-    def engine() -> Engine:
-        if state.shutting_down:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": str(state.limits.retry_after)})
-        if state.engine is None:
-            why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
-            raise APIError(503, why, type="server_error", code="model_not_ready",
-                           headers={"Retry-After": str(state.limits.retry_after)})
-        return state.engine
-
-    def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           type="invalid_request_error", code="invalid_api_key")
-
-    def check_model(data: dict) -> str:
-        model = data.get("model", state.model_name)
-        if not isinstance(model, str):
-            raise APIError(400, "'model' must be a string", param="model")
-        if model != state.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
-                           param="model", code="model_not_found")
-        return model
-
-    def include_usage(data: dict) -> bool:
-        opts = data.get("stream_options")
-        if opts is None:
-            return False
-        if not isinstance(opts, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options")
-        return _bool(opts, "include_usage")
-
-    def start(eng: Engine, prompt: list[int], params: SamplingParams) -> Generation:
-        try:
-            return eng.submit(prompt, params, timeout=state.limits.request_timeout)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(state.limits.retry_after)}) from None
-        except EngineClosed:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": str(state.limits.retry_after)}) from None
-
-    async def first_chunk(gen: Generation, it: AsyncIterator[Chunk]) -> Chunk:
-        """Wait for the first output before answering, so a request that timed out in the queue still gets a 503."""
-        chunk = await anext(it)
-        retry = {"Retry-After": str(state.limits.retry_after)}
-        if chunk.finish_reason == "error":
-            raise APIError(500, "generation failed on the server; see its log", type="server_error")
-        if chunk.finish_reason == "timeout":
-            raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
-                           type="server_error", code="timeout", headers=retry)
-        if chunk.finish_reason == "shutdown":
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers=retry)
-        if chunk.finish_reason == "cancelled":  # the client left while queued: the answer goes nowhere
-            raise APIError(499, "the client closed the connection", code="client_closed")
-        return chunk
-
-    async def run(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
-                  kind: str) -> Response:
-        """Shared by chat and text completions: stream SSE chunks or collect one JSON answer."""
-        stream = _bool(data, "stream")
-        usage_wanted = include_usage(data)
-        gen = start(eng, prompt, params)
-        it = aiter(gen)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gen))
-        try:
-            chunk = await first_chunk(gen, it)
-        except BaseException:
-            gen.cancel()
-            watcher.cancel()
-            raise
-        if not stream:
-            try:
-                parts = [chunk.text]
-                while chunk.finish_reason is None:
-                    chunk = await anext(it)
-                    parts.append(chunk.text)
-            finally:
-                gen.cancel()  # a no-op once finished; frees the slot if this handler is torn down early
-                watcher.cancel()
-            if chunk.finish_reason == "error":
-                raise APIError(500, "generation failed on the server; see its log", type="server_error")
-            return JSONResponse(_completion(kind, rid, created, state.model_name, "".join(parts), chunk))
-        watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                c = chunk
-                if kind == "chat":  # the first delta announces the role, as OpenAI's does
-                    yield _sse(_stream_chunk(kind, rid, created, state.model_name,
-                                             {"role": "assistant", "content": ""}, None, usage_wanted))
-                while True:
-                    if c.text or c.finish_reason is None:
-                        delta = {"content": c.text} if kind == "chat" else c.text
-                        yield _sse(_stream_chunk(kind, rid, created, state.model_name, delta, None, usage_wanted))
-                    if c.finish_reason is not None:
-                        break
-                    c = await anext(it)
-                if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
-                    yield _sse({"error": {"message": "generation failed on the server; see its log",
-                                          "type": "server_error", "param": None, "code": None}})
-                    yield "data: [DONE]\n\n"
-                    return
-                yield _sse(_stream_chunk(kind, rid, created, state.model_name, {} if kind == "chat" else "",
-                                         _openai_reason(c.finish_reason), usage_wanted))
-                if usage_wanted:
-                    yield _sse({"id": rid, "object": _object(kind, True), "created": created, "model": state.model_name,
-                                "choices": [], "usage": _usage(c)})
-                yield "data: [DONE]\n\n"
-            finally:
-                gen.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        data = await read_json(request, state.limits)
-        check_model(data)
-        eng = engine()
-        messages = chat_messages(data, state.limits)
-        params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
-        check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
-        from finetune.chat import ChatFormatError, render_prompt
-        try:
-            prompt = await tokenize_off_loop(render_prompt, eng.tokenizer, messages)
-        except ChatFormatError as e:
-            raise APIError(400, str(e), param="messages") from None
-        check_prompt_fits(len(prompt), eng.max_context, "messages")
-        return await run(request, eng, data, prompt, params, "chat")
-
-    async def completions(request: Request) -> Response:
-        authorize(request)
-        data = await read_json(request, state.limits)
-        check_model(data)
-        eng = engine()
-        prompt = data.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-        if len(prompt) > state.limits.max_total_chars:
-            raise APIError(400, f"'prompt' has {len(prompt)} characters; the limit is {state.limits.max_total_chars}",
-                           param="prompt")
-        if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
-            raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
-        params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
-        check_text_can_fit(len(prompt), eng, "prompt")
-        # A document starts with <|bos|>, as in training.
-        ids = [eng.tokenizer.bos_id] + await tokenize_off_loop(eng.tokenizer.encode, prompt)
-        check_prompt_fits(len(ids), eng.max_context, "prompt")
-        return await run(request, eng, data, ids, params, "text")
-
-    def model_card() -> dict:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "scratchchat"}
-
-    async def list_models(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [model_card()]})
-
-    async def get_model(request: Request) -> Response:
-        authorize(request)
-        name = request.path_params["model"]
-        if name != state.model_name:
-            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-        return JSONResponse(model_card())
-
-    async def tokenize(request: Request) -> Response:
-        authorize(request)
-        data = await read_json(request, state.limits)
-        eng = engine()
-        if "messages" in data:
-            from finetune.chat import ChatFormatError, render_prompt
-            messages = chat_messages(data, state.limits)
-            check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
-            try:
-                ids = await tokenize_off_loop(render_prompt, eng.tokenizer, messages)
-            except ChatFormatError as e:
-                raise APIError(400, str(e), param="messages") from None
-        elif isinstance(data.get("text"), str):
-            if len(data["text"]) > state.limits.max_total_chars:
-                raise APIError(400, f"'text' has {len(data['text'])} characters; the limit is "
-                                    f"{state.limits.max_total_chars}", param="text")
-            check_text_can_fit(len(data["text"]), eng, "text")
-            ids = await tokenize_off_loop(eng.tokenizer.encode, data["text"])
-        else:
-            raise APIError(400, "send {'text': str} or {'messages': [...]}", param="text")
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_context": eng.max_context})
-
-    async def health(request: Request) -> Response:
-        if state.engine is None or state.shutting_down:
-            status = "shutting_down" if state.shutting_down else ("error" if state.load_error else "loading")
-            return JSONResponse({"status": status}, status_code=503,
-                                headers={"Retry-After": str(state.limits.retry_after)})
-        return JSONResponse({"status": "ok", "model": state.model_name, "active": state.engine.active,
-                             "queued": state.engine.queued})
-
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(_prometheus(state), media_type="text/plain; version=0.0.4")
-
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_schema(state.model_name))
-
-    async def index(request: Request) -> Response:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                                                "style-src 'unsafe-inline'; img-src 'none'"})
-
-    async def on_api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-    async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        messages = {404: f"no route {request.method} {request.url.path}",
-                    405: f"method {request.method} is not allowed on {request.url.path}"}
-        message = messages.get(exc.status_code, exc.detail)
-        return error_response(exc.status_code, message, code={404: "not_found"}.get(exc.status_code),
-                              headers=dict(exc.headers or {}))
-
-    async def on_crash(request: Request, exc: Exception) -> Response:
-        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        def load_in_thread() -> None:
-            try:
-                state.engine = load()
-            except Exception as e:  # reported by /health and every route, never as a traceback
-                state.load_error = str(e) or type(e).__name__
-        loader = threading.Thread(target=load_in_thread, name="scratchchat-load", daemon=True)
-        loader.start()
-        yield
-        state.shutting_down = True
-        if state.engine is not None:
-            state.engine.shutdown(grace=0)
-            await asyncio.to_thread(state.engine.join, 5.0)
-
+    state = State(load, limits or Limits(), model_name, api_key)
     middleware = [Middleware(_Count, state=state), Middleware(_HostCheck, allowed=set(allowed_hosts or []))]
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
-    routes = [
-        Route("/", index, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+    app = Starlette(routes=ROUTES, middleware=middleware, lifespan=lifespan,
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash})
     app.state.serve = state
     return app
@@ -519,7 +573,7 @@ class _Count:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            path = scope["path"] if scope["path"] in _ROUTES else "other"
+            path = scope["path"] if scope["path"] in COUNTED_PATHS else "other"
             self.state.requests[(path, status)] += 1
 
 
@@ -551,8 +605,6 @@ class _HostCheck:
         await self.app(scope, receive, send)
 
 
-_ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/tokenize", "/v1/models", "/v1/chat/completions",
-           "/v1/completions")
 
 
 async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
@@ -569,10 +621,6 @@ def _openai_reason(reason: str | None) -> str:
     return "stop" if reason == "stop" else "length"  # a cut-off (timeout, shutdown) reads as running out of room
 
 
-def _object(kind: str, stream: bool) -> str:
-    if kind == "chat":
-        return "chat.completion.chunk" if stream else "chat.completion"
-    return "text_completion"
 
 
 def _usage(c: Chunk) -> dict:
@@ -580,23 +628,41 @@ def _usage(c: Chunk) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-def _stream_chunk(kind: str, rid: str, created: int, model: str, delta, finish: str | None, usage_slot: bool) -> dict:
-    choice = {"index": 0, "delta": delta} if kind == "chat" else {"index": 0, "text": delta}
-    choice.update({"logprobs": None, "finish_reason": finish})
-    out = {"id": rid, "object": _object(kind, True), "created": created, "model": model, "choices": [choice]}
-    if usage_slot:  # with include_usage, every chunk carries usage: null until the final usage chunk
-        out["usage"] = None
-    return out
+@dataclass
+class Reply:
+    """What every JSON answer and stream chunk of one completion repeats: its kind ("chat" or "text"), id, time."""
+    kind: str
+    model: str
+    with_usage: bool  # stream_options.include_usage: every chunk has a usage slot, and a last chunk fills it
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
 
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
-def _completion(kind: str, rid: str, created: int, model: str, text: str, last: Chunk) -> dict:
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    choice.update({"logprobs": None, "finish_reason": _openai_reason(last.finish_reason)})
-    return {"id": rid, "object": _object(kind, False), "created": created, "model": model, "choices": [choice],
-            "usage": _usage(last)}
+    def object(self, stream: bool) -> str:
+        if self.kind == "chat":
+            return "chat.completion.chunk" if stream else "chat.completion"
+        return "text_completion"
+
+    def chunk(self, delta, finish: str | None) -> dict:
+        """One stream chunk: `delta` is a chat delta object, or the text of a text completion."""
+        choice = {"index": 0, "delta": delta} if self.kind == "chat" else {"index": 0, "text": delta}
+        choice.update({"logprobs": None, "finish_reason": finish})
+        out = {"id": self.id, "object": self.object(stream=True), "created": self.created, "model": self.model,
+               "choices": [choice]}
+        if self.with_usage:  # every chunk carries usage: null until the final usage chunk
+            out["usage"] = None
+        return out
+
+    def completion(self, text: str, last: Chunk) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update({"logprobs": None, "finish_reason": _openai_reason(last.finish_reason)})
+        return {"id": self.id, "object": self.object(stream=False), "created": self.created, "model": self.model,
+                "choices": [choice], "usage": _usage(last)}
 
 
 def _sse(obj: dict) -> str:
@@ -634,3 +700,4 @@ def _prometheus(state: State) -> str:
         lines.append(f"scratchchat_time_to_first_token_seconds_sum {st.ttft_sum:g}")
         lines.append(f"scratchchat_time_to_first_token_seconds_count {st.ttft_count}")
     return "\n".join(lines) + "\n"
+

@@ -1,9 +1,11 @@
-"""The OpenAPI 3.1 description of every route the server answers, written by hand as one dict.
+"""The OpenAPI 3.1 description of every route the server answers, written by hand: one operation per route.
 
 It is served at /openapi.json; tests run schemathesis against it, so each status a route can answer and
 each response shape is listed here.
 """
 from __future__ import annotations
+
+import re
 
 _ERROR = {
     "type": "object",
@@ -134,7 +136,7 @@ _BODY = {"400": _error("Invalid request: bad JSON, a field out of range, a promp
 
 
 def _generate(summary: str, request: str, response: str) -> dict:
-    return {"post": {
+    return {
         "summary": summary,
         "security": [{}, {"bearer": []}],
         "requestBody": {"required": True, **_json({"$ref": f"#/components/schemas/{request}"})},
@@ -148,11 +150,54 @@ def _generate(summary: str, request: str, response: str) -> dict:
             "500": _error("The forward pass failed (out of memory, say); the server keeps serving."),
             **_NOT_READY,
         },
-    }}
+    }
 
 
-def openapi_schema(model_name: str) -> dict:
-    """The document for GET /openapi.json."""
+# One operation per endpoint; serve/app.py's ENDPOINTS pairs each with its path and method.
+CHAT_COMPLETIONS = _generate("Chat completion", "ChatCompletionRequest", "ChatCompletion")
+COMPLETIONS = _generate("Text completion of a raw prompt", "CompletionRequest", "Completion")
+LIST_MODELS = {"summary": "The served model", "security": [{}, {"bearer": []}], "responses": {
+    "200": {"description": "One model.", **_json(_object(["object", "data"], {
+        "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}))},
+    **_AUTH}}
+GET_MODEL = {
+    "summary": "One model by id", "security": [{}, {"bearer": []}],
+    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+    "responses": {"200": {"description": "The model.", **_json({"$ref": "#/components/schemas/Model"})},
+                  "404": _error("Unknown model."), **_AUTH}}
+TOKENIZE = {
+    "summary": "Token ids of a text, or of a chat prompt as the model will see it (400 for text too long to fit "
+               "the context, refused without tokenizing it)",
+    "security": [{}, {"bearer": []}],
+    "requestBody": {"required": True, **_json({"oneOf": [
+        _object(["text"], {"text": {"type": "string"}}),
+        _object(["messages"], {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1}})]})},
+    "responses": {"200": {"description": "The ids.", **_json(_object(["tokens", "count", "max_context"], {
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "count": {"type": "integer", "minimum": 0}, "max_context": {"type": "integer"}}))},
+        **_BODY, **_AUTH, **_NOT_READY}}
+HEALTH = {"summary": "200 once the model is loaded, 503 before and while shutting down", "responses": {
+    "200": {"description": "Serving.", **_json(_object(["status"], {
+        "status": {"const": "ok"}, "model": {"type": "string"},
+        "active": {"type": "integer"}, "queued": {"type": "integer"}}))},
+    "503": {"description": "Not serving (yet).", "headers": {"Retry-After": {"schema": {"type": "string"}}},
+            **_json(_object(["status"], {"status": {"enum": ["loading", "error", "shutting_down"]}}))}}}
+METRICS = {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, tokens/s",
+           "responses": {"200": {"description": "Prometheus text format.",
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}
+OPENAPI = {"summary": "This document",
+           "responses": {"200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}}}
+INDEX = {"summary": "The web chat page",
+         "responses": {"200": {"description": "One self-contained HTML page.",
+                               "content": {"text/html": {"schema": {"type": "string"}}}}}}
+
+
+def schema(model_name: str, endpoints) -> dict:
+    """The document for GET /openapi.json, its paths from (method, path, handler, operation) endpoints."""
+    paths: dict[str, dict] = {}
+    for method, path, _, operation in endpoints:
+        # Starlette's {name:convertor} is OpenAPI's {name}.
+        paths.setdefault(re.sub(r"\{(\w+):\w+\}", r"{\1}", path), {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "scratchchat", "version": "0.1.0",
@@ -163,46 +208,5 @@ def openapi_schema(model_name: str) -> dict:
             "schemas": {"Error": _ERROR, "ChatCompletionRequest": _CHAT_REQUEST, "ChatCompletion": _CHAT_COMPLETION,
                         "CompletionRequest": _COMPLETION_REQUEST, "Completion": _TEXT_COMPLETION, "Model": _MODEL},
         },
-        "paths": {
-            "/v1/chat/completions": _generate("Chat completion", "ChatCompletionRequest", "ChatCompletion"),
-            "/v1/completions": _generate("Text completion of a raw prompt", "CompletionRequest", "Completion"),
-            "/v1/models": {"get": {"summary": "The served model", "security": [{}, {"bearer": []}], "responses": {
-                "200": {"description": "One model.", **_json(_object(["object", "data"], {
-                    "object": {"const": "list"},
-                    "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}))},
-                **_AUTH}}},
-            "/v1/models/{model}": {"get": {
-                "summary": "One model by id", "security": [{}, {"bearer": []}],
-                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The model.", **_json({"$ref": "#/components/schemas/Model"})},
-                              "404": _error("Unknown model."), **_AUTH}}},
-            "/tokenize": {"post": {
-                "summary": "Token ids of a text, or of a chat prompt as the model will see it (400 for text too "
-                           "long to fit the context, refused without tokenizing it)",
-                "security": [{}, {"bearer": []}],
-                "requestBody": {"required": True, **_json({"oneOf": [
-                    _object(["text"], {"text": {"type": "string"}}),
-                    _object(["messages"], {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1}})]})},
-                "responses": {"200": {"description": "The ids.", **_json(_object(["tokens", "count", "max_context"], {
-                    "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "count": {"type": "integer", "minimum": 0}, "max_context": {"type": "integer"}}))},
-                    **_BODY, **_AUTH, **_NOT_READY}}},
-            "/health": {"get": {"summary": "200 once the model is loaded, 503 before and while shutting down",
-                                "responses": {
-                "200": {"description": "Serving.", **_json(_object(["status"], {
-                    "status": {"const": "ok"}, "model": {"type": "string"},
-                    "active": {"type": "integer"}, "queued": {"type": "integer"}}))},
-                "503": {"description": "Not serving (yet).",
-                        "headers": {"Retry-After": {"schema": {"type": "string"}}},
-                        **_json(_object(["status"], {"status": {"enum": ["loading", "error", "shutting_down"]}}))}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, "
-                                            "tokens/s", "responses": {
-                "200": {"description": "Prometheus text format.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": {"description": "OpenAPI 3.1.", **_json({"type": "object"})}}}},
-            "/": {"get": {"summary": "The web chat page", "responses": {
-                "200": {"description": "One self-contained HTML page.",
-                        "content": {"text/html": {"schema": {"type": "string"}}}}}}},
-        },
+        "paths": paths,
     }

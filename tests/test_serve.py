@@ -597,13 +597,22 @@ def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(serv
     (["--max-stop", "-1"], "--max-stop must be at least 0, got -1"),
     (["--retry-after", "-5"], "--retry-after must be at least 0, got -5"),
     (["--max-connections", "0"], "--max-connections must be at least 1, got 0"),
+    (["--port", "http"], "argument --port: invalid int value: 'http'"),
+    (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
 ])
 def test_cli_bad_numbers_are_one_line_exit_2(args, message, capsys):
     from serve.__main__ import parse_args
     with pytest.raises(SystemExit) as exit:
         parse_args(args)
+    assert exit.value.code == 2 and capsys.readouterr().err == f"error: {message} (see --help)\n"
+
+
+def test_cli_bad_device_is_one_line_exit_2(capsys):
+    from serve.__main__ import parse_args
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--device", "tpu9"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.strip().endswith(message) and "Traceback" not in err
+    assert exit.value.code == 2 and err.startswith("error: bad --device 'tpu9': ") and err.count("\n") == 1
 
 
 def test_cli_api_key_sources(tmp_path, monkeypatch, capsys):
