@@ -33,7 +33,8 @@ from serve.engine import Engine
 @dataclass
 class ServeConfig(Limits):
     """The server's flags; the per-request limits it inherits (serve.app.Limits) are flags too."""
-    checkpoint: str | None = flag(None, "checkpoint directory (default: newest under $SCRATCHCHAT_HOME/checkpoints/sft)")
+    checkpoint: str | None = flag(None, "checkpoint directory (default: newest under "
+                                        "$SCRATCHCHAT_HOME/checkpoints/sft)")
     host: str = flag("127.0.0.1", "interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it)")
     port: int = flag(8000, "TCP port")
     api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no "

@@ -124,7 +124,8 @@ async def read_json(request: Request, limits: Limits) -> dict:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
                        code="request_timeout") from None
     except ClientDisconnect:  # nobody will read this answer; 499 is how it is counted (nginx's "client closed")
-        raise APIError(499, "the client closed the connection while sending its request", code="client_closed")
+        raise APIError(499, "the client closed the connection while sending its request",
+                       code="client_closed") from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:

@@ -19,7 +19,6 @@ import time
 
 import httpx
 import pytest
-
 from test_serve import SEQ_LEN, _start_stream, error_of, running_server, shared_checkpoint, user
 
 HEADER_TIMEOUT = BODY_TIMEOUT = 1.0
@@ -62,7 +61,8 @@ def post(s: socket.socket, path: str, body: bytes, content_type: str = "applicat
         assert chunk, "the server closed the connection"
         head += chunk
     head, _, rest = head.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(rest) < length:
         rest += s.recv(65536)
     return int(head.split()[1]), json.loads(rest)

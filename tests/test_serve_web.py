@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-
 from test_serve import COUNT, HELLO, running_server, shared_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
