@@ -11,8 +11,8 @@ Benchmarks named on the command line are downloaded once into $SCRATCHCHAT_HOME/
 from the Hugging Face hub or from a mirror at $SCRATCHCHAT_BENCHMARK_URL/<name>.parquet.
 
 Items run in batches of similar length: one right-padded forward scores many multiple-choice prompts,
-and answers are decoded together through the KV cache, in bf16 on CUDA. ``greedy_decode``, a plain
-loop over the full forward, is the fp32 reference that these batches and the serving engine match.
+and answers are decoded together through the KV cache, in bf16 on CUDA. The tests hold the reference that
+these batches and the serving engine must match: a plain greedy loop over the full forward, in fp32.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from pathlib import Path
 
 import torch
 
+from common.cli import config_from_args, flag, parser_for
+from common.dist import pick_device
+from common.files import write_text_atomic
+from common.paths import data_dir, report_dir
 from finetune import tasks
 from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
@@ -34,25 +38,6 @@ from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError, download
 from pretrain.model import KVCache, sample_next
 from pretrain.report import append_metrics
-from common.cli import config_from_args, flag, parser_for
-from common.dist import pick_device
-from common.files import write_text_atomic
-from common.paths import data_dir, report_dir
-
-
-@torch.no_grad()
-def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | None = None) -> list[int]:
-    """Greedy continuation of prompt ids: argmax of the full forward at each step, stop token included."""
-    device = next(model.parameters()).device
-    ids, out = list(prompt), []
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids], device=device))[0, -1]
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        ids.append(nxt)
-        if nxt == stop:
-            break
-    return out
 
 
 def answer_text(tok, generated: list[int]) -> str:
@@ -91,8 +76,8 @@ def choose(model, prompts: list[list[int]], options: list[list[int]]) -> list[in
 @torch.no_grad()
 def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int,
                         stop: int | None = None) -> list[list[int]]:
-    """greedy_decode of several prompts at once through the KV cache: one right-padded prefill (the cache keeps
-    each row's own length, so the padding is never attended to and is overwritten), then one forward per new
+    """Greedy continuations of several prompts at once through the KV cache: one right-padded prefill (the cache
+    keeps each row's own length, so the padding is never attended to and is overwritten), then one forward per new
     token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has."""
     device = next(model.parameters()).device
     idx, lengths = _padded(prompts, device)

@@ -16,6 +16,23 @@ from tests.test_download import Server
 from tokenizer import Tokenizer
 
 
+@torch.no_grad()
+def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | None = None) -> list[int]:
+    """The reference decoder: argmax of the full forward (no cache) at each step, stop token included. Batched
+    evaluation and the serving engine must match it token for token."""
+    device = next(model.parameters()).device
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids], device=device))[0, -1]
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt == stop:
+            break
+    return out
+
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train([s for _, s in tasks.wiki_summaries()[:200]], vocab_size=400)
@@ -35,12 +52,12 @@ def test_greedy_decode_matches_the_kv_cache_path(tok, model, one_thread):
     """The plain loop is the reference the serving engine must match; the model's cached generate does."""
     for text in ["What is 2 + 2?", "Hello there", "Spell 'cat' backwards."]:
         prompt = render_prompt(tok, [{"role": "user", "content": text}])
-        ours = chat_eval.greedy_decode(model, prompt, 20)
+        ours = greedy_decode(model, prompt, 20)
         assert ours == model.generate(prompt, 20, temperature=0.0)
         assert len(ours) == 20
         # Stopping: cut at the first occurrence of a chosen stop token, which is kept.
         stop = ours[5]
-        assert chat_eval.greedy_decode(model, prompt, 20, stop=stop) == ours[: ours.index(stop) + 1]
+        assert greedy_decode(model, prompt, 20, stop=stop) == ours[: ours.index(stop) + 1]
 
 
 def test_answer_text_stops_at_the_end_token(tok):
@@ -70,7 +87,7 @@ def reference_answers(model, tok, items, max_new_tokens):
             logits = model(torch.tensor([prompt]))[0, -1]
             out.append(tasks.LETTERS[int(logits[chat_eval.letter_ids(tok, len(item.choices))].argmax())])
         else:
-            out.append(chat_eval.answer_text(tok, chat_eval.greedy_decode(model, prompt, max_new_tokens, end)))
+            out.append(chat_eval.answer_text(tok, greedy_decode(model, prompt, max_new_tokens, end)))
     return out
 
 
@@ -84,7 +101,7 @@ def test_batched_evaluation_gives_the_reference_answers(tok, model, one_thread):
     # random model emits in some answers but not all, scaled up a little so it wins wherever that token would.
     end = chat_eval.assistant_end_id(tok)
     prompts = [render_prompt(tok, [{"role": "user", "content": i.prompt()}]) for i in items if not i.choices]
-    answers = [chat_eval.greedy_decode(model, p, 12) for p in prompts]
+    answers = [greedy_decode(model, p, 12) for p in prompts]
     common = Counter(t for a in answers for t in set(a[1:]))  # not the first token: each row says something
     token = min((t for t, n in common.items() if n < len(answers)), key=lambda t: abs(common[t] - len(answers) / 2))
     stopper = GPT(model.config)

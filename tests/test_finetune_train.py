@@ -17,6 +17,7 @@ from finetune import train as sft
 from finetune.chat import assistant_end_id, render_prompt
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.model import GPT, GPTConfig
+from tests.test_finetune_eval import greedy_decode
 from tokenizer import Tokenizer
 
 CONVERSATIONS = [
@@ -60,7 +61,7 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     model, tok, meta = load_checkpoint(path)
     assert meta["kind"] == "sft" and meta["from"] == str((home / "checkpoints" / "base" / "step_000010").resolve())
     for q, a in CONVERSATIONS:
-        out = chat_eval.greedy_decode(model, render_prompt(tok, [{"role": "user", "content": q}]), 10,
+        out = greedy_decode(model, render_prompt(tok, [{"role": "user", "content": q}]), 10,
                                       stop=assistant_end_id(tok))
         assert out[-1] == assistant_end_id(tok) and tok.decode(out[:-1]) == a
     metrics = [json.loads(line) for line in (home / "checkpoints" / "sft" / "metrics.jsonl").read_text().splitlines()]

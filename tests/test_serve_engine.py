@@ -1,7 +1,7 @@
 """serve.engine without HTTP: continuous batching must not change what each request gets.
 
-References: finetune.eval.greedy_decode (a plain full-forward loop, no cache) for greedy output, and the same
-request run alone for seeded sampling; the tokenizer's own decode for streamed text.
+References: greedy_decode of tests/test_finetune_eval.py (a plain full-forward loop, no cache) for greedy output,
+and the same request run alone for seeded sampling; the tokenizer's own decode for streamed text.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from finetune.chat import render_prompt
-from finetune.eval import greedy_decode
 from pretrain.model import GPT, GPTConfig
 from serve.engine import Engine, QueueFull, SamplingParams, _stop_split
+from tests.test_finetune_eval import greedy_decode
 from tokenizer import Tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. ", "Ünïcödé 你好 🙂 and some more words to merge. "] * 4
