@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokenizer import Tokenizer, iter_texts, scratchchat_home
+from common.paths import scratchchat_home
+from tokenizer import Tokenizer, iter_texts
 from tokenizer.__main__ import main
 
 TEXT = "The cat sat on the mat. The dog sat on the log. " * 40

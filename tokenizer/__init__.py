@@ -14,7 +14,7 @@ from tokenizer.bpe import (
     StreamDecoder,
     Tokenizer,
 )
-from tokenizer.files import iter_texts, scratchchat_home
+from tokenizer.files import iter_texts
 
 __all__ = [
     "CHAT_SPECIAL_TOKENS",
@@ -25,5 +25,4 @@ __all__ = [
     "StreamDecoder",
     "Tokenizer",
     "iter_texts",
-    "scratchchat_home",
 ]

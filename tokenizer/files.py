@@ -1,4 +1,4 @@
-"""Where scratchchat keeps its artifacts, and how text corpora are read from disk.
+"""How text corpora are read from disk.
 
 Every stage reads documents through `iter_texts`, so "a corpus" means the same thing everywhere:
 files or folders of .txt (one document per file), .jsonl ({"text": ...} per line) or .parquet
@@ -8,17 +8,10 @@ files or folders of .txt (one document per file), .jsonl ({"text": ...} per line
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
-def scratchchat_home() -> Path:
-    """$SCRATCHCHAT_HOME, or ~/.cache/scratchchat when it is unset or empty."""
-    env = os.environ.get("SCRATCHCHAT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "scratchchat"
 
 
 def _expand(path: Path) -> list[Path]:
