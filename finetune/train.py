@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
+from common.dist import Dist, distributed, fs_barrier
+from common.paths import checkpoints_dir
 from finetune import data as chat_data
 from finetune import tasks
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
-from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
-from common.dist import Dist, distributed, fs_barrier
 from pretrain.train import TrainConfig, accumulation, print_result, train
-from common.paths import checkpoints_dir
 
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
 # (pretraining: 20%), so its mean is ~0.6x pretraining's from the same peak. A lower peak (half) was

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
+from common.dist import distributed
+from common.paths import checkpoints_dir, tokenizer_path, tokens_dir
 from pretrain.checkpoint import CheckpointError
 from pretrain.model import GPT, GPTConfig
 from pretrain.shards import ShardError, TokenLoader, load_manifest
-from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
-from common.dist import distributed
 from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
-from common.paths import checkpoints_dir, tokenizer_path, tokens_dir
 
 # Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
 CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, total_batch_tokens=-1, max_minutes=12.0,

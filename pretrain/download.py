@@ -98,8 +98,10 @@ def download_one(client: httpx.Client, url: str, dest: Path, retries: int = 5, b
             return True
         except _Retryable as e:
             if attempt == retries:
-                raise DownloadError(f"{url}: giving up after {retries + 1} attempts ({e}); "
-                                    f"re-run to resume from {part.stat().st_size if part.exists() else 0} bytes") from None
+                raise DownloadError(
+                    f"{url}: giving up after {retries + 1} attempts ({e}); "
+                    f"re-run to resume from {part.stat().st_size if part.exists() else 0} bytes"
+                ) from None
             time.sleep(min(backoff * 2**attempt, 60.0))
     raise AssertionError("unreachable")
 

@@ -280,7 +280,9 @@ class GPT(nn.Module):
         start = kv.pos
         span = int(start.max()) + T
         if span > min(kv.max_len, self.rotary_len):
-            raise ValueError(f"sequence of {span} tokens exceeds the cache ({kv.max_len}) or rotary table ({self.rotary_len})")
+            raise ValueError(
+                f"sequence of {span} tokens exceeds the cache ({kv.max_len}) or rotary table ({self.rotary_len})"
+            )
         read = (slice(None), slice(None, span))
         if bool((start == start[0]).all()):
             # Every row continues from the same length p (one stream; a batch prefilled together): plain slices,

@@ -136,9 +136,16 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=alpha)
 
 
-def build_optimizers(model: nn.Module, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
-                     unembedding_lr: float = 0.004, scalar_lr: float = 0.004, weight_decay: float = 0.0,
-                     betas: tuple[float, float] = (0.8, 0.95), model_dim: int | None = None) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module,
+    matrix_lr: float = 0.02,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    scalar_lr: float = 0.004,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.8, 0.95),
+    model_dim: int | None = None,
+) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] over the model with every trainable parameter in exactly one group.
 
     Groups: embeddings (nn.Embedding weights), the unembedding (`model.lm_head`), scalars/vectors (any < 2-D

@@ -26,8 +26,14 @@ from tqdm import tqdm
 from common.cli import flag
 from common.dist import Dist, all_reduce, fs_barrier
 from common.paths import report_dir
-from pretrain.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, prune_checkpoints,
-                                 save_checkpoint, step_dirs)
+from pretrain.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    load_optimizer_state,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dirs,
+)
 from pretrain.model import GPT
 from pretrain.optim import build_optimizers, lr_multiplier, set_schedule
 from pretrain.report import append_metrics, plot_metrics

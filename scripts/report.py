@@ -24,16 +24,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python scripts/report.py` from a checkout that is not pip-installed
 
+from common.cli import config_from_args, flag, parser_for  # noqa: E402
+from common.dist import pick_device  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
+from common.paths import scratchchat_home  # noqa: E402
 from finetune.chat import assistant_end_id, render_prompt  # noqa: E402
 from finetune.eval import format_table  # noqa: E402
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, read_config  # noqa: E402
 from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
-from common.cli import config_from_args, flag, parser_for  # noqa: E402
-from common.dist import pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from common.files import write_text_atomic  # noqa: E402
-from common.paths import scratchchat_home  # noqa: E402
 from tokenizer.openai_vocabs import reference_tokenizers  # noqa: E402
 
 SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?")
@@ -351,7 +351,9 @@ def time_section(times: dict, gpus: int, cfg: ReportConfig) -> list[str]:
     lines = ["## Time", ""]
     if not times:
         return lines + ["_No stage times: they are recorded by `bash speedrun.sh`._"]
-    rows = [[name, _duration(end - start), f"`logs/{name}.log`"] for name, (start, end) in times.items()]
+    # Setting up .venv is the one timed step without a log of its own.
+    rows = [[name, _duration(end - start), "" if name == "setup" else f"`logs/{name}.log`"]
+            for name, (start, end) in times.items()]
     total = total_seconds(times)
     lines += [*_table(["stage", "time", "log"], rows), "", f"Total: **{_duration(total)}** (wall time from the "
               f"first stage's start to the last one's end; after a rerun that skipped finished stages, both runs)."]

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from finetune.chat import (ChatFormatError, ConversationTooLong, assistant_end_id, render_conversation,
-                           render_prompt, training_example, validate_messages)
+from finetune.chat import (
+    ChatFormatError,
+    ConversationTooLong,
+    assistant_end_id,
+    render_conversation,
+    render_prompt,
+    training_example,
+    validate_messages,
+)
 from tokenizer import Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the capital. "

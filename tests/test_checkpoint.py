@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_state,
-                                 load_optimizer_state, prune_checkpoints, save_checkpoint)
+from pretrain.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers
 from tokenizer import Tokenizer

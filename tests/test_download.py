@@ -147,9 +147,13 @@ def test_fineweb_cli_downloads_train_and_val_shards(tmp_path, server, monkeypatc
     requests = len(server.log)
     assert data.main(["fineweb-edu", "--shards", "2", "--val-shard", "9", "--backoff", "0.01"]) == 0
     assert len(server.log) == requests and (out / "manifest.json").stat().st_mtime_ns == stamp
-    assert data.main(["fineweb-edu", "--shards", "3", "--val-shard", "9", "--backoff", "0.01"]) == 0  # growing fetches only the new shard
+    assert (
+        data.main(["fineweb-edu", "--shards", "3", "--val-shard", "9", "--backoff", "0.01"]) == 0
+    )  # growing fetches only the new shard
     assert [n for n, _ in server.log[requests:]] == ["shard_00002.parquet"]
     capsys.readouterr()
-    assert data.main(["fineweb-edu", "--shards", "4", "--val-shard", "9", "--backoff", "0.01"]) == 1  # shard 3 is not on the server
+    assert (
+        data.main(["fineweb-edu", "--shards", "4", "--val-shard", "9", "--backoff", "0.01"]) == 1
+    )  # shard 3 is not on the server
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert last.startswith("error: ") and "shard_00003.parquet: HTTP 404" in last

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.shards import (HEADER_SIZE, ShardError, TokenLoader, load_manifest, read_header, read_shard,
-                             write_shard)
+from pretrain.shards import HEADER_SIZE, ShardError, TokenLoader, load_manifest, read_header, read_shard, write_shard
 
 
 def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):

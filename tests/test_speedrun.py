@@ -57,7 +57,9 @@ def test_quick_run_builds_every_stage(quick):
     corpus = json.loads((home / "data" / "default" / "manifest.json").read_text())
     assert {s["name"] for s in corpus["sources"]} >= {"wiki", "factbook", "bible"}
     assert all(s["docs"] > 0 and s["chars"] > 0 for s in corpus["sources"])
-    assert (home / "data" / "default" / "train.parquet").is_file() and (home / "data" / "default" / "val.parquet").is_file()
+    assert (home / "data" / "default" / "train.parquet").is_file() and (
+        home / "data" / "default" / "val.parquet"
+    ).is_file()
 
     tok = Tokenizer.load(home / "tokenizer" / "tokenizer.json")
     assert tok.vocab_size == 1024 and "<|assistant_start|>" in tok.special_tokens
@@ -173,7 +175,9 @@ def test_gpus_that_torch_cannot_use_stop_the_run(tmp_path):
     env.pop("SCRATCHCHAT_DEVICE", None)
     run = subprocess.run(["bash", str(ROOT / "speedrun.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stdout[-2000:]
-    assert run.stderr.startswith("error: nvidia-smi lists 1 GPU(s) but torch") and "SCRATCHCHAT_DEVICE=cpu" in run.stderr
+    assert (
+        run.stderr.startswith("error: nvidia-smi lists 1 GPU(s) but torch") and "SCRATCHCHAT_DEVICE=cpu" in run.stderr
+    )
     assert not (tmp_path / "home" / "data").exists()
 
 

@@ -52,8 +52,9 @@ def mirror():
     chats = [[{"role": "user", "content": f"Tell me about the {w}."},
               {"role": "assistant", "content": f"The {w} is a fine thing to talk about."}] for w in WORDS]
     files[SMOLTALK] = parquet({"messages": chats})
-    files["mmlu.parquet"] = parquet({"question": ["Which is a colour?"] * 8, "choices": [["red", "run", "up", "so"]] * 8,
-                                     "answer": [0] * 8})
+    files["mmlu.parquet"] = parquet(
+        {"question": ["Which is a colour?"] * 8, "choices": [["red", "run", "up", "so"]] * 8, "answer": [0] * 8}
+    )
     arc = {"id": [f"q{i}" for i in range(8)], "question": ["What melts ice?"] * 8, "answerKey": ["A"] * 8,
            "choices": [{"label": ["A", "B", "C"], "text": ["heat", "cold", "dark"]}] * 8}
     files["arc-challenge.parquet"] = files["arc-easy.parquet"] = parquet(arc)

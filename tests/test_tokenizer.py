@@ -19,8 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken_ext import openai_public
 
-from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer
-from tokenizer import bpe, train
+from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer, bpe, train
 from tokenizer.openai_vocabs import package_data, reference_tokenizer
 
 EXACTNESS_BYTES = int(os.environ.get("SCRATCHCHAT_EXACTNESS_BYTES", "60000"))
@@ -79,7 +78,9 @@ def varied_text(n_chars: int, seed: int, surrogates: bool = True) -> str:
         if rng.random() < 0.2:  # glue pieces without spaces to create mixed-script chunks
             piece = piece + rng.choice(rng.choice(groups))
         if rng.random() < 0.1:  # random code points from all planes, assigned ones only (see ASSIGNED)
-            piece = "".join(c for c in (chr(rng.randint(0x20, 0x2FFFF)) for _ in range(rng.randint(1, 12))) if ASSIGNED(c))
+            piece = "".join(
+                c for c in (chr(rng.randint(0x20, 0x2FFFF)) for _ in range(rng.randint(1, 12))) if ASSIGNED(c)
+            )
         out.append(piece)
         size += len(piece)
     return "".join(out)

@@ -23,7 +23,9 @@ def corpus(tmp_path):
     d = tmp_path / "corpus"
     (d / "nested").mkdir(parents=True)
     (d / "a.txt").write_text(TEXT)
-    (d / "nested" / "b.jsonl").write_text("\n".join(json.dumps({"text": f"line {i}: {TEXT[:200]}"}) for i in range(5)) + "\n\n")
+    (d / "nested" / "b.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"line {i}: {TEXT[:200]}"}) for i in range(5)) + "\n\n"
+    )
     pq.write_table(pa.table({"text": ["parquet doc one " * 20, None, "parquet doc two"]}), d / "c.parquet")
     (d / "README.md").write_text("not a corpus file")
     return d

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.dist import Dist
 from pretrain.__main__ import main
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.model import GPT, GPTConfig
 from pretrain.report import read_metrics
 from pretrain.shards import write_shard
-from common.dist import Dist
-from pretrain.train import (SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths,
-                            train)
+from pretrain.train import SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths, train
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -214,7 +214,12 @@ async def test_settings_apply_to_chat_and_requests(app, server):
         await pilot.press("ctrl+s")
         assert not isinstance(app.screen, SettingsScreen)
         chat = app.store.get_chat(app.chat.id)
-        assert (chat.system_prompt, chat.temperature, chat.max_tokens, chat.model) == ("Be brief.", 0.25, 64, "other-model")
+        assert (chat.system_prompt, chat.temperature, chat.max_tokens, chat.model) == (
+            "Be brief.",
+            0.25,
+            64,
+            "other-model",
+        )
         assert app.sub_title == "● other-model"
         await say(pilot, "again")
         req = server.requests[-1]
@@ -297,11 +302,14 @@ async def test_api_key_is_sent_and_a_wrong_one_is_explained(tmp_path):
             app = ChatApp(Config(url=locked.url, api_key=key, db=store.path, retry=0.1), store)
             async with app.run_test(size=SIZE) as pilot:
                 banner = app.query_one("#banner", Static)
-                await until(pilot, lambda: app.server_ok or banner.has_class("down"))
+                await until(pilot, lambda: app.server_ok or banner.has_class("down"))  # noqa: B023 - awaited here
                 assert app.server_ok is ok
                 if not ok:
                     text = str(banner.render())
-                    assert f"The server at {locked.url} answered with an error: server error 401: Incorrect API key" in text
+                    assert (
+                        f"The server at {locked.url} answered with an error: server error 401: Incorrect API key"
+                        in text
+                    )
                     assert "--api-key" in text
                 else:
                     await say(pilot, "hi")

@@ -63,8 +63,12 @@ class FakeServer:
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        app = Starlette(routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off"))
+        app = Starlette(
+            routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        )
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> FakeServer:
@@ -102,10 +106,22 @@ class FakeServer:
                                                "type": "server_error", "param": None, "code": None}}, status_code=code)
         pieces = tokens_of(answer_for(prompt))
         if not body.get("stream"):
-            return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": MODEL,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}})
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)},
+                }
+            )
         return StreamingResponse(self.events(prompt, pieces, body), media_type="text/event-stream")
 
     async def events(self, prompt: str, pieces: list[str], body: dict):
@@ -121,7 +137,8 @@ class FakeServer:
             if i == 3 and "[badjson]" in prompt:
                 yield "data: {this is not json\n\n"
             if i == 3 and "[errchunk]" in prompt:
-                yield f"data: {json.dumps({'error': {'message': 'the fake server failed mid-stream', 'type': 'server_error'}})}\n\n"
+                error = {"message": "the fake server failed mid-stream", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             if i == 3 and "[stall]" in prompt:
                 await asyncio.sleep(30)
@@ -129,7 +146,9 @@ class FakeServer:
         yield chunk({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
-            yield f"data: {json.dumps({'id': 'chatcmpl-fake', 'object': 'chat.completion.chunk', 'created': 0, 'model': MODEL, 'choices': [], 'usage': usage})}\n\n"
+            last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+                    "choices": [], "usage": usage}
+            yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -142,7 +161,10 @@ def server():
 async def collect(url: str, prompt: str, api_key: str = "sk-test", timeout: float = 5.0) -> list:
     http = make_http(url, api_key, timeout)
     try:
-        return [item async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})]
+        return [
+            item
+            async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})
+        ]
     finally:
         await http.aclose()
 
@@ -241,7 +263,9 @@ def test_stream_without_done_is_an_error():
         return StreamingResponse(body(), media_type="text/event-stream")
 
     async def run():
-        transport = httpx.ASGITransport(app=Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])]))
+        transport = httpx.ASGITransport(
+            app=Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])])
+        )
         async with httpx.AsyncClient(transport=transport, base_url="http://test/v1/") as http:
             return [i async for i in stream_chat(http, {"messages": []})]
 

@@ -43,7 +43,10 @@ def test_chats_messages_and_order(store):
 
 def test_delete_cascades_and_truncate_from(store):
     chat = store.create_chat("c")
-    ids = [store.add_message(chat.id, r, t).id for r, t in [("user", "1"), ("assistant", "2"), ("user", "3"), ("assistant", "4")]]
+    ids = [
+        store.add_message(chat.id, r, t).id
+        for r, t in [("user", "1"), ("assistant", "2"), ("user", "3"), ("assistant", "4")]
+    ]
     store.delete_messages_from(chat.id, ids[2])
     assert [m.content for m in store.messages(chat.id)] == ["1", "2"]
     store.delete_chat(chat.id)

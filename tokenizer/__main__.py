@@ -15,7 +15,6 @@ from pathlib import Path
 
 from common.cli import Parser, add_flags, flag, run_cli
 from common.paths import tokenizer_path
-
 from tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, Tokenizer
 from tokenizer.files import iter_texts
 from tokenizer.openai_vocabs import reference_tokenizers
@@ -82,7 +81,9 @@ def train(cfg: TrainConfig) -> None:
         texts = _first_chars(texts, cfg.max_chars)
     tok = Tokenizer.train(texts, cfg.vocab_size, pattern, progress=True, workers=cfg.workers or None)
     if tok.vocab_size < cfg.vocab_size:
-        print(f"note: the text only had pairs for {tok.vocab_size} tokens (asked for {cfg.vocab_size})", file=sys.stderr)
+        print(
+            f"note: the text only had pairs for {tok.vocab_size} tokens (asked for {cfg.vocab_size})", file=sys.stderr
+        )
     tok.save(out)
     print(f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s -> {out}")
     print("next: python -m pretrain.data tokenize  (encode the corpus into token shards)")
@@ -111,7 +112,9 @@ def stats(cfg: StatsConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
-    run, config = {"train": (train, TrainConfig), "encode": (encode, EncodeConfig), "stats": (stats, StatsConfig)}[command]
+    run, config = {"train": (train, TrainConfig), "encode": (encode, EncodeConfig), "stats": (stats, StatsConfig)}[
+        command
+    ]
     # every error a user can cause is raised as ValueError with a readable message
     return run_cli(lambda: run(config(**args)), (ValueError,))
 

@@ -38,9 +38,7 @@ from common.files import write_text_atomic
 
 # Published split patterns (tiktoken's, so vocabularies loaded from OpenAI files encode identically).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-CL100K_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
+CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""  # noqa: E501 - verbatim, as published
 GPT4_PATTERN = CL100K_PATTERN
 O200K_PATTERN = "|".join(
     [
@@ -430,9 +428,13 @@ class Tokenizer:
             # fork shares the tokenizer with the workers for free (a weak reference, so the pool doesn't
             # keep this tokenizer alive); elsewhere each worker rebuilds it from JSON.
             if sys.platform == "linux":
-                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _init_worker, (weakref.ref(self),))
+                pool = ProcessPoolExecutor(
+                    workers, multiprocessing.get_context("fork"), _init_worker, (weakref.ref(self),)
+                )
             else:
-                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (self.to_json(),))
+                pool = ProcessPoolExecutor(
+                    workers, multiprocessing.get_context("spawn"), _init_worker, (self.to_json(),)
+                )
             # Stop the workers when this tokenizer is collected, and at exit before multiprocessing closes
             # its queues (priority 10) and joins its children: otherwise a multiprocessing.Process that
             # used encode_batch would wait forever for these idle workers.

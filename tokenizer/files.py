@@ -87,7 +87,7 @@ def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
 
 
 def batch_by_chars(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
-    """Group documents into lists of about `chars` characters: big enough to amortise handing them to worker processes."""
+    """Group documents into lists of about `chars` characters: enough to amortise handing them to worker processes."""
     batch: list[str] = []
     size = 0
     for text in texts:

@@ -13,8 +13,8 @@ token's bytes stay unique and ids remain valid tiktoken-style ranks.
 from __future__ import annotations
 
 import heapq
-import os
 import multiprocessing
+import os
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping

@@ -12,11 +12,15 @@ def parse_args(argv: list[str] | None = None):
     from .app import Config
 
     defaults = Config()
-    parser = argparse.ArgumentParser(prog="python -m tui", description="Chat with an OpenAI-compatible server in the terminal.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tui", description="Chat with an OpenAI-compatible server in the terminal."
+    )
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
         kind = {float: float, int: int, Path: Path}.get(type(default), str)
-        shown = "" if f.name == "api_key" or default == "" or "default" in f.metadata["help"] else f" (default: {default})"
+        shown = (
+            "" if f.name == "api_key" or default == "" or "default" in f.metadata["help"] else f" (default: {default})"
+        )
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
                             help=f.metadata["help"] + shown)
     args = parser.parse_args(argv)

@@ -18,8 +18,8 @@ from markdown_it import MarkdownIt
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.content import Content
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message as TextualMessage
 from textual.screen import ModalScreen, Screen
 from textual.suggester import SuggestFromList
@@ -45,7 +45,9 @@ class Config:
     max_tokens: int = field(default=512, metadata={"help": "answer length limit for new chats"})
     db: Path = field(default_factory=default_db_path,
                      metadata={"help": "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)"})
-    timeout: float = field(default=60.0, metadata={"help": "seconds to wait for the server to connect or send the next token"})
+    timeout: float = field(
+        default=60.0, metadata={"help": "seconds to wait for the server to connect or send the next token"}
+    )
     retry: float = field(default=2.0, metadata={"help": "seconds between checks of a server that is down"})
     export_dir: Path = field(default=Path("."), metadata={"help": "folder that chat exports are written to"})
 
@@ -236,8 +238,13 @@ class SettingsScreen(ModalScreen[dict | None]):
                 yield Input(str(c.max_tokens), id="max_tokens", type="integer")
             with Horizontal(classes="row"):
                 yield Label("Model")
-                yield Input(c.model, id="model", placeholder="empty: the server's default" + (f" · available: {', '.join(self.models)}" if self.models else ""),
-                            suggester=SuggestFromList(self.models) if self.models else None)
+                yield Input(
+                    c.model,
+                    id="model",
+                    placeholder="empty: the server's default"
+                    + (f" · available: {', '.join(self.models)}" if self.models else ""),
+                    suggester=SuggestFromList(self.models) if self.models else None,
+                )
             yield Static("", id="settings_error")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", id="save", variant="primary")
@@ -389,7 +396,8 @@ class ChatApp(App[None]):
     PromptInput { height: auto; max-height: 10; min-height: 3; border: round $accent; }
     PromptInput:focus { border: round $accent-lighten-2; }
     ModalScreen { align: center middle; }
-    #dialog { width: 80%; max-width: 100; height: auto; max-height: 90%; border: thick $accent; background: $surface; padding: 1 2; }
+    #dialog { width: 80%; max-width: 100; height: auto; max-height: 90%; border: thick $accent;
+              background: $surface; padding: 1 2; }
     #dialog.small { max-width: 60; }
     #dialog .hint { color: $text-muted; margin-top: 1; }
     #dialog #keys { margin-top: 1; }
@@ -416,7 +424,17 @@ class ChatApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The chat keys act on the conversation, so only while it is the screen on top.
-        chat_keys = {"stop", "regenerate", "edit_last", "copy_answer", "copy_code", "new_chat", "chats", "settings", "help"}
+        chat_keys = {
+            "stop",
+            "regenerate",
+            "edit_last",
+            "copy_answer",
+            "copy_code",
+            "new_chat",
+            "chats",
+            "settings",
+            "help",
+        }
         return action not in chat_keys or len(self.screen_stack) == 1
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
@@ -443,7 +461,9 @@ class ChatApp(App[None]):
         yield Header(show_clock=False)
         yield Static(id="banner", markup=False)
         yield VerticalScroll(id="conversation")
-        yield PromptInput(self.store.user_prompts(), id="prompt", placeholder="Message — Enter sends, ctrl+j new line, F1 help")
+        yield PromptInput(
+            self.store.user_prompts(), id="prompt", placeholder="Message — Enter sends, ctrl+j new line, F1 help"
+        )
         yield Footer(compact=True)  # compact: every chat key fits in 80 columns
 
     async def on_mount(self) -> None:
@@ -663,7 +683,11 @@ class ChatApp(App[None]):
 
     def action_copy_code(self) -> None:
         answer = self._last_answer()
-        blocks = [t.content for t in MarkdownIt().parse(answer.content) if t.type in ("fence", "code_block")] if answer else []
+        blocks = (
+            [t.content for t in MarkdownIt().parse(answer.content) if t.type in ("fence", "code_block")]
+            if answer
+            else []
+        )
         if not blocks:
             self.notify("the last answer has no code block")
             return
