@@ -98,7 +98,7 @@ def test_time_is_first_start_to_last_end_and_cost_counts_every_node(tmp_path):
     assert report.cost(4100, gpus=8, nodes=2, gpu_hour_cost=2.5) == pytest.approx(4100 / 3600 * 16 * 2.5)
     cfg = report.ReportConfig(gpu_hour_cost=2.5, nodes=2)
     text = "\n".join(report.time_section(times, 8, cfg))
-    assert "| setup | 1m40s | `logs/setup.log` |" in text and "| download | 5m00s |" in text
+    assert "| setup | 1m40s |  |" in text and "| download | 5m00s | `logs/download.log` |" in text
     assert "Total: **1h08m20s**" in text
     assert f"Estimated cost: **${4100 / 3600 * 16 * 2.5:,.2f}** (2 node(s) x 8 GPU x 1.14 h x $2.50/GPU-hour" in text
     assert "Estimated cost" not in "\n".join(report.time_section(times, 0, cfg))  # a CPU run costs no GPU-hours

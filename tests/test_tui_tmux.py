@@ -95,6 +95,20 @@ def test_type_prompt_and_read_streamed_answer_in_tmux(server, tmp_path):
     assert rows == [("user", "what is tmux?", "done"), ("assistant", answer_for("what is tmux?"), "done")]
 
 
+def wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until `pid` has exited (gone, or a zombie waiting to be reaped: its files are closed either way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive {timeout} s after SIGKILL")
+
+
 @pytest.mark.anyio
 async def test_kill_mid_stream_leaves_a_sound_store(server, tmp_path):
     db = tmp_path / "chats.db"
@@ -114,7 +128,9 @@ async def test_kill_mid_stream_leaves_a_sound_store(server, tmp_path):
                 break
             assert time.monotonic() < deadline, f"no partial answer stored; screen:\n{tmux.screen()}"
             time.sleep(0.02)
-        os.kill(tmux.pid(), signal.SIGKILL)
+        pid = tmux.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_dead(pid)  # the kernel drops its store lock only once it has exited; until then it counts as live
     finally:
         tmux.close()
 
