@@ -2,6 +2,7 @@
 screen, and kill the process mid-answer to check the store survives."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import signal
@@ -95,18 +96,22 @@ def test_type_prompt_and_read_streamed_answer_in_tmux(server, tmp_path):
     assert rows == [("user", "what is tmux?", "done"), ("assistant", answer_for("what is tmux?"), "done")]
 
 
-def wait_dead(pid: int, timeout: float = 10.0) -> None:
-    """Until `pid` has exited (gone, or a zombie waiting to be reaped: its files are closed either way)."""
+def wait_unlocked(db: Path, timeout: float = 15.0) -> None:
+    """Until no process holds a store lock on `db`: the kernel drops a killed writer's lock only once the process
+    (and anything that shares its open files) has exited, which can lag the kill on a loaded machine."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    for lock in Path(f"{db}-owners").iterdir():
+        fd = os.open(lock, os.O_RDWR)
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still alive {timeout} s after SIGKILL")
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, f"{lock} still locked {timeout} s after the kill"
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)  # closing drops our own lock again
 
 
 @pytest.mark.anyio
@@ -128,11 +133,10 @@ async def test_kill_mid_stream_leaves_a_sound_store(server, tmp_path):
                 break
             assert time.monotonic() < deadline, f"no partial answer stored; screen:\n{tmux.screen()}"
             time.sleep(0.02)
-        pid = tmux.pid()
-        os.kill(pid, signal.SIGKILL)
-        wait_dead(pid)  # the kernel drops its store lock only once it has exited; until then it counts as live
+        os.kill(tmux.pid(), signal.SIGKILL)
     finally:
         tmux.close()
+    wait_unlocked(db)  # until then a second instance rightly takes the answer for a live one
 
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
