@@ -154,9 +154,12 @@ if [ "$corpus" = fineweb-edu ]; then
     stage tokenizer python -m tokenizer train --vocab-size "$vocab" --max-chars 2000000000 \
         --input $(for i in $(seq 0 $(( first - 1 ))); do printf "$home/data/fineweb-edu/shard_%05d.parquet " "$i"; done)
     wait $download || { echo "error: stage 'download' failed; see $home/logs/download.log" >&2; exit 1; }
-    echo "$t_download $(date +%s)" > "$home/speedrun/download.time"
+    # Timed when it fetched something (the manifest changes only then), so a rerun rewrites nothing.
+    manifest="$home/data/fineweb-edu/manifest.json"
+    [ -f "$home/speedrun/download.time" ] && [ ! "$manifest" -nt "$home/speedrun/download.time" ] ||
+        echo "$t_download $(date +%s)" > "$home/speedrun/download.time"
     # More shards than before make the tokens stale: the manifest changes only when the shards do.
-    [ "$home/data/fineweb-edu/manifest.json" -nt "$prev" ] && prev="$home/data/fineweb-edu/manifest.json"
+    [ "$manifest" -nt "$prev" ] && prev="$manifest"
 else
     stage corpus python -m pretrain.data default
     stage tokenizer python -m tokenizer train --input "$home/data/default/train.parquet" --vocab-size "$vocab"

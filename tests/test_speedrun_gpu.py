@@ -152,6 +152,16 @@ def test_gpu_plan_on_two_cpu_ranks_survives_sigkill(tmp_path, mirror):
     report = (home / "report" / "report.md").read_text()
     assert "## Tokenizer" in report and "## Time" in report and "download" in report
 
+    # A rerun finds every stage done, fetches nothing, and keeps every recorded time.
+    times = {p.name: p.read_text() for p in (home / "speedrun").glob("*.time")}
+    mirror.log.clear()
+    again = start(home, mirror, "--gpus", "2", port=free_port())
+    finish([again], [home])
+    out = (tmp_path / "home-node0.out").read_text()
+    assert all(f"== {name}: done earlier, skipping" in out.rsplit("speedrun: plan=", 1)[1]
+               for name in ("corpus", "tokenizer", "tokens", "pretrain", "sft", "eval", "report"))
+    assert not gets(mirror) and times == {p.name: p.read_text() for p in (home / "speedrun").glob("*.time")}
+
 
 @pytest.mark.parametrize("layout", ["node-local", "shared"])
 def test_two_nodes_on_one_machine(tmp_path, mirror, layout):
