@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from common.cli import config_from_args, explicit_flags, flag, parser_for, run_cli
-from common.dist import distributed
+from common.dist import all_reduce, distributed
 from common.paths import checkpoints_dir, tokenizer_path, tokens_dir
 from pretrain.checkpoint import CheckpointError
 from pretrain.model import GPT, GPTConfig
@@ -110,9 +110,8 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
         if "device_batch_size" not in explicit:
             fit = torch.tensor([fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)],
                                device=dist.device)
-            if dist.world_size > 1:  # every rank must take the same shape
-                torch.distributed.all_reduce(fit, op=torch.distributed.ReduceOp.MIN)
-            tcfg.device_batch_size = int(fit.item())
+            # every rank must take the same shape
+            tcfg.device_batch_size = int(all_reduce(fit, dist, torch.distributed.ReduceOp.MIN).item())
         B, T = tcfg.device_batch_size, pcfg.sequence_len
         if pcfg.synthetic:
             loader = SyntheticLoader(vocab_size, B, T, tcfg.seed, dist.rank, dist.world_size, dist.device)

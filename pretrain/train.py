@@ -215,9 +215,8 @@ def check_ranks_agree(model: torch.nn.Module, dist: Dist) -> None:
     if dist.world_size == 1:
         return
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    low, high = sums.clone(), sums.clone()
-    torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
-    torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+    low = all_reduce(sums.clone(), dist, torch_dist.ReduceOp.MIN)
+    high = all_reduce(sums.clone(), dist, torch_dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError("the ranks' weights have diverged; this is a bug, please report it")
 
@@ -227,7 +226,7 @@ def _resume_point(run_dir: Path, dist: Dist) -> Path:
     one node a step ahead, so all ranks take the lowest of their newest steps."""
     steps = dict(step_dirs(run_dir))
     found = torch.tensor([max(steps, default=-1)], device=dist.device)
-    all_reduce(found, dist, torch_dist.ReduceOp.MIN if dist.world_size > 1 else None)
+    all_reduce(found, dist, torch_dist.ReduceOp.MIN)
     step = int(found.item())
     if step < 0:
         raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}"
