@@ -14,6 +14,11 @@ tokens and its <|assistant_end|>; everything the user, the system or the format 
 targets ``ids[1:]`` and the model's loss_mask ``mask[1:]`` (see ``training_example``), so a target
 position is learned iff its target token is an assistant token.
 
+An assistant message may also carry ``calculator_calls``: [{"expression", "result", "offset"}], the calls it made
+to the calculator (finetune/calculator.py) and where in its content (a character offset) each happened. A call
+renders at its offset as <|tool_start|> expression <|tool_end|> (learned: the model writes the call) followed by
+<|output_start|> result <|output_end|> (mask 0: the decoder injects it). The serving API returns the same list.
+
 Message content is always encoded as ordinary text: a user who types "<|assistant_start|>" gets
 the characters, never the special token (the tokenizer's default ``allowed_special`` is empty).
 This module is what ``serve`` uses to build prompts: ``render_prompt`` and ``assistant_end_id``.
@@ -40,12 +45,34 @@ class ConversationTooLong(ChatFormatError):
         self.length, self.max_len = length, max_len
 
 
-def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict[str, str]]:
-    """Check a conversation and return it as plain {"role", "content"} dicts (extra keys dropped).
+MAX_CALLS = 16  # calculator calls per message
+
+
+def _calls(m: dict, i: int) -> list[dict]:
+    """The message's calculator_calls, checked: only the assistant calls, at offsets inside its content, in order."""
+    calls = m.get("calculator_calls") or []
+    if calls and m.get("role") != "assistant":
+        raise ChatFormatError(f"message {i}: only assistant messages may carry calculator_calls")
+    if not isinstance(calls, list) or len(calls) > MAX_CALLS:
+        raise ChatFormatError(f"message {i}: calculator_calls must be a list of at most {MAX_CALLS} calls")
+    out, last = [], 0
+    for c in calls:
+        ok = (isinstance(c, dict) and isinstance(c.get("expression"), str) and isinstance(c.get("result"), str)
+              and type(c.get("offset")) is int and last <= c["offset"] <= len(m["content"]))
+        if not ok:
+            raise ChatFormatError(f"message {i}: each calculator call needs string expression and result and an "
+                                  "integer offset into the content, in order")
+        last = c["offset"]
+        out.append({"expression": c["expression"], "result": c["result"], "offset": last})
+    return out
+
+
+def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict]:
+    """Check a conversation and return it as plain {"role", "content"[, "calculator_calls"]} dicts.
 
     Rules: a non-empty list; each message a dict with a known role and str content; at most one
     system message and only first; then user, assistant, user, ... For a prompt the last message
-    must be the user's (the assistant speaks next).
+    must be the user's (the assistant speaks next). Other keys are dropped.
     """
     if not isinstance(messages, (list, tuple)):
         raise ChatFormatError(f"a conversation must be a list of messages, got {type(messages).__name__}")
@@ -59,6 +86,8 @@ def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict[s
         if not isinstance(content, str):
             raise ChatFormatError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
+        if calls := _calls(m, i):
+            out[-1]["calculator_calls"] = calls
     turns = out[1:] if out and out[0]["role"] == "system" else out
     if not turns:
         raise ChatFormatError("empty conversation: it needs at least one user message")
@@ -87,6 +116,21 @@ def assistant_end_id(tok) -> int:
     return _special(tok, "<|assistant_end|>")
 
 
+def _body(tok, m: dict) -> tuple[list[int], list[int]]:
+    """A message's content tokens and mask, with its calculator calls rendered at their offsets."""
+    learn = int(m["role"] == "assistant")
+    ids, mask, at = [], [], 0
+    for c in m.get("calculator_calls", []):
+        text = tok.encode(m["content"][at:c["offset"]])
+        call = [_special(tok, "<|tool_start|>"), *tok.encode(c["expression"]), _special(tok, "<|tool_end|>")]
+        result = [_special(tok, "<|output_start|>"), *tok.encode(c["result"]), _special(tok, "<|output_end|>")]
+        ids += text + call + result
+        mask += [learn] * (len(text) + len(call)) + [0] * len(result)
+        at = c["offset"]
+    text = tok.encode(m["content"][at:])
+    return ids + text, mask + [learn] * len(text)
+
+
 def render_conversation(tok, messages: Sequence[dict], max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Render a whole conversation to (ids, mask); mask[i] == 1 iff ids[i] is learned (module doc).
 
@@ -98,10 +142,9 @@ def render_conversation(tok, messages: Sequence[dict], max_len: int | None = Non
     for m in msgs:
         role = m["role"]
         start, end = _special(tok, f"<|{role}_start|>"), _special(tok, f"<|{role}_end|>")
-        body = tok.encode(m["content"])
-        learn = int(role == "assistant")
+        body, body_mask = _body(tok, m)
         ids += [start, *body, end]
-        mask += [0] + [learn] * (len(body) + 1)
+        mask += [0, *body_mask, int(role == "assistant")]
     if max_len is not None and len(ids) > max_len:
         raise ConversationTooLong(len(ids), max_len)
     return ids, mask

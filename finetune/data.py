@@ -261,6 +261,7 @@ DEFAULT_MIX = {
     "capital": 600, "capital_mc": 1500, "country_fact": 400, "wiki": 800,
 }
 IDENTITY_REPEATS = 8
+TOOL_SHARE = 0.75  # items a calculator can answer are taught with the call this often, else answered directly
 
 
 def default_mix(seed: int = 0, scale: float = 1.0) -> tuple[list[Conversation], dict[str, int]]:
@@ -278,7 +279,7 @@ def default_mix(seed: int = 0, scale: float = 1.0) -> tuple[list[Conversation], 
         elif name == "identity":
             parts[name] = tasks.identity_conversations() * IDENTITY_REPEATS
         else:
-            parts[name] = [it.messages() for it in tasks.generate(name, "train", n, seed)]
+            parts[name] = [it.messages(tool=rng.random() < TOOL_SHARE) for it in tasks.generate(name, "train", n, seed)]
     convs = [c for p in parts.values() for c in p]
     rng.shuffle(convs)
     return convs, {k: len(v) for k, v in parts.items()}

@@ -32,6 +32,7 @@ from common.dist import pick_device
 from common.files import write_text_atomic
 from common.paths import data_dir, report_dir
 from finetune import tasks
+from finetune.calculator import TOOL_TOKENS, ToolUse
 from finetune.chat import assistant_end_id, render_prompt
 from finetune.tasks import Item, normalize
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
@@ -41,9 +42,17 @@ from pretrain.report import append_metrics
 
 
 def answer_text(tok, generated: list[int]) -> str:
-    """The assistant's reply text: generated tokens up to (not including) its end token."""
+    """The assistant's reply text: generated tokens up to (not including) its end token, calculator calls and their
+    results left out (the prose is what gets scored)."""
     end = assistant_end_id(tok)
-    return tok.decode(generated[: generated.index(end)] if end in generated else generated)
+    generated = generated[: generated.index(end)] if end in generated else generated
+    start, _, _, out_end = (tok.special_tokens.get(name) for name in TOOL_TOKENS)
+    prose, in_call = [], False
+    for t in generated:
+        in_call = (in_call or t == start) and t != out_end
+        if not in_call and t != out_end:
+            prose.append(t)
+    return tok.decode(prose)
 
 
 def letter_ids(tok, n: int) -> list[int]:
@@ -74,24 +83,35 @@ def choose(model, prompts: list[list[int]], options: list[list[int]]) -> list[in
 
 
 @torch.no_grad()
-def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int,
-                        stop: int | None = None) -> list[list[int]]:
+def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: int | None = None,
+                        tools: list[ToolUse] | None = None, ban: int | None = None) -> list[list[int]]:
     """Greedy continuations of several prompts at once through the KV cache: one right-padded prefill (the cache
     keeps each row's own length, so the padding is never attended to and is overwritten), then one forward per new
-    token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has."""
+    token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has.
+
+    With `tools` (one ToolUse per row) a finished calculator call's result block is fed in, one token per step, in
+    place of the model's picks; `ban` is a token never picked (the tool's start when the tool is off)."""
     device = next(model.parameters()).device
     idx, lengths = _padded(prompts, device)
     cache = KVCache(model.config, len(prompts), max(lengths) + max_new_tokens, device=device,
                     dtype=next(model.parameters()).dtype)
     logits = model(idx, kv_cache=cache, lengths=lengths)[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
     out: list[list[int]] = [[] for _ in prompts]
+    forced: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
+        if ban is not None:
+            logits[:, ban] = float("-inf")
         nxt = sample_next(logits)  # temperature 0: the argmax
-        for row, token in enumerate(nxt.tolist()):
+        for row in range(len(prompts)):
+            if forced[row]:
+                nxt[row] = forced[row].pop(0)
             if not done[row]:
+                token = int(nxt[row])
                 out[row].append(token)
                 done[row] = token == stop
+                if tools and (exchange := tools[row].after(token)):
+                    forced[row] = exchange.forced
         if all(done) or step == max_new_tokens - 1:
             break
         logits = model(nxt[:, None], kv_cache=cache)[:, -1]  # finished rows run on; their tokens are dropped
@@ -194,9 +214,11 @@ def _groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return groups
 
 
-def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_tokens: int = 8192) -> TaskResult:
+def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_tokens: int = 8192,
+             tool: bool = False) -> TaskResult:
     """Score one task's items with greedy answers (generative) or letter choice (multiple choice), in batches
-    of at most batch_tokens tokens (prompt plus answer, times rows); bf16 autocast on CUDA, fp32 elsewhere."""
+    of at most batch_tokens tokens (prompt plus answer, times rows); bf16 autocast on CUDA, fp32 elsewhere.
+    With tool the model may call the calculator; without, it must answer directly (it cannot start a call)."""
     model.eval()
     device = next(model.parameters()).device
     end = assistant_end_id(tok)
@@ -213,7 +235,10 @@ def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_toke
                 responses[k] = (tasks.LETTERS[pick], "choice")
         for group in _groups([len(prompts[k]) + max_new_tokens for k in gen], batch_tokens):
             ks = [gen[g] for g in group]
-            for k, generated in zip(ks, greedy_decode_batch(model, [prompts[k] for k in ks], max_new_tokens, end)):
+            tools = [ToolUse(tok) for _ in ks] if tool else None
+            answers = greedy_decode_batch(model, [prompts[k] for k in ks], max_new_tokens, end, tools,
+                                          ban=None if tool else tok.special_tokens.get(TOOL_TOKENS[0]))
+            for k, generated in zip(ks, answers):
                 ending = "<|assistant_end|>" if generated[-1:] == [end] else f"cut at {max_new_tokens} tokens"
                 responses[k] = (answer_text(tok, generated), ending)
     correct, samples = 0, []
@@ -222,6 +247,9 @@ def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_toke
         correct += ok
         samples.append((item.prompt(), response, item.answer, ok, ending))
     return TaskResult(items[0].task if items else "", len(items), correct, samples)
+
+
+TOOL_TASKS = ("arithmetic", "word_problem")  # scored twice: answering directly, and with the calculator (+tool)
 
 
 def benchmark_file(name: str) -> Path:
@@ -305,14 +333,15 @@ def run(cfg: EvalConfig) -> str:
     items = eval_items(cfg.limit, cfg.seed, [b.strip() for b in cfg.benchmark.split(",") if b.strip()])
     rows, t0 = [], time.time()
     for task, its in items.items():
-        row = {"task": task, "n": len(its), "chance": chance(its)}
-        for name, (_, m) in models.items():
-            res = evaluate(m, tok, its, cfg.max_new_tokens, cfg.batch_tokens)
-            row[name] = res.accuracy
-            for prompt, resp, want, ok, ending in res.samples[: cfg.show]:
-                print(f"[{name} {task}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"
-                      f"    assistant: {resp!r} [{ending}]  (expected {want!r})")
-        rows.append(row)
+        for tool in (False, True) if task in TOOL_TASKS else (False,):
+            row = {"task": task + "+tool" * tool, "n": len(its), "chance": chance(its)}
+            for name, (_, m) in models.items():
+                res = evaluate(m, tok, its, cfg.max_new_tokens, cfg.batch_tokens, tool)
+                row[name] = res.accuracy
+                for prompt, resp, want, ok, ending in res.samples[: cfg.show]:
+                    print(f"[{name} {row['task']}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"
+                          f"    assistant: {resp!r} [{ending}]  (expected {want!r})")
+            rows.append(row)
     table = format_table(rows, list(models))
     header = "## Chat evaluation\n\n" + "\n".join(f"- {name}: `{path}`" for name, (path, _) in models.items())
     text = f"{header}\n\n{table}\n\n({sum(r['n'] for r in rows)} items per model, {time.time() - t0:.0f}s)\n"

@@ -24,6 +24,8 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
+from finetune.calculator import calculate
+
 HELDOUT_PERCENT = 20
 LETTERS = "ABCDEFGH"  # multiple-choice option labels (ARC has up to five)
 
@@ -39,6 +41,8 @@ class Item:
     choices: tuple[str, ...] = field(default=())
     # A fuller reply for training when the scored answer is terse (e.g. a sentence around a number).
     reply: str | None = None
+    # The expression a calculator call would evaluate to answer this (arithmetic, word problems).
+    call: str | None = None
 
     def prompt(self) -> str:
         if not self.choices:
@@ -46,10 +50,13 @@ class Item:
         options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
         return f"{self.question}\n{options}\nAnswer with the letter of the correct option."
 
-    def messages(self) -> list[dict[str, str]]:
-        """The conversation that teaches this item: question, then the answer."""
-        return [{"role": "user", "content": self.prompt()},
-                {"role": "assistant", "content": self.reply or self.answer}]
+    def messages(self, tool: bool = False) -> list[dict]:
+        """The conversation that teaches this item: question, then the answer; with tool (and a call), the answer
+        comes after a calculator call whose result it copies."""
+        answer = {"role": "assistant", "content": self.reply or self.answer}
+        if tool and self.call:
+            answer["calculator_calls"] = [{"expression": self.call, "result": calculate(self.call), "offset": 0}]
+        return [{"role": "user", "content": self.prompt()}, answer]
 
 
 def is_heldout(task: str, key: str) -> bool:
@@ -155,7 +162,7 @@ def gen_arithmetic(rng: random.Random) -> Item:
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     sym = {"+": "+", "-": "-", "*": "x"}[op]
     q = rng.choice(["What is {a} {s} {b}?", "Compute {a} {s} {b}.", "{a} {s} {b} = ?", "Calculate {a} {s} {b}."])
-    return Item("arithmetic", f"{a}{op}{b}", q.format(a=a, s=sym, b=b), str(result))
+    return Item("arithmetic", f"{a}{op}{b}", q.format(a=a, s=sym, b=b), str(result), call=f"{a}{op}{b}")
 
 
 def gen_letters(rng: random.Random) -> Item:
@@ -178,16 +185,16 @@ def gen_word_problem(rng: random.Random) -> Item:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        q, ans = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
+        a, b, op = rng.randint(1, 20), rng.randint(1, 20), "+"
+        q = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
     elif kind == 1:
         a = rng.randint(2, 30)
-        b = rng.randint(1, a)
-        q, ans = f"{name} had {a} {thing} and gave away {b}. How many {thing} are left?", a - b
+        b, op = rng.randint(1, a), "-"
+        q = f"{name} had {a} {thing} and gave away {b}. How many {thing} are left?"
     else:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        q, ans = f"{name} has {a} boxes with {b} {thing} in each box. How many {thing} is that in total?", a * b
-    return Item("word_problem", f"{kind}:{a}:{b}", q, str(ans))
+        a, b, op = rng.randint(2, 9), rng.randint(2, 9), "*"
+        q = f"{name} has {a} boxes with {b} {thing} in each box. How many {thing} is that in total?"
+    return Item("word_problem", f"{kind}:{a}:{b}", q, calculate(f"{a}{op}{b}"), call=f"{a}{op}{b}")
 
 
 def gen_largest_mc(rng: random.Random) -> Item:

@@ -9,6 +9,7 @@ import torch
 
 from finetune import eval as chat_eval
 from finetune import tasks
+from finetune.calculator import ToolUse
 from finetune.chat import render_prompt
 from finetune.tasks import Item
 from pretrain.model import GPT, GPTConfig
@@ -17,18 +18,24 @@ from tokenizer import Tokenizer
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | None = None) -> list[int]:
-    """The reference decoder: argmax of the full forward (no cache) at each step, stop token included. Batched
-    evaluation and the serving engine must match it token for token."""
+def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | None = None,
+                  tool: ToolUse | None = None, ban: int | None = None) -> list[int]:
+    """The reference decoder: argmax of the full forward (no cache) at each step, stop token included; with a
+    ToolUse, a finished call's result block replaces the next picks; `ban` is never picked. Batched evaluation and
+    the serving engine must match it token for token."""
     device = next(model.parameters()).device
-    ids, out = list(prompt), []
+    ids, out, forced = list(prompt), [], []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=device))[0, -1]
-        nxt = int(logits.argmax())
+        if ban is not None:
+            logits[ban] = float("-inf")
+        nxt = forced.pop(0) if forced else int(logits.argmax())
         out.append(nxt)
         ids.append(nxt)
         if nxt == stop:
             break
+        if tool and (exchange := tool.after(nxt)):
+            forced = list(exchange.forced)
     return out
 
 
@@ -77,9 +84,10 @@ def test_choice_is_the_highest_letter_logit(tok, model):
     assert result.n == 1 and result.correct == (want == 1)
 
 
-def reference_answers(model, tok, items, max_new_tokens):
+def reference_answers(model, tok, items, max_new_tokens, tool=False):
     """The unbatched fp32 reference: one full forward per item (choice) or per generated token (greedy_decode)."""
     end = chat_eval.assistant_end_id(tok)
+    start = tok.special_tokens["<|tool_start|>"]
     out = []
     for item in items:
         prompt = render_prompt(tok, [{"role": "user", "content": item.prompt()}])
@@ -87,7 +95,9 @@ def reference_answers(model, tok, items, max_new_tokens):
             logits = model(torch.tensor([prompt]))[0, -1]
             out.append(tasks.LETTERS[int(logits[chat_eval.letter_ids(tok, len(item.choices))].argmax())])
         else:
-            out.append(chat_eval.answer_text(tok, greedy_decode(model, prompt, max_new_tokens, end)))
+            answer = greedy_decode(model, prompt, max_new_tokens, end, ToolUse(tok) if tool else None,
+                                   ban=None if tool else start)
+            out.append(chat_eval.answer_text(tok, answer))
     return out
 
 
@@ -109,11 +119,12 @@ def test_batched_evaluation_gives_the_reference_answers(tok, model, one_thread):
     with torch.no_grad():
         stopper.lm_head.weight[end] = 1.05 * model.lm_head.weight[token]
     for m in (model, stopper.eval()):
-        want = reference_answers(m, tok, items, 12)
-        for batch_tokens in (1, 200, 8192):  # one row per batch, a few rows, everything at once
-            result = chat_eval.evaluate(m, tok, items, max_new_tokens=12, batch_tokens=batch_tokens)
-            assert [s[1] for s in result.samples] == want, batch_tokens
-            assert result.correct == sum(chat_eval.is_correct(i, a) for i, a in zip(items, want))
+        for tool in (False, True):  # the random model starts calculator calls in some rows: banned, or run
+            want = reference_answers(m, tok, items, 12, tool)
+            for batch_tokens in (1, 200, 8192):  # one row per batch, a few rows, everything at once
+                result = chat_eval.evaluate(m, tok, items, max_new_tokens=12, batch_tokens=batch_tokens, tool=tool)
+                assert [s[1] for s in result.samples] == want, (batch_tokens, tool)
+                assert result.correct == sum(chat_eval.is_correct(i, a) for i, a in zip(items, want))
     endings = {s[4] for s in result.samples}
     assert {"<|assistant_end|>", "cut at 12 tokens", "choice"} <= endings  # the stopper stops some rows only
 
