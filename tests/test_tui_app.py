@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
-from test_tui_fakeserver import MODEL, FakeServer, answer_for, tokens_of
+from test_tui_fakeserver import CALC, CALC_TEXT, MODEL, FakeServer, answer_for, tokens_of
 from textual.widgets import Input, Label, Markdown, OptionList, Static
 
 from tui.app import ChatApp, ChatsScreen, Config, MessageView, SettingsScreen
-from tui.store import Store
+from tui.store import Store, with_calculator_calls
 
 SIZE = (100, 32)
 pytestmark = pytest.mark.anyio
@@ -357,3 +357,63 @@ async def test_help_screen_lists_keys(app):
             assert binding.key.replace("escape", "Esc").replace("f1", "F1") in keys
         await pilot.press("escape")
         assert app.screen is app.screen_stack[0]
+
+
+async def test_calculator_call_shows_inline_and_goes_back_with_the_history(app, server):
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await say(pilot, "[calc] add 23 and 45")
+        shown = "The sum is `calculator: 23+45 = 68` 68, so 23+45 = 68."
+        assert with_calculator_calls(CALC_TEXT, CALC) == shown
+        assert views_text(app)[-1][1] == shown  # streamed: the call appeared where the model made it
+        # Rendered as inline code, apart from the prose around it.
+        rendered = app.query(MessageView).last().query_one(Markdown)
+        assert "calculator: 23+45 = 68" in str(rendered.query("MarkdownParagraph").first()._content)
+        stored = app.store.messages(app.chat.id)[-1]
+        assert (stored.content, stored.calculator_calls) == (CALC_TEXT, CALC)  # the content stays prose
+        await say(pilot, "thanks")
+        assert server.requests[-1]["messages"][1] == {"role": "assistant", "content": CALC_TEXT,
+                                                      "calculator_calls": CALC}
+        chat = app.chat
+        await pilot.press("ctrl+n")
+        await app.show_chat(chat)  # from history, as when the chat is opened again
+        await pilot.pause()
+        assert views_text(app)[1][1] == shown
+        assert "`calculator: 23+45 = 68` 68" in app.store.export_markdown(chat.id)
+
+
+async def test_long_chat_leaves_out_the_oldest_turns_to_fit_the_context(tmp_path):
+    """A server whose context holds 5 messages: each send that overflows retries with fewer turns, shows how many
+    were left out, and the store keeps every message."""
+    with FakeServer(context_messages=5) as small:
+        store = Store(tmp_path / "chats.db")
+        app = ChatApp(Config(url=small.url, db=store.path, retry=0.1), store)
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            app.chat.system_prompt = "Be brief."
+            system = {"role": "system", "content": "Be brief."}
+            await say(pilot, "one")
+            await say(pilot, "two")  # system + 3 messages: fits
+            assert len(small.requests) == 2 and not app.query(".trimmed").last().display
+            await say(pilot, "three")  # 6 messages: 400, then without the oldest turn
+            assert [len(r["messages"]) for r in small.requests[2:]] == [6, 4]
+            assert small.requests[-1]["messages"][:2] == [system, {"role": "user", "content": "two"}]
+            marker = app.query(MessageView).last().query_one(".trimmed", Static)
+            assert marker.display
+            assert str(marker.render()) == "⋯ earlier messages not sent: 1 turn trimmed to fit the model's context"
+            await say(pilot, "four")  # starts from the last trim: one 400, then 2 turns left out
+            assert [len(r["messages"]) for r in small.requests[4:]] == [6, 4]
+            assert small.requests[-1]["messages"] == [system, {"role": "user", "content": "three"},
+                                                      {"role": "assistant", "content": answer_for("three")},
+                                                      {"role": "user", "content": "four"}]
+            markers = [str(m.render()) for m in app.query(".trimmed").results(Static) if m.display]
+            assert [m.split(": ")[1][:7] for m in markers] == ["1 turn ", "2 turns"]
+            assert views_text(app)[-1][1] == answer_for("four")
+            assert [m.content for m in store.messages(app.chat.id) if m.role == "user"] == [
+                "one", "two", "three", "four"]
+            assert [m.trimmed for m in store.messages(app.chat.id) if m.role == "assistant"] == [0, 0, 1, 2]
+            # When even the newest message alone does not fit, the server's error is what the user sees.
+            small.context_messages = 1
+            await say(pilot, "five")
+            assert "⚠ error: server error 400: 2 messages do not fit the fake context" in views_text(app)[-1][2]
+        store.close()

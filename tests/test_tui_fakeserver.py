@@ -6,7 +6,10 @@ The other tui tests import `FakeServer` from here. The last user message picks t
   [badjson]       send a chunk that is not JSON          [stall]   send a little, then nothing
   [slow]          0.1 s between tokens                   [long]    a 200-line answer
   [trickle]       0.01 s between tokens                  [errchunk] an error object mid-stream
-  [length]        stop with finish_reason "length"       otherwise an echo with a code block.
+  [length]        stop with finish_reason "length"       [calc]    call the calculator mid-answer (CALC)
+  otherwise an echo with a code block.
+`context_messages`, when set, plays a model with a small context: a request with more messages than that gets
+400 context_length_exceeded.
 """
 from __future__ import annotations
 
@@ -24,12 +27,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from tui.client import Finish, ServerError, Usage, list_models, make_http, stream_chat
+from tui.client import CalculatorCall, Finish, ServerError, Usage, list_models, make_http, stream_chat
 
 MODEL = "fake-model"
+# What [calc] answers: prose, with the calculator called where the prose says "is " (scratchchat's extension).
+CALC_TEXT = "The sum is 68, so 23+45 = 68."
+CALC = [{"expression": "23+45", "result": "68", "offset": len("The sum is ")}]
 
 
 def answer_for(prompt: str) -> str:
+    if "[calc]" in prompt:
+        return CALC_TEXT
     if "[long]" in prompt:
         return "".join(f"row{i}\n\n" for i in range(200))
     return f"Echo: **{prompt}**\n\n```python\nprint({prompt!r})\n```\n\nand `done`."
@@ -55,8 +63,9 @@ def chunk(delta: dict, finish: str | None = None) -> str:
 class FakeServer:
     """Runs the fake API with uvicorn in a thread on 127.0.0.1; `.url` ends in /v1."""
 
-    def __init__(self, port: int = 0, api_key: str = "") -> None:
+    def __init__(self, port: int = 0, api_key: str = "", context_messages: int | None = None) -> None:
         self.api_key = api_key
+        self.context_messages = context_messages
         self.requests: list[dict] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,8 +113,15 @@ class FakeServer:
             if f"[{code}]" in prompt:
                 return JSONResponse({"error": {"message": f"the fake server failed with {code} on purpose",
                                                "type": "server_error", "param": None, "code": None}}, status_code=code)
+        if self.context_messages is not None and len(body["messages"]) > self.context_messages:
+            return JSONResponse({"error": {"message": f"{len(body['messages'])} messages do not fit the fake context",
+                                           "type": "invalid_request_error", "param": "messages",
+                                           "code": "context_length_exceeded"}}, status_code=400)
         pieces = tokens_of(answer_for(prompt))
         if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(pieces)}
+            if "[calc]" in prompt:
+                message["calculator_calls"] = CALC
             return JSONResponse(
                 {
                     "id": "chatcmpl-fake",
@@ -115,7 +131,7 @@ class FakeServer:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "message": message,
                             "finish_reason": "stop",
                         }
                     ],
@@ -142,6 +158,8 @@ class FakeServer:
                 return
             if i == 3 and "[stall]" in prompt:
                 await asyncio.sleep(30)
+            if "[calc]" in prompt and len("".join(pieces[:i])) == CALC[0]["offset"]:
+                yield chunk({"calculator_calls": [{"index": 0, **CALC[0]}]})
             yield chunk({"content": piece})
         yield chunk({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -271,3 +289,19 @@ def test_stream_without_done_is_an_error():
 
     with pytest.raises(ServerError, match="without \\[DONE\\]"):
         asyncio.run(run())
+
+
+def test_calculator_call_arrives_between_the_text_where_it_happened(server):
+    items = [i for i in asyncio.run(collect(server.url, "[calc] add")) if isinstance(i, str | CalculatorCall)]
+    call = next(i for i in items if isinstance(i, CalculatorCall))
+    assert call == CalculatorCall(**CALC[0])
+    assert "".join(items[:items.index(call)]) == CALC_TEXT[:call.offset]
+    assert "".join(i for i in items if isinstance(i, str)) == CALC_TEXT
+
+
+def test_context_overflow_error_carries_its_code():
+    with FakeServer(context_messages=0) as tiny:
+        with pytest.raises(ServerError) as err:
+            asyncio.run(collect(tiny.url, "hi"))
+    assert (err.value.status, err.value.code) == (400, "context_length_exceeded")
+    assert str(err.value) == "server error 400: 1 messages do not fit the fake context"

@@ -121,7 +121,20 @@ def test_a_store_from_before_owners_is_migrated_and_recovered(tmp_path):
     old.close()
     s = Store(path)
     assert s.recover() == 1 and s.messages(1)[0].status == "interrupted"
+    assert (s.messages(1)[0].calculator_calls, s.messages(1)[0].trimmed) == ([], 0)  # the later columns too
     s.close()
+
+
+def test_an_answer_keeps_its_calculator_calls_and_trim(store):
+    chat = store.create_chat("sums")
+    store.add_message(chat.id, "user", "23+45?")
+    answer = store.add_message(chat.id, "assistant", "It is 68.")
+    answer.calculator_calls, answer.trimmed = [{"expression": "23+45", "result": "68", "offset": 6}], 3
+    store.update_message(answer)
+    again = store.messages(chat.id)[-1]
+    assert (again.calculator_calls, again.trimmed) == (answer.calculator_calls, 3)
+    assert json.loads(store.export_json(chat.id))["messages"][-1]["calculator_calls"] == answer.calculator_calls
+    assert "It is `calculator: 23+45 = 68` 68." in store.export_markdown(chat.id)
 
 
 def test_files_are_private(tmp_path):

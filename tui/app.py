@@ -26,8 +26,17 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Header, Input, Label, Markdown, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from .client import Finish, ServerError, Usage, list_models, make_http, stream_chat
-from .store import Chat, Message, Store, StoreError, default_db_path, write_atomic
+from .client import CalculatorCall, Finish, ServerError, Usage, list_models, make_http, stream_chat
+from .store import (
+    Chat,
+    Message,
+    Store,
+    StoreError,
+    calculator_markdown,
+    default_db_path,
+    with_calculator_calls,
+    write_atomic,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
@@ -73,8 +82,13 @@ def tokens_line(m: Message) -> str:
     return " · ".join(parts)
 
 
+def trimmed_line(turns: int) -> str:
+    return f"⋯ earlier messages not sent: {turns} turn{'s' * (turns != 1)} trimmed to fit the model's context"
+
+
 class MessageView(Vertical):
-    """One message: plain text for the user, markdown for the assistant, plus a status line."""
+    """One message: plain text for the user, markdown for the assistant (its calculator calls inline), plus a
+    status line, and above it a marker when the oldest turns were left out of its request."""
 
     def __init__(self, message: Message) -> None:
         super().__init__(classes=f"message {message.role}")
@@ -82,7 +96,8 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         if self.message.role == "assistant":
-            yield Markdown(self.message.content, classes="body")
+            yield Static(trimmed_line(self.message.trimmed), markup=False, classes="trimmed")
+            yield Markdown(with_calculator_calls(self.message.content, self.message.calculator_calls), classes="body")
             yield Static(tokens_line(self.message), markup=False, classes="meta")
         else:
             yield Static(self.message.content, markup=False, classes="body")
@@ -90,6 +105,9 @@ class MessageView(Vertical):
     def refresh_meta(self) -> None:
         for meta in self.query(".meta").results(Static):
             meta.update(tokens_line(self.message))
+        for marker in self.query(".trimmed").results(Static):
+            marker.update(trimmed_line(self.message.trimmed))
+            marker.display = self.message.trimmed > 0
         self.set_class(self.message.status not in ("done", "streaming"), "partial")
 
 
@@ -392,6 +410,7 @@ class ChatApp(App[None]):
     .message .body { height: auto; margin: 0; }
     .message Markdown { margin: 0; padding: 0; }
     .message .meta { color: $text-muted; height: auto; }
+    .message .trimmed { color: $warning; height: auto; }
     .message.partial .meta { color: $warning; }
     PromptInput { height: auto; max-height: 10; min-height: 3; border: round $accent; }
     PromptInput:focus { border: round $accent-lighten-2; }
@@ -573,18 +592,38 @@ class ChatApp(App[None]):
             if view.message.id >= message_id:
                 await view.remove()
 
-    def _payload(self) -> dict:
+    def _turns(self) -> list[list[dict]]:
+        """The chat so far as API messages, in turns: a user message and the answer that followed it."""
+        turns: list[list[dict]] = []
+        for m in self.store.messages(self.chat.id):
+            if not m.content:
+                continue
+            sent = {"role": m.role, "content": m.content}
+            if m.calculator_calls:  # the server renders them back into the prompt
+                sent["calculator_calls"] = m.calculator_calls
+            if m.role == "user" or not turns:
+                turns.append([])
+            turns[-1].append(sent)
+        return turns
+
+    def _payload(self, turns: list[list[dict]], trim: int) -> dict:
+        """The request, leaving out the oldest `trim` turns (the system prompt and the newest turn always go)."""
         c = self.chat
         messages = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
-        messages += [{"role": m.role, "content": m.content}
-                     for m in self.store.messages(c.id) if m.content]
+        messages += [m for turn in turns[trim:] for m in turn]
         return {"model": c.model or self.default_model or "default", "messages": messages,
                 "temperature": c.temperature, "max_tokens": c.max_tokens}
 
     @work(exclusive=True, group="generate")
     async def generate(self) -> None:
-        """Stream one answer into the conversation and the store."""
-        payload = self._payload()
+        """Stream one answer into the conversation and the store.
+
+        A chat longer than the model's context gets 400 context_length_exceeded: then the oldest turns are left
+        out of the request, one more each try, and the answer's marker says how many. The store keeps them all."""
+        turns = self._turns()
+        # The chat only grows, so the last answer's trim is where this one starts: no 400s to rediscover it.
+        trimmed = [m.trimmed for m in self.store.messages(self.chat.id) if m.role == "assistant"]
+        trim = max(0, min(trimmed[-1] if trimmed else 0, len(turns) - 1))
         try:
             message = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
         except StoreError as exc:
@@ -595,22 +634,17 @@ class ChatApp(App[None]):
         await self.conversation.mount(view)
         stream = Markdown.get_stream(view.query_one(Markdown))
         start = time.monotonic()
-        last_save = start
-        finish = ""
         try:
-            async for item in stream_chat(self.http, payload):
-                if isinstance(item, str):
-                    message.content += item
-                    await stream.write(item)
-                    # Saving every chunk would cost a transaction per token; a kill loses at most this much.
-                    if time.monotonic() - last_save > 0.2:
-                        with contextlib.suppress(StoreError):  # busy: the next save (or the last) writes it
-                            self.store.update_message(message)
-                        last_save = time.monotonic()
-                elif isinstance(item, Usage):
-                    message.prompt_tokens, message.completion_tokens = item.prompt_tokens, item.completion_tokens
-                elif isinstance(item, Finish):
-                    finish = item.reason
+            while True:
+                message.trimmed = trim
+                view.refresh_meta()
+                try:
+                    finish = await self._stream_into(message, stream, self._payload(turns, trim))
+                    break
+                except ServerError as exc:
+                    if exc.code != "context_length_exceeded" or trim >= len(turns) - 1 or message.content:
+                        raise
+                    trim += 1
             message.status = "length" if finish == "length" else "done"
         except ServerError as exc:
             message.status, message.error = "error", str(exc)
@@ -631,6 +665,29 @@ class ChatApp(App[None]):
             view.refresh_meta()
             self._generating = False
             self._code_index = 0
+
+    async def _stream_into(self, message: Message, stream, payload: dict) -> str:
+        """Stream one request's answer into the message, the screen and the store; return the finish reason."""
+        last_save = time.monotonic()
+        finish = ""
+        async for item in stream_chat(self.http, payload):
+            if isinstance(item, str):
+                message.content += item
+                await stream.write(item)
+                # Saving every chunk would cost a transaction per token; a kill loses at most this much.
+                if time.monotonic() - last_save > 0.2:
+                    with contextlib.suppress(StoreError):  # busy: the next save (or the last) writes it
+                        self.store.update_message(message)
+                    last_save = time.monotonic()
+            elif isinstance(item, CalculatorCall):
+                message.calculator_calls.append(
+                    {"expression": item.expression, "result": item.result, "offset": item.offset})
+                await stream.write(calculator_markdown(item.expression, item.result))
+            elif isinstance(item, Usage):
+                message.prompt_tokens, message.completion_tokens = item.prompt_tokens, item.completion_tokens
+            elif isinstance(item, Finish):
+                finish = item.reason
+        return finish
 
     # actions
 

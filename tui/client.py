@@ -14,7 +14,14 @@ import httpx
 
 
 class ServerError(Exception):
-    """A request failed; `str(err)` is a one-line explanation for the user."""
+    """A request failed; `str(err)` is a one-line explanation for the user.
+
+    `status` is the HTTP status (None for an error inside a stream) and `code` the OpenAI error code if the
+    server sent one, e.g. "context_length_exceeded", which the app answers by sending fewer turns."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,15 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class CalculatorCall:
+    """The model called the calculator at `offset` (a character index into the answer's content)."""
+
+    expression: str
+    result: str
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -46,17 +62,19 @@ def make_http(base_url: str, api_key: str = "", timeout: float = 60.0) -> httpx.
     )
 
 
-def _error_message(response_status: int | None, body: bytes) -> str:
-    """The OpenAI error body's message if there is one, else the start of the raw body.
+def _server_error(response_status: int | None, body: bytes) -> ServerError:
+    """The OpenAI error body's message (and code) if there is one, else the start of the raw body.
 
     `response_status` is None for an error sent inside a stream that began with 200."""
-    detail = body.decode("utf-8", "replace").strip()
+    detail, code = body.decode("utf-8", "replace").strip(), None
     try:
         err = json.loads(detail)["error"]
         detail = err["message"] if isinstance(err, dict) else str(err)
+        code = err.get("code") if isinstance(err, dict) else None
     except (ValueError, KeyError, TypeError):
         detail = detail[:200] or "(empty body)"
-    return f"server error {response_status}: {detail}" if response_status else f"server error: {detail}"
+    message = f"server error {response_status}: {detail}" if response_status else f"server error: {detail}"
+    return ServerError(message, response_status, code if isinstance(code, str) else None)
 
 
 def _describe(exc: httpx.HTTPError, base_url: str) -> str:
@@ -76,15 +94,15 @@ async def list_models(http: httpx.AsyncClient) -> list[str]:
     except httpx.HTTPError as exc:
         raise ServerError(_describe(exc, str(http.base_url))) from None
     if r.status_code >= 400:
-        raise ServerError(_error_message(r.status_code, r.content))
+        raise _server_error(r.status_code, r.content)
     try:
         return [m["id"] for m in r.json()["data"]]
     except (ValueError, KeyError, TypeError):
         raise ServerError("server sent an invalid /models response") from None
 
 
-async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[str | Usage | Finish]:
-    """POST /chat/completions with stream=true; yield text deltas, then Finish and Usage.
+async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[str | CalculatorCall | Usage | Finish]:
+    """POST /chat/completions with stream=true; yield text deltas and calculator calls, then Finish and Usage.
 
     A stream that ends without `data: [DONE]` counts as a dropped connection: the answer
     may be cut short, and the user should know.
@@ -93,7 +111,7 @@ async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[s
     try:
         async with http.stream("POST", "chat/completions", json=body) as r:
             if r.status_code >= 400:
-                raise ServerError(_error_message(r.status_code, await r.aread()))
+                raise _server_error(r.status_code, await r.aread())
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # SSE comments, event names and blank separators
@@ -107,11 +125,16 @@ async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[s
                 if not isinstance(chunk, dict):
                     raise ServerError(f"server sent an unexpected chunk: {data[:80]!r}")
                 if "error" in chunk:
-                    raise ServerError(_error_message(None, data.encode()))
+                    raise _server_error(None, data.encode())
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    delta = choice.get("delta") or {}
+                    if text := delta.get("content"):
                         yield text
+                    for call in delta.get("calculator_calls") or []:  # scratchchat's extension of the delta
+                        try:
+                            yield CalculatorCall(str(call["expression"]), str(call["result"]), int(call["offset"]))
+                        except (KeyError, TypeError, ValueError):
+                            raise ServerError(f"server sent an invalid calculator call: {call!r:.80}") from None
                     if choice.get("finish_reason"):
                         yield Finish(choice["finish_reason"])
                 if usage := chunk.get("usage"):

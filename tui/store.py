@@ -49,13 +49,24 @@ CREATE TABLE IF NOT EXISTS messages (
     completion_tokens INTEGER,
     tokens_per_s REAL,
     created REAL NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    calculator_calls TEXT NOT NULL DEFAULT '[]',
+    trimmed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 """
 
 # Message statuses: done, streaming (being written), stopped (user pressed Esc), length (hit
 # max tokens), error (the server failed; `error` says how), interrupted (the app died mid-answer).
+# An answer's calculator_calls are the server's [{expression, result, offset}] (JSON), sent back with the history;
+# trimmed is how many of the oldest turns were left out of its request to fit the model's context.
+
+# Columns added after the first release, with how to add them to an older store.
+ADDED_COLUMNS = {
+    "owner": "TEXT NOT NULL DEFAULT ''",
+    "calculator_calls": "TEXT NOT NULL DEFAULT '[]'",
+    "trimmed": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 @dataclass
@@ -82,6 +93,23 @@ class Message:
     completion_tokens: int | None = None
     tokens_per_s: float | None = None
     created: float = field(default=0.0)
+    calculator_calls: list[dict] = field(default_factory=list)
+    trimmed: int = 0
+
+
+def with_calculator_calls(content: str, calls: list[dict]) -> str:
+    """Markdown of an answer with each calculator call shown where it happened, as `calculator: 23+45 = 68`."""
+    out, at = [], 0
+    for c in sorted(calls, key=lambda c: c["offset"]):
+        out += [content[at:c["offset"]], calculator_markdown(c["expression"], c["result"])]
+        at = max(at, c["offset"])
+    return "".join(out) + content[at:]
+
+
+def calculator_markdown(expression: str, result: str) -> str:
+    """One call as an inline code span, which stands out from the prose; the prose goes on after a space."""
+    text = f"calculator: {expression} = {result}".replace("`", "'")  # a backtick would end the span early
+    return f"`{text}` "
 
 
 MESSAGE_COLUMNS = ", ".join(f.name for f in fields(Message))  # not the owner: an id for recover() alone
@@ -122,8 +150,10 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
-            if "owner" not in {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}:
-                self.db.execute("ALTER TABLE messages ADD COLUMN owner TEXT NOT NULL DEFAULT ''")  # older stores
+            have = {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}
+            for name, kind in ADDED_COLUMNS.items():  # an older store gains the columns it lacks
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
             if fcntl is not None:
                 self._owners.mkdir(mode=0o700, exist_ok=True)
                 self._lock = os.open(self._owners / self.owner, os.O_RDWR | os.O_CREAT, 0o600)
@@ -231,15 +261,16 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "UPDATE messages SET content=?, status=?, error=?, prompt_tokens=?, completion_tokens=?,"
-                " tokens_per_s=? WHERE id=?",
+                " tokens_per_s=?, calculator_calls=?, trimmed=? WHERE id=?",
                 (message.content, message.status, message.error, message.prompt_tokens,
-                 message.completion_tokens, message.tokens_per_s, message.id),
+                 message.completion_tokens, message.tokens_per_s, json.dumps(message.calculator_calls),
+                 message.trimmed, message.id),
             )
 
     def messages(self, chat_id: int) -> list[Message]:
         rows = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id=? ORDER BY id",
                                (chat_id,)).fetchall()
-        return [Message(**dict(r)) for r in rows]
+        return [Message(**{**dict(r), "calculator_calls": json.loads(r["calculator_calls"])}) for r in rows]
 
     def delete_messages_from(self, chat_id: int, message_id: int) -> None:
         """Drop a message and everything after it (regenerate, edit and resend)."""
@@ -274,7 +305,7 @@ class Store:
         if chat.system_prompt:
             lines += ["## System", "", chat.system_prompt, ""]
         for m in self.messages(chat_id):
-            lines += [f"## {m.role.capitalize()}", "", m.content, ""]
+            lines += [f"## {m.role.capitalize()}", "", with_calculator_calls(m.content, m.calculator_calls), ""]
             if m.status != "done":
                 lines += [f"*({m.status}{': ' + m.error if m.error else ''})*", ""]
         return "\n".join(lines)
