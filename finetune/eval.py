@@ -16,6 +16,7 @@ these batches and the serving engine must match: a plain greedy loop over the fu
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -41,18 +42,29 @@ from pretrain.model import KVCache, sample_next
 from pretrain.report import append_metrics
 
 
-def answer_text(tok, generated: list[int]) -> str:
+def answer_text(tok, generated: list[int], show_calls: bool = False) -> str:
     """The assistant's reply text: generated tokens up to (not including) its end token, calculator calls and their
-    results left out (the prose is what gets scored)."""
+    results left out (the prose is what gets scored), or shown as [calculator: expression = result]."""
     end = assistant_end_id(tok)
     generated = generated[: generated.index(end)] if end in generated else generated
-    start, _, _, out_end = (tok.special_tokens.get(name) for name in TOOL_TOKENS)
-    prose, in_call = [], False
+    start, stop, out_start, out_end = (tok.special_tokens.get(name) for name in TOOL_TOKENS)
+    text, piece = "", []
+    call: dict[int, list[int]] | None = None  # inside a call: its expression (start) and result (out_start) tokens
+    part = start
     for t in generated:
-        in_call = (in_call or t == start) and t != out_end
-        if not in_call and t != out_end:
-            prose.append(t)
-    return tok.decode(prose)
+        if t == start:
+            text, piece, call, part = text + tok.decode(piece), [], {start: [], out_start: []}, start
+        elif call is None:
+            piece.append(t)
+        elif t == out_end:
+            if show_calls:
+                text += f"[calculator: {tok.decode(call[start])} = {tok.decode(call[out_start])}]"
+            call = None
+        elif t in (stop, out_start):
+            part = out_start
+        else:
+            call[part].append(t)
+    return text + tok.decode(piece)
 
 
 def letter_ids(tok, n: int) -> list[int]:
@@ -279,12 +291,21 @@ def eval_items(n: int, seed: int, benchmarks: list[str]) -> dict[str, list[Item]
     return out
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy p measured on n items (sound near 0 and 1, unlike p +- 2 sd)."""
+    if n <= 0:
+        return 0.0, 1.0
+    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half / (1 + z * z / n)), min(1.0, mid + half / (1 + z * z / n))
+
+
 def format_table(rows: list[dict], models: list[str]) -> str:
-    """Markdown table: task, n, chance, then one accuracy column per model."""
+    """Markdown table: task, n, chance, then one accuracy column per model with its 95% interval."""
     head = "| task | n | chance | " + " | ".join(models) + " |"
     lines = [head, "|" + "---|" * (3 + len(models))]
     for r in rows:
-        accs = " | ".join(f"{100 * r[m]:.1f}%" for m in models)
+        accs = " | ".join("{:.1f}% ({:.0f}-{:.0f})".format(100 * r[m], *(100 * x for x in wilson(r[m], r["n"])))
+                          for m in models)
         lines.append(f"| {r['task']} | {r['n']} | {100 * r['chance']:.1f}% | {accs} |")
     return "\n".join(lines)
 
@@ -293,7 +314,7 @@ def format_table(rows: list[dict], models: list[str]) -> str:
 class EvalConfig:
     checkpoint: str = flag("", "SFT checkpoint dir (default: the latest under $SCRATCHCHAT_HOME/checkpoints/sft)")
     base: str = flag("", "base checkpoint to compare (default: the one the SFT started from); 'none' skips it")
-    limit: int = flag(50, "items per task")
+    limit: int = flag(100, "items per task (100 gives a 95% interval of about +-10 points)")
     seed: int = flag(0, "seed for drawing the eval items")
     show: int = flag(0, "print this many answers per task and model")
     max_new_tokens: int = flag(32, "longest generated answer")

@@ -28,15 +28,20 @@ from common.cli import config_from_args, flag, parser_for  # noqa: E402
 from common.dist import pick_device  # noqa: E402
 from common.files import write_text_atomic  # noqa: E402
 from common.paths import scratchchat_home  # noqa: E402
+from finetune.calculator import ToolUse  # noqa: E402
 from finetune.chat import assistant_end_id, render_prompt  # noqa: E402
-from finetune.eval import format_table  # noqa: E402
+from finetune.eval import answer_text, format_table, greedy_decode_batch  # noqa: E402
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, read_config  # noqa: E402
 from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from tokenizer.openai_vocabs import reference_tokenizers  # noqa: E402
 
-SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?")
+SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?", "Calculate 23 x 4.",
+                  "Mia has 6 boxes with 4 shells in each box. How many shells is that in total?",
+                  "Spell 'water' backwards.", "Tell me about the Moon.", "What can you do?")
+CONTINUATION_PROMPTS = ("The history of the city", "Water is", "In the morning, the children")
+CONTINUATION_TOKENS = 96
 VAL_BYTES = 2_000_000  # enough held-out text for a stable bytes/token, quick to encode with three vocabularies
 VAL_BATCH_ROWS = 256  # documents per parquet read: a FineWeb-Edu val shard holds ~250 M characters
 
@@ -48,7 +53,8 @@ class ReportConfig:
     gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate on GPU (e.g. an H100)")
     gpus: int = flag(-1, "GPUs per node in the cost estimate (-1: the GPUs torch sees here)")
     nodes: int = flag(1, "nodes the run used: the cost counts gpus x nodes")
-    samples: int = flag(3, "sample conversations with the SFT model, from fixed prompts (0: none)")
+    samples: int = flag(8, "sample conversations with the SFT model, from fixed prompts (0: none and no base "
+                           "continuations)")
     max_new_tokens: int = flag(48, "longest sample answer in tokens")
     device: str = flag("auto", "where the sample conversations run: cpu, cuda, mps or auto")
 
@@ -329,6 +335,31 @@ def eval_section(home: Path) -> list[str]:
     return lines
 
 
+def repeated_ngrams(text: str, n: int = 4) -> float:
+    """The share of the text's word n-grams that already appeared earlier in it: 0 for text that never repeats
+    itself, near 1 for a loop ("the United States of the United States of ...")."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def base_samples_section(home: Path, cfg: ReportConfig) -> list[str]:
+    """Longer greedy continuations of the base model, and how much they repeat themselves."""
+    lines = ["## Base model continuations", ""]
+    ckpt = latest_checkpoint(root=home / "checkpoints" / "base")
+    if ckpt is None or cfg.samples <= 0:
+        return lines + (_missing("base checkpoint", "python -m pretrain") if ckpt is None else ["_Skipped._"])
+    model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
+    texts = []
+    for prompt in CONTINUATION_PROMPTS:
+        with torch.no_grad():
+            texts.append(prompt + tok.decode(model.generate(tok.encode(prompt), CONTINUATION_TOKENS)))
+    share = sum(repeated_ngrams(t) for t in texts) / len(texts)
+    return lines + [f"Greedy, {CONTINUATION_TOKENS} tokens each. Repeated word 4-grams: **{share:.1%}** (the share "
+                    "of 4-grams that repeat an earlier one in the same text; 0% never loops).", "", "```text",
+                    *(t.replace("```", "'''") + "\n" for t in texts), "```"]
+
+
 def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     lines = ["## Sample conversations", ""]
     ckpt = latest_checkpoint(root=home / "checkpoints" / "sft")
@@ -336,13 +367,15 @@ def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
         return lines + (_missing("SFT checkpoint", "python -m finetune") if ckpt is None else ["_Skipped._"])
     model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
     end = assistant_end_id(tok)
-    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts:", "", "```text"]
-    for prompt in SAMPLE_PROMPTS[: cfg.samples]:
-        with torch.no_grad():
-            out = model.generate(render_prompt(tok, [{"role": "user", "content": prompt}]), cfg.max_new_tokens,
-                                 stop={end})
+    prompts = SAMPLE_PROMPTS[: cfg.samples]
+    # The eval's decoder, with the calculator: what a chat through the server would show.
+    answers = greedy_decode_batch(model, [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts],
+                                  cfg.max_new_tokens, end, [ToolUse(tok) for _ in prompts])
+    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts (calculator calls in brackets):", "",
+              "```text"]
+    for prompt, out in zip(prompts, answers):
         cut = "" if out[-1:] == [end] else f" [cut at {cfg.max_new_tokens} tokens]"
-        answer = tok.decode(out[:-1] if out[-1:] == [end] else out).replace("```", "'''")
+        answer = answer_text(tok, out, show_calls=True).replace("```", "'''")
         lines += [f"user: {prompt}", f"assistant: {answer}{cut}", ""]
     return lines[:-1] + ["```"]
 
@@ -382,7 +415,8 @@ def build(cfg: ReportConfig) -> str:
         head += ["", f"**{figures['params'] / 1e6:.1f}M parameters, val {figures['val_bpb']:.4f} bits/byte"
                      + (f", {_duration(total_seconds(times))} in all" if times else "") + "**"]
     sections = [head, environment(here), tokenizer_section(home, times), data_section(home), pre,
-                sft_section(home), eval_section(home), samples_section(home, cfg), time_section(times, gpus, cfg)]
+                sft_section(home), eval_section(home), base_samples_section(home, cfg), samples_section(home, cfg),
+                time_section(times, gpus, cfg)]
     return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
 
 

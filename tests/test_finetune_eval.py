@@ -182,7 +182,10 @@ def test_table_format():
     rows = [{"task": "arithmetic", "n": 10, "chance": 0.1, "base": 0.0, "sft": 0.5}]
     table = chat_eval.format_table(rows, ["base", "sft"])
     assert table.splitlines()[0] == "| task | n | chance | base | sft |"
-    assert table.splitlines()[2] == "| arithmetic | 10 | 10.0% | 0.0% | 50.0% |"
+    assert table.splitlines()[2] == "| arithmetic | 10 | 10.0% | 0.0% (0-28) | 50.0% (24-76) |"
+    # The Wilson interval against its textbook values (5 of 10: 0.2366-0.7634; 0 of 10: 0-0.2775).
+    assert chat_eval.wilson(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert chat_eval.wilson(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
 
 
 def benchmark_parquets(tmp_path) -> dict[str, bytes]:

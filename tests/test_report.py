@@ -115,3 +115,10 @@ def test_cli_takes_gpus_and_nodes_and_rejects_bad_values(tmp_path, capsys):
     assert report.main([*args, "--nodes", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --gpus must be >= 0 (or -1), --nodes >= 1") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, share", [("a b c d e f g", 0.0), ("the cat sat", 0.0), ("", 0.0),
+                                         ("x y z w " * 4, 9 / 13), ("a b c d a b c d e", 1 / 6)])
+def test_repeated_ngrams(text, share):
+    """The report's loop measure: the share of word 4-grams that repeat an earlier one in the same text."""
+    assert report.repeated_ngrams(text) == pytest.approx(share)

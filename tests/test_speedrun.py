@@ -22,7 +22,7 @@ from tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("corpus", "tokenizer", "tokens", "pretrain", "sft", "eval", "report")
 SECTIONS = ("## Environment", "## Tokenizer", "## Data", "## Pretraining", "## Supervised fine-tuning",
-            "## Chat evaluation", "## Sample conversations", "## Time")
+            "## Chat evaluation", "## Base model continuations", "## Sample conversations", "## Time")
 
 
 def speedrun(home: Path, *args: str) -> subprocess.CompletedProcess:
