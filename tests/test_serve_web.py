@@ -1,5 +1,6 @@
 """The web chat page in headless Chromium against a real server: send a message and watch it stream, render
-markdown, keep an XSS attempt in model output inert, and stop an answer midway.
+markdown, keep an XSS attempt in model output inert, stop an answer midway, keep a long chat going on a model with a
+small context; and against the fake server (tests/test_tui_fakeserver.py), show a calculator call.
 
 Chromium is driven over the DevTools protocol through a pipe (--remote-debugging-pipe: JSON messages ending in
 NUL on fds 3 and 4), so no websocket library or Playwright is needed. Needs Debian's `chromium` (scripts/test.sh
@@ -16,6 +17,10 @@ import time
 import httpx
 import pytest
 from test_serve import COUNT, HELLO, running_server, shared_checkpoint
+from test_tui_fakeserver import CALC, CALC_TEXT, FakeServer
+
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.model import GPT, GPTConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -92,18 +97,32 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    checkpoint = shared_checkpoint(tmp_path_factory)
-    with running_server(checkpoint) as (url, _):
-        browser = Browser(tmp_path_factory.mktemp("chromium-profile"))
-        try:
-            browser.call("Page.enable", browser.session)
-            browser.call("Page.navigate", browser.session, url=url + "/")
-            browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
-            browser.url = url
-            yield browser
-        finally:
-            browser.close()
+def browser(tmp_path_factory):
+    browser = Browser(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        browser.call("Page.enable", browser.session)
+        yield browser
+    finally:
+        browser.close()
+
+
+def open_page(browser: Browser, url: str) -> Browser:
+    browser.call("Page.navigate", browser.session, url=url + "/")
+    browser.wait_for(f"location.href === {json.dumps(url + '/')} && document.readyState === 'complete' "
+                     "&& !!document.getElementById('send')")
+    browser.url = url
+    return browser
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(shared_checkpoint(tmp_path_factory)) as (url, _):
+        yield url
+
+
+@pytest.fixture()
+def page(browser, server):
+    return open_page(browser, server)
 
 
 def send(page: Browser, text: str, max_tokens: int = 64) -> None:
@@ -120,6 +139,16 @@ def send(page: Browser, text: str, max_tokens: int = 64) -> None:
         document.getElementById('input').value = {json.dumps(text)};
         document.getElementById('send').click();
     }})()""")
+
+
+def say(page: Browser, text: str) -> None:
+    """Send `text` in the chat on screen and wait for its answer to finish."""
+    page.js(f"""(() => {{
+        document.getElementById('input').value = {json.dumps(text)};
+        document.getElementById('send').click();
+    }})()""")
+    page.wait_for("document.querySelector('#log .msg.assistant:last-of-type')?.dataset.done === 'true' "
+                  "&& !document.getElementById('send').disabled")
 
 
 def last_bubble(page: Browser, what: str):
@@ -165,3 +194,60 @@ def test_answer_streams_in_and_stop_ends_it_midway(page):
     assert httpx.get(page.url + "/health").json()["active"] == 0  # the server freed the slot too
     # The partial answer is kept as the assistant's turn, so the conversation can go on.
     assert page.js("messages.length === 2 && messages[1].role === 'assistant' && messages[1].content") == stopped
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    with FakeServer() as s:
+        yield s
+
+
+def test_calculator_call_shows_as_a_box_and_goes_back_with_the_history(browser, fake_server):
+    page = open_page(browser, fake_server.url.removesuffix("/v1"))
+    send(page, "[calc] add 23 and 45")
+    page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
+    assert page.js("[...document.querySelectorAll('#log .calc')].map((b) => b.textContent)") == [
+        "calculator: 23+45 = 68"]
+    # The box sits where the model made the call, between the prose before and after it.
+    assert last_bubble(page, "textContent") == (
+        CALC_TEXT[:CALC[0]["offset"]] + "calculator: 23+45 = 68" + CALC_TEXT[CALC[0]["offset"]:])
+    assert page.js("getComputedStyle(document.querySelector('#log .calc')).borderStyle") == "solid"
+    say(page, "thanks")
+    assert fake_server.requests[-1]["messages"][1] == {"role": "assistant", "content": CALC_TEXT,
+                                                       "calculator_calls": CALC}
+
+
+@pytest.fixture(scope="module")
+def small_context_server(tmp_path_factory):
+    """A random-init model with a 64-token context (the memorising checkpoint's tokenizer): a chat of short
+    questions outgrows it within a few turns."""
+    tok = load_checkpoint(shared_checkpoint(tmp_path_factory))[1]
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    root = tmp_path_factory.mktemp("small-context")
+    checkpoint = save_checkpoint(root / "checkpoints" / "sft" / "step_1", model, tok, {"step": 1})
+    with running_server(checkpoint) as (url, _):
+        yield url
+
+
+def test_long_chat_leaves_out_the_oldest_turns_and_says_so(browser, small_context_server):
+    page = open_page(browser, small_context_server)
+    send(page, "question one", max_tokens=4)
+    page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
+    for word in ["two", "three", "four", "five", "six", "seven", "eight"]:
+        say(page, f"question {word}")
+    assert page.js("document.querySelectorAll('#log .error').length") == 0  # every question got its answer
+    assert page.js("messages.length") == 16  # the page keeps the whole chat
+    trim = page.js("messages.trim")
+    notices = page.js("[...document.querySelectorAll('#log .notice')].filter((n) => !n.hidden)"
+                      ".map((n) => n.textContent)")
+    turns = f"{trim} turn{'s' * (trim != 1)}"
+    assert trim > 0 and notices[-1] == f"earlier messages not sent: {turns} trimmed to fit the model's context"
+    # What the last request held: with every turn the server refuses it; trimmed as the page sent it, it fits.
+    asked = {"temperature": 0, "max_tokens": 4}
+    everything = httpx.post(small_context_server + "/v1/chat/completions", timeout=60,
+                            json={**asked, "messages": page.js("messages.slice(0, -1)")})
+    assert everything.status_code == 400 and everything.json()["error"]["code"] == "context_length_exceeded"
+    sent = page.js("sendable(messages.slice(0, -1), messages.trim)")
+    assert sent[-1] == {"role": "user", "content": "question eight"} and len(sent) == 15 - 2 * trim
+    assert httpx.post(small_context_server + "/v1/chat/completions", timeout=60,
+                      json={**asked, "messages": sent}).status_code == 200

@@ -9,7 +9,7 @@ The other tui tests import `FakeServer` from here. The last user message picks t
   [length]        stop with finish_reason "length"       [calc]    call the calculator mid-answer (CALC)
   otherwise an echo with a code block.
 `context_messages`, when set, plays a model with a small context: a request with more messages than that gets
-400 context_length_exceeded.
+400 context_length_exceeded. It serves serve/static/index.html at / too, so the web page can be tested against it.
 """
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from tui.client import CalculatorCall, Finish, ServerError, Usage, list_models, make_http, stream_chat
@@ -72,9 +73,8 @@ class FakeServer:
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        app = Starlette(
-            routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])]
-        )
+        app = Starlette(routes=[Route("/v1/models", self.models),
+                                Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/", self.page)])
         self.server = uvicorn.Server(
             uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off")
         )
@@ -97,6 +97,9 @@ class FakeServer:
             return JSONResponse({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                                            "code": "invalid_api_key"}}, status_code=401)
         return None
+
+    async def page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse((Path(__file__).parents[1] / "serve" / "static" / "index.html").read_text())
 
     async def models(self, request: Request) -> JSONResponse:
         return self._denied(request) or JSONResponse(
