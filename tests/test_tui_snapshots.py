@@ -125,3 +125,20 @@ def test_help(snap_compare, server, tmp_path):
         await settle(pilot)
 
     assert snap_compare(make_app(tmp_path, server.url), terminal_size=SIZE, run_before=help_screen)
+
+
+def test_calculator_call_and_trimmed_turns(snap_compare, server, tmp_path):
+    """An answer that called the calculator, sent without the chat's 3 oldest turns."""
+    clock = itertools.count(1_767_225_600, 3600)
+    store = Store(tmp_path / "chats.db", clock=lambda: float(next(clock)))
+    chat = store.create_chat("Sums")
+    for i in range(4):
+        store.add_message(chat.id, "user", f"Question {i + 1}?")
+        store.add_message(chat.id, "assistant", f"Answer {i + 1}.")
+    store.add_message(chat.id, "user", "What is 23+45?")
+    answer = store.add_message(chat.id, "assistant", "23+45 is 68.")
+    answer.calculator_calls = [{"expression": "23+45", "result": "68", "offset": len("23+45 is ")}]
+    answer.trimmed, answer.prompt_tokens, answer.completion_tokens, answer.tokens_per_s = 3, 60, 12, 30.0
+    store.update_message(answer)
+    app = ChatApp(Config(url=server.url, db=store.path, retry=0.05), store)
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_latest_chat)
