@@ -8,8 +8,9 @@ import pytest
 from test_serve import COUNT, HELLO, build_checkpoint, running_server
 from textual.widgets import Input, Markdown, Static
 
-from pretrain.checkpoint import load_checkpoint
-from tui.app import ChatApp, Config, MessageView
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.model import GPT, GPTConfig
+from tui.app import ChatApp, Config, MessageView, trimmed_line
 from tui.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -79,4 +80,26 @@ async def test_chat_with_the_real_server(serve, tmp_path):
         await send(pilot, "Say hi")
         await until(lambda: finished(app))
         assert "⚠ error: server error 404: the model 'gpt-9' does not exist" in last_answer(app)[1]
+    store.close()
+
+
+async def test_long_chat_keeps_working_on_a_small_context(serve, tmp_path):
+    """A random-init model with a 64-token context: the chat outgrows it within a few turns, and every answer still
+    comes, sent without the oldest turns."""
+    tok = serve[1]
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    checkpoint = save_checkpoint(tmp_path / "checkpoints" / "sft" / "step_1", model, tok, {"step": 1})
+    store = Store(tmp_path / "chats.db")
+    with running_server(checkpoint) as (url, _):
+        app = ChatApp(Config(url=url + "/v1", db=store.path, temperature=0.0, max_tokens=4, retry=0.1), store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(lambda: app.server_ok)
+            for word in ["one", "two", "three", "four", "five", "six", "seven", "eight"]:
+                await send(pilot, f"question {word}")
+                await until(lambda: finished(app))
+            answers = [m for m in store.messages(app.chat.id) if m.role == "assistant"]
+            assert all(m.status in ("done", "length") for m in answers)  # length: max_tokens, not an error
+            assert answers[-1].trimmed > 0 and len(store.messages(app.chat.id)) == 16
+            marker = list(app.query(MessageView))[-1].query_one(".trimmed", Static)
+            assert marker.display and str(marker.render()) == trimmed_line(answers[-1].trimmed)
     store.close()
