@@ -52,6 +52,9 @@ class ServeConfig(Limits):
     device: str = flag("auto", "cpu, cuda, mps or auto ($SCRATCHCHAT_DEVICE, else the best there is)")
     max_batch: int = flag(8, "sequences decoded together (KV-cache slots)")
     max_queue: int = flag(64, "requests allowed to wait for a slot before answering 429")
+    prefix_cache_mb: int = flag(1024, "MiB of keys and values kept from finished requests, so that a prompt starting "
+                                      "the same way (a chat resent with a new turn) skips that part of its prefill; "
+                                      "0 disables it")
     threads: int = flag(0, "torch CPU threads (0: torch's default)")
     seed: int = flag(0, "seed of the generator that seeds requests sent without one")
     shutdown_grace: float = flag(10.0, "seconds running generations may continue after a shutdown signal")
@@ -60,7 +63,7 @@ class ServeConfig(Limits):
 
 AT_LEAST = {"max_batch": 1, "max_queue": 1, "max_messages": 1, "max_message_chars": 1, "max_total_chars": 1,
             "max_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_connections": 1, "max_stop": 0,
-            "retry_after": 0, "threads": 0, "shutdown_grace": 0}
+            "prefix_cache_mb": 0, "retry_after": 0, "threads": 0, "shutdown_grace": 0}
 POSITIVE = ("request_timeout", "body_timeout", "header_timeout")
 
 
@@ -139,7 +142,8 @@ def serve(cfg: ServeConfig) -> int:
             if cfg.threads > 0:
                 torch.set_num_threads(cfg.threads)
             model, tok, _meta = load_checkpoint(path, device=pick_device(cfg.device))
-            return Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue, seed=cfg.seed)
+            return Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue, seed=cfg.seed,
+                          prefix_cache_bytes=cfg.prefix_cache_mb << 20)
         except Exception as e:  # a corrupt checkpoint is the user's to fix: say so and stop the server
             failed.append(f"cannot load {path}: {e}")
             print(f"error: {failed[-1]}", file=sys.stderr)

@@ -41,7 +41,18 @@ from starlette.routing import Route
 from common.cli import flag
 from finetune.chat import ChatFormatError, render_prompt
 from serve import openapi
-from serve.engine import Chunk, Engine, EngineClosed, Generation, QueueFull, SamplingParams
+from serve.engine import (
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    CalculatorCall,
+    Chunk,
+    Engine,
+    EngineClosed,
+    Generation,
+    QueueFull,
+    SamplingParams,
+    TokenLogprob,
+)
 
 STATIC = Path(__file__).parent / "static"
 GENERATION_FAILED = "generation failed on the server; see its log"
@@ -159,9 +170,14 @@ def _bool(data: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def sampling_params(data: dict, limits: Limits, default_max_tokens: int, vocab_size: int) -> SamplingParams:
-    """Validate the OpenAI sampling fields shared by both completion routes."""
-    _number(data, "n", 1, 1, 1, integer=True)  # one choice per request
+def sampling_params(data: dict, limits: Limits, default_max_tokens: int, eng: Engine,
+                    logprobs: int | None) -> SamplingParams:
+    """Validate the OpenAI sampling fields shared by both completion routes (`logprobs`: each route's own field,
+    already checked)."""
+    n = _number(data, "n", 1, 1, MAX_N, integer=True)
+    if n > eng.max_batch:
+        raise APIError(400, f"'n' is {n} but this server decodes at most {eng.max_batch} sequences together "
+                            "(--max-batch)", param="n")
     for unsupported in ("presence_penalty", "frequency_penalty"):
         if _number(data, unsupported, 0, -2, 2) != 0:
             raise APIError(400, f"'{unsupported}' is not supported; leave it at 0", param=unsupported)
@@ -179,11 +195,27 @@ def sampling_params(data: dict, limits: Limits, default_max_tokens: int, vocab_s
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(_number(data, "temperature", 1.0, 0, 2)),
-        top_k=_number(data, "top_k", 0, 0, vocab_size, integer=True),
+        top_k=_number(data, "top_k", 0, 0, eng.tokenizer.vocab_size, integer=True),
         top_p=float(_number(data, "top_p", 1.0, 0, 1)) or 1e-9,  # top_p 0 keeps only the most likely token
         seed=_number(data, "seed", None, -(2**63), 2**63 - 1, integer=True),
         stop=tuple(stop),
+        n=n,
+        logprobs=logprobs,
     )
+
+
+def chat_logprobs(data: dict) -> int | None:
+    """Chat's `logprobs` (bool) and `top_logprobs` (0..20, only with logprobs) as the engine's one number."""
+    want = _bool(data, "logprobs")
+    top = _number(data, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not want:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if want else None
+
+
+def truncation(data: dict, eng: Engine) -> int | None:
+    """vLLM's `truncate_prompt_tokens`: the most prompt tokens to keep (the handlers say which), or None: strict."""
+    return _number(data, "truncate_prompt_tokens", None, 1, eng.max_context - 1, integer=True)
 
 
 def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
@@ -213,6 +245,8 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
         total += len(content)
         role = "system" if m["role"] == "developer" else m["role"]  # newer clients call the system prompt "developer"
         out.append({"role": role, "content": content})
+        if role == "assistant" and m.get("calculator_calls") is not None:  # finetune.chat validates and renders them
+            out[-1]["calculator_calls"] = m["calculator_calls"]
     if total > limits.max_total_chars:
         raise APIError(400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}",
                        param="messages")
@@ -297,13 +331,33 @@ async def tokenize_off_loop(state: State, fn: Callable, *args):
         return await asyncio.to_thread(fn, *args)
 
 
-async def chat_prompt(state: State, eng: Engine, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids the model sees for a chat: refused before tokenizing if it cannot fit the context."""
-    check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
+def fit_prompt(tok, messages: list[dict], limit: int | None) -> tuple[list[int], int]:
+    """The chat prompt's ids and how many messages were dropped to fit `limit` tokens: the oldest user/assistant
+    pairs go first; the system message and the last user message always stay."""
+    ids = render_prompt(tok, messages)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(system):], 0
+    while limit is not None and len(ids) > limit and len(turns) > 1:
+        turns, dropped = turns[2:], dropped + 2
+        ids = render_prompt(tok, system + turns)
+    return ids, dropped
+
+
+async def chat_prompt(state: State, eng: Engine, messages: list[dict], limit: int | None = None
+                      ) -> tuple[list[int], int]:
+    """The token ids the model sees for a chat, and the messages dropped to fit `limit` tokens (None: strict, and
+    refused before tokenizing if it cannot fit the context)."""
+    if limit is None:
+        check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
     try:
-        return await tokenize_off_loop(state, render_prompt, eng.tokenizer, messages)
+        ids, dropped = await tokenize_off_loop(state, fit_prompt, eng.tokenizer, messages, limit)
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
+    if limit is not None and len(ids) > limit:
+        raise APIError(400, f"the system message and the last user message alone are {len(ids)} tokens, more than "
+                            f"truncate_prompt_tokens ({limit})", param="truncate_prompt_tokens",
+                       code="context_length_exceeded")
+    return ids, dropped
 
 
 def start(state: State, eng: Engine, prompt: list[int], params: SamplingParams) -> Generation:
@@ -341,11 +395,12 @@ async def completion_request(request: Request) -> tuple[State, dict, Engine]:
 
 
 async def respond(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
-                  kind: str) -> Response:
-    """Shared by chat and text completions: stream SSE chunks or collect one JSON answer."""
+                  kind: str, extra: dict | None = None) -> Response:
+    """Shared by chat and text completions: stream SSE chunks or collect one JSON answer. `extra`: our extension
+    fields, repeated at the top level of the answer and of every chunk."""
     state = state_of(request)
     stream = _bool(data, "stream")
-    reply = Reply(kind, state.model_name, include_usage(data))
+    reply = Reply(kind, state.model_name, include_usage(data), eng.tokenizer, extra or {}, params.logprobs is not None)
     gen = start(state, eng, prompt, params)
     it = aiter(gen)
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gen))
@@ -356,42 +411,55 @@ async def respond(request: Request, eng: Engine, data: dict, prompt: list[int], 
         watcher.cancel()
         raise
     if not stream:
+        samples = [Sample() for _ in range(params.n)]
         try:
-            parts = [chunk.text]
-            while chunk.finish_reason is None:
-                chunk = await anext(it)
-                parts.append(chunk.text)
+            while True:
+                samples[chunk.index].add(chunk)
+                if chunk.finish_reason == "error":
+                    raise APIError(500, GENERATION_FAILED, type="server_error")
+                chunk = await anext(it, None)
+                if chunk is None:
+                    break
         finally:
-            gen.cancel()  # a no-op once finished; frees the slot if this handler is torn down early
+            gen.cancel()  # a no-op once finished; frees the slots if this handler is torn down early
             watcher.cancel()
-        if chunk.finish_reason == "error":
-            raise APIError(500, GENERATION_FAILED, type="server_error")
-        return JSONResponse(reply.completion("".join(parts), chunk))
+        return JSONResponse(reply.completion(samples))
     watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
-    return StreamingResponse(events(reply, gen, it, chunk), media_type="text/event-stream",
+    return StreamingResponse(events(reply, gen, it, chunk, params.n), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first: Chunk) -> AsyncIterator[str]:
-    """A generation as server-sent events, from its first chunk to `data: [DONE]`."""
+async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first: Chunk,
+                 n: int) -> AsyncIterator[str]:
+    """A generation's n samples as server-sent events, from their first chunks to `data: [DONE]`."""
     try:
-        c = first
-        if reply.kind == "chat":  # the first delta announces the role, as OpenAI's does
-            yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
-        while True:
-            if c.text or c.finish_reason is None:
-                yield _sse(reply.chunk({"content": c.text} if reply.kind == "chat" else c.text, None))
+        samples = [Sample() for _ in range(n)]
+        if reply.kind == "chat":  # the first delta of each choice announces the role, as OpenAI's does
+            for i in range(n):
+                yield _sse(reply.chunk(i, {"role": "assistant", "content": ""}, None))
+        c: Chunk | None = first
+        while c is not None:
+            s = samples[c.index]
+            if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
+                yield _sse({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None,
+                                      "code": None}})
+                yield "data: [DONE]\n\n"
+                return
+            if c.text or c.logprobs:
+                logprobs = reply.logprobs(c.logprobs, len(s.text)) if reply.logprobs_on else None
+                yield _sse(reply.chunk(c.index, {"content": c.text} if reply.kind == "chat" else c.text, None,
+                                       logprobs))
+            if c.calls:
+                calls = [reply.call(call, len(s.calls) + k) for k, call in enumerate(c.calls)]
+                yield _sse(reply.chunk(c.index, {"calculator_calls": calls} if reply.kind == "chat" else "", None,
+                                       calls=None if reply.kind == "chat" else calls))
+            s.add(c)
             if c.finish_reason is not None:
-                break
-            c = await anext(it)
-        if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
-            yield _sse({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": None}})
-            yield "data: [DONE]\n\n"
-            return
-        yield _sse(reply.chunk({} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
+                yield _sse(reply.chunk(c.index, {} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
+            c = await anext(it, None)
         if reply.with_usage:
             yield _sse({"id": reply.id, "object": reply.object(stream=True), "created": reply.created,
-                        "model": reply.model, "choices": [], "usage": _usage(c)})
+                        "model": reply.model, "choices": [], "usage": _usage(samples), **reply.extra})
         yield "data: [DONE]\n\n"
     finally:
         gen.cancel()
@@ -402,10 +470,12 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
 async def chat_completions(request: Request) -> Response:
     state, data, eng = await completion_request(request)
     messages = chat_messages(data, state.limits)
-    params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng.tokenizer.vocab_size)
-    prompt = await chat_prompt(state, eng, messages)
+    params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng, chat_logprobs(data))
+    limit = truncation(data, eng)
+    prompt, dropped = await chat_prompt(state, eng, messages, limit)
     check_prompt_fits(len(prompt), eng.max_context, "messages")
-    return await respond(request, eng, data, prompt, params, "chat")
+    return await respond(request, eng, data, prompt, params, "chat",
+                         None if limit is None else {"truncated_messages": dropped})
 
 
 async def completions(request: Request) -> Response:
@@ -416,14 +486,21 @@ async def completions(request: Request) -> Response:
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
     check_chars(prompt, state.limits.max_total_chars, "prompt")
-    if _bool(data, "echo") or data.get("logprobs") not in (None, 0) or data.get("suffix") is not None:
-        raise APIError(400, "'echo', 'logprobs' and 'suffix' are not supported", param="echo")
-    params = sampling_params(data, state.limits, 16, eng.tokenizer.vocab_size)
-    check_text_can_fit(len(prompt), eng, "prompt")
-    # A document starts with <|bos|>, as in training.
-    ids = [eng.tokenizer.bos_id] + await tokenize_off_loop(state, eng.tokenizer.encode, prompt)
+    for unsupported in ("echo", "suffix"):
+        if data.get(unsupported) not in (None, False):
+            raise APIError(400, f"'{unsupported}' is not supported", param=unsupported)
+    logprobs = _number(data, "logprobs", None, 0, 5, integer=True)  # the legacy field: alternatives per token
+    params = sampling_params(data, state.limits, 16, eng, logprobs)
+    limit = truncation(data, eng)
+    if limit is None:
+        check_text_can_fit(len(prompt), eng, "prompt")
+    # A document starts with <|bos|>, as in training; truncation keeps it and the last limit - 1 tokens after it.
+    text = await tokenize_off_loop(state, eng.tokenizer.encode, prompt)
+    keep = len(text) if limit is None else min(len(text), limit - 1)
+    ids = [eng.tokenizer.bos_id] + text[len(text) - keep:]
     check_prompt_fits(len(ids), eng.max_context, "prompt")
-    return await respond(request, eng, data, ids, params, "text")
+    return await respond(request, eng, data, ids, params, "text",
+                         None if limit is None else {"truncated_prompt_tokens": len(text) - keep})
 
 
 def model_card(state: State) -> dict:
@@ -449,7 +526,7 @@ async def tokenize(request: Request) -> Response:
     data = await read_json(request, state.limits)
     eng = ready_engine(state)
     if "messages" in data:
-        ids = await chat_prompt(state, eng, chat_messages(data, state.limits))
+        ids, _ = await chat_prompt(state, eng, chat_messages(data, state.limits))
     elif isinstance(data.get("text"), str):
         check_chars(data["text"], state.limits.max_total_chars, "text")
         check_text_can_fit(len(data["text"]), eng, "text")
@@ -624,46 +701,107 @@ def _openai_reason(reason: str | None) -> str:
 
 
 
-def _usage(c: Chunk) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
+def _usage(samples: list[Sample]) -> dict:
+    last = [s.last for s in samples if s.last is not None]
+    prompt, cached = last[0].prompt_tokens, last[0].cached_tokens
+    completion = sum(c.completion_tokens for c in last)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+@dataclass
+class Sample:
+    """One choice's output so far, gathered from its chunks."""
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    calls: list[CalculatorCall] = field(default_factory=list)
+    last: Chunk | None = None
+
+    def add(self, c: Chunk) -> None:
+        self.text += c.text
+        self.logprobs += c.logprobs
+        self.calls += c.calls
+        if c.finish_reason is not None:
+            self.last = c
 
 
 @dataclass
 class Reply:
-    """What every JSON answer and stream chunk of one completion repeats: its kind ("chat" or "text"), id, time."""
+    """What every JSON answer and stream chunk of one completion repeats: its kind ("chat" or "text"), id, time,
+    and how it spells tokens for logprobs."""
     kind: str
     model: str
     with_usage: bool  # stream_options.include_usage: every chunk has a usage slot, and a last chunk fills it
+    tokenizer: object = None
+    extra: dict = field(default_factory=dict)  # our extension fields (truncation), at the top level of each answer
+    logprobs_on: bool = False  # the request asked for logprobs
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.specials = {i: name for name, i in self.tokenizer.special_tokens.items()} if self.tokenizer else {}
 
     def object(self, stream: bool) -> str:
         if self.kind == "chat":
             return "chat.completion.chunk" if stream else "chat.completion"
         return "text_completion"
 
-    def chunk(self, delta, finish: str | None) -> dict:
+    def chunk(self, index: int, delta, finish: str | None, logprobs: dict | None = None,
+              calls: list | None = None) -> dict:
         """One stream chunk: `delta` is a chat delta object, or the text of a text completion."""
-        choice = {"index": 0, "delta": delta} if self.kind == "chat" else {"index": 0, "text": delta}
-        choice.update({"logprobs": None, "finish_reason": finish})
+        choice = {"index": index, "delta": delta} if self.kind == "chat" else {"index": index, "text": delta}
+        choice.update({"logprobs": logprobs, "finish_reason": finish})
+        if calls:
+            choice["calculator_calls"] = calls
         out = {"id": self.id, "object": self.object(stream=True), "created": self.created, "model": self.model,
-               "choices": [choice]}
+               "choices": [choice], **self.extra}
         if self.with_usage:  # every chunk carries usage: null until the final usage chunk
             out["usage"] = None
         return out
 
-    def completion(self, text: str, last: Chunk) -> dict:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice.update({"logprobs": None, "finish_reason": _openai_reason(last.finish_reason)})
+    def completion(self, samples: list[Sample]) -> dict:
+        choices = []
+        for i, s in enumerate(samples):
+            calls = [self.call(c) for c in s.calls]
+            if self.kind == "chat":
+                message = {"role": "assistant", "content": s.text}
+                if calls:
+                    message["calculator_calls"] = calls
+                choice = {"index": i, "message": message}
+            else:
+                choice = {"index": i, "text": s.text, **({"calculator_calls": calls} if calls else {})}
+            logprobs = self.logprobs(s.logprobs, 0) if self.logprobs_on else None
+            choice.update({"logprobs": logprobs, "finish_reason": _openai_reason(s.last.finish_reason)})
+            choices.append(choice)
         return {"id": self.id, "object": self.object(stream=False), "created": self.created, "model": self.model,
-                "choices": [choice], "usage": _usage(last)}
+                "choices": choices, "usage": _usage(samples), **self.extra}
+
+    def token(self, i: int) -> tuple[str, list[int]]:
+        """A token as OpenAI shows it: its text (U+FFFD for a partial UTF-8 character) and its bytes."""
+        data = self.tokenizer.token_bytes(i)
+        return (self.specials[i] if i in self.specials else data.decode("utf-8", "replace")), list(data)
+
+    def logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
+        """OpenAI's logprobs object for these tokens: chat's {"content": [...]}, or the legacy completions shape
+        whose text_offset counts characters of the completion's text from `offset`."""
+        if self.kind == "chat":
+            def entry(i: int, lp: float) -> dict:
+                text, data = self.token(i)
+                return {"token": text, "logprob": lp, "bytes": data}
+            return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                                for t in lps]}
+        tokens = [self.token(t.token)[0] for t in lps]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
+                "top_logprobs": [{self.token(i)[0]: lp for i, lp in t.top} for t in lps], "text_offset": offsets}
+
+    def call(self, c: CalculatorCall, index: int | None = None) -> dict:
+        out = {"expression": c.expression, "result": c.result, "offset": c.offset}
+        return out if index is None else {"index": index, **out}
 
 
 def _sse(obj: dict) -> str:
@@ -692,6 +830,15 @@ def _prometheus(state: State) -> str:
         family("scratchchat_generated_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
         family("scratchchat_generations_total", "counter", "Finished generations, by how they ended.",
                [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
+        if e.prefix_cache is not None:
+            family("scratchchat_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.",
+                   [("", st.prefix_lookups)])
+            family("scratchchat_prefix_cache_hits_total", "counter", "Prompts that reused cached keys and values.",
+                   [("", st.prefix_hits)])
+            family("scratchchat_prefix_cache_reused_tokens_total", "counter",
+                   "Prompt tokens taken from the prefix cache instead of prefilled.", [("", st.prefix_reused_tokens)])
+            family("scratchchat_prefix_cache_bytes", "gauge", "Bytes of keys and values held by the prefix cache.",
+                   [("", e.prefix_cache.bytes)])
         family("scratchchat_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
                [("", float(round(st.tokens_per_second(), 3)))])
         buckets = [(f'{{le="{"+Inf" if math.isinf(b) else b}"}}', n) for b, n in zip(st.TTFT_BUCKETS, st.ttft_counts)]

@@ -6,6 +6,13 @@ a row that finishes or is cancelled frees its slot for the next step. Each row s
 settings and its own seeded generator, detokenizes incrementally (never splitting a UTF-8 character) and
 holds back text that could be the start of a stop sequence. Output reaches the asyncio event loop through
 loop.call_soon_threadsafe, once per step, so the HTTP side never waits on the model.
+
+A request may ask for n samples: they share one prefill (its keys and values are copied into n slots) and draw
+from generators seeded seed, seed+1, ..., so sample i is what the request alone would give with seed + i. Finished
+rows leave their keys and values in a prefix cache (LRU, bounded in bytes): a later prompt that starts with the
+same tokens (a chat resent with one more turn) prefills only the rest. The calculator protocol of
+finetune.calculator runs inside the decode loop: a call the model writes is evaluated and its result block is fed
+back as forced tokens (never sampled, never text, never in logprobs).
 """
 from __future__ import annotations
 
@@ -19,7 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from finetune.calculator import TOOL_TOKENS, ToolUse
 from pretrain.model import GPT, KVCache, sample_next
+
+MAX_N = 8  # samples per request
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -28,8 +39,27 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # None: drawn from the engine's seeded generator
+    seed: int | None = None  # None: drawn from the engine's seeded generator; sample i uses seed + i
     stop: tuple[str, ...] = ()
+    n: int = 1  # samples of the one prompt (1..MAX_N), sharing its prefill
+    logprobs: int | None = None  # None: off; k: each text token's log-probability and its k likeliest alternatives
+
+
+@dataclass
+class TokenLogprob:
+    """A text token and its log-probability under the model's own distribution (log-softmax of the logits at
+    temperature 1, before top_k/top_p), with the `top` likeliest tokens as (id, logprob)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class CalculatorCall:
+    """A call the model made: `offset` is the character index into the answer's text where it happened."""
+    expression: str
+    result: str
+    offset: int
 
 
 @dataclass
@@ -40,7 +70,11 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # sampled tokens of this sample (forced calculator results not counted)
+    index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens whose text this chunk completes
+    calls: list[CalculatorCall] = field(default_factory=list)  # made just after this chunk's text
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class QueueFull(Exception):
@@ -52,7 +86,8 @@ class EngineClosed(Exception):
 
 
 class Generation:
-    """One request's handle: `async for chunk in gen` yields its output; `cancel()` frees its slot."""
+    """One request's handle: `async for chunk in gen` yields the output of its n samples (Chunk.index says which)
+    until each has finished; `cancel()` frees their slots."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop, deadline: float):
         self.prompt, self.params, self.deadline = prompt, params, deadline
@@ -68,23 +103,30 @@ class Generation:
         return self._chunks()
 
     async def _chunks(self):
-        while True:
+        running = self.params.n
+        while running:
             chunk = await self.queue.get()
             yield chunk
-            if chunk.finish_reason is not None:
-                return
+            running -= chunk.finish_reason is not None
 
 
 @dataclass
 class _Row:
     """Worker-side state of a request that holds a slot."""
     gen: Generation
+    index: int  # which of its request's samples
     slot: int
     decoder: object
     rng: torch.Generator
-    last: int = 0
+    tool: ToolUse
+    tokens: list[int]  # what the cache row holds: the prompt, then every token fed since
+    cached: int = 0  # prompt tokens reused from the prefix cache
+    last: int = 0  # the token to feed next
+    forced: list[int] = field(default_factory=list)  # a calculator result, fed after `last` before sampling again
     produced: int = 0
     held: str = ""  # decoded text not yet sent because it may begin a stop sequence
+    sent: int = 0  # characters of text sent so far
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of text not sent yet
     started: float = field(default_factory=time.monotonic)
 
 
@@ -101,6 +143,9 @@ class Stats:
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.decode_steps = 0
+        self.prefix_lookups = 0  # prompts looked up in the prefix cache
+        self.prefix_hits = 0  # ... that reused at least one token
+        self.prefix_reused_tokens = 0  # prompt tokens not prefilled thanks to it
         self._window: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
 
     def observe_ttft(self, seconds: float) -> None:
@@ -151,11 +196,64 @@ def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
     return text[:len(text) - hold], text[len(text) - hold:], False
 
 
+class PrefixCache:
+    """Keys and values of finished sequences, for prompts that start the same way: any common prefix is reusable,
+    since a position's keys and values depend only on the tokens up to it. Least recently used entries go first
+    once the entries' bytes pass `limit`; an entry that a newer one extends is dropped (the newer one covers it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.bytes = limit, 0
+        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = \
+            collections.OrderedDict()  # id -> (tokens, k, v), least recently used first
+        self._ids = 0
+
+    @staticmethod
+    def _common(a: torch.Tensor, b: torch.Tensor) -> int:
+        n = min(len(a), len(b))
+        differ = (a[:n] != b[:n]).nonzero()
+        return int(differ[0]) if len(differ) else n
+
+    def lookup(self, prompt: list[int]) -> tuple[int, int | None]:
+        """(reusable length, entry id) of the entry sharing the longest prefix with the prompt, leaving at least
+        its last token to prefill (its logits pick the first new token)."""
+        if not self.entries:
+            return 0, None
+        p = torch.tensor(prompt)
+        best, best_id = 0, None
+        for key, (tokens, _, _) in self.entries.items():
+            n = self._common(tokens, p)
+            if n > best:
+                best, best_id = n, key
+        return min(best, len(prompt) - 1), best_id
+
+    def take(self, key: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n positions of an entry's keys and values [layer, n, heads, dim]; marks it recently used."""
+        self.entries.move_to_end(key)
+        _, k, v = self.entries[key]
+        return k[:, :n], v[:, :n]
+
+    def store(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        size = k.numel() * k.element_size() * 2
+        if not tokens or size > self.limit:
+            return
+        t = torch.tensor(tokens)
+        for key, (old, ok, _) in list(self.entries.items()):
+            if self._common(old, t) == len(old):  # the new entry covers this one
+                self.bytes -= ok.numel() * ok.element_size() * 2
+                del self.entries[key]
+        while self.entries and self.bytes + size > self.limit:
+            _, (_, ok, _) = self.entries.popitem(last=False)
+            self.bytes -= ok.numel() * ok.element_size() * 2
+        self._ids += 1
+        self.entries[self._ids] = (t, k.clone(), v.clone())
+        self.bytes += size
+
+
 class Engine:
     """Continuous-batching generation over a GPT; thread-safe `submit`, output delivered to the event loop."""
 
     def __init__(self, model: GPT, tokenizer, *, max_batch: int = 8, max_queue: int = 64, seed: int = 0,
-                 stop_ids: set[int] | None = None) -> None:
+                 stop_ids: set[int] | None = None, prefix_cache_bytes: int = 0) -> None:
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":  # serving needs no fp32 master weights: bf16 halves the bytes read per token
             model = model.to(torch.bfloat16)
@@ -164,9 +262,12 @@ class Engine:
         self.max_context = model.config.sequence_len
         self.max_token_chars = _longest_token(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
-        # Any special token ends a generation: <|assistant_end|> for chat, and a model that starts a new turn
-        # or document has finished its answer too.
-        self.stop_ids = set(tokenizer.special_tokens.values()) if stop_ids is None else stop_ids
+        # Any special token but a calculator call's ends a generation: <|assistant_end|> for chat, and a model that
+        # starts a new turn or document has finished its answer too.
+        self.tool_ids = {tokenizer.special_tokens[t] for t in TOOL_TOKENS if t in tokenizer.special_tokens}
+        calls = {tokenizer.special_tokens.get(t) for t in TOOL_TOKENS[:2]}
+        self.stop_ids = set(tokenizer.special_tokens.values()) - calls if stop_ids is None else stop_ids
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.cache = KVCache(model.config, max_batch, self.max_context, device=self.device,
                              dtype=next(self.model.parameters()).dtype)
         self.stats = Stats()
@@ -196,6 +297,8 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens; the context holds {self.max_context}")
         if not all(0 <= t < self.model.config.vocab_size for t in prompt):
             raise ValueError(f"prompt holds token ids outside 0..{self.model.config.vocab_size - 1}")
+        if not 1 <= params.n <= self.max_batch:
+            raise ValueError(f"n={params.n} samples; this server decodes at most {self.max_batch} together")
         gen = Generation(list(prompt), params, asyncio.get_running_loop(), time.monotonic() + timeout)
         with self._lock:
             if self._closing:
@@ -259,8 +362,12 @@ class Engine:
         if reason in ("length", "stop_token"):  # whatever the decoder still holds is output too
             tail, _, hit = _stop_split(row.held + row.decoder.flush(), row.gen.params.stop)
             text, reason = text + tail, ("stop" if hit or reason == "stop_token" else reason)
-        out.append((row.gen, Chunk(text, reason, len(row.gen.prompt), row.produced)))
+        out.append((row.gen, Chunk(text, reason, len(row.gen.prompt), row.produced, row.index, row.logprobs,
+                                   cached_tokens=row.cached)))
         self.stats.finished[reason] += 1
+        if self.prefix_cache is not None and reason != "error":  # after an error the row's cache is suspect
+            n = len(row.tokens)
+            self.prefix_cache.store(row.tokens, self.cache.k[:, row.slot, :n], self.cache.v[:, row.slot, :n])
         del self._rows[row.slot]
 
     def _reap(self, out: list) -> None:
@@ -281,7 +388,7 @@ class Engine:
                 if reason is None:
                     self._pending.append(gen)
                 else:
-                    out.append((gen, Chunk("", reason, len(gen.prompt), 0)))
+                    out.extend((gen, Chunk("", reason, len(gen.prompt), 0, i)) for i in range(gen.params.n))
                     self.stats.finished[reason] += 1
 
     def _compact(self) -> None:
@@ -298,50 +405,85 @@ class Engine:
             self._rows[hole] = row
 
     def _admit(self, out: list) -> None:
-        """Move waiting requests into the free slots (after the active ones) and prefill their prompts together
-        in one right-padded forward pass."""
+        """Move waiting requests into the free slots (after the active ones) and prefill their prompts together in
+        one right-padded forward pass: for each request only what the prefix cache does not hold, in one slot, whose
+        keys and values are then copied to the slots of its other samples."""
         self._compact()
-        free = list(range(len(self._rows), self.max_batch))
-        new: list[_Row] = []
-        while free:
+        free = self.max_batch - len(self._rows)
+        admitted: list[tuple[Generation, int, int | None]] = []  # (request, reused prompt tokens, cache entry)
+        while True:
             with self._lock:  # _reap has just dropped what can no longer run
-                if not self._pending:
+                if not self._pending or self._pending[0].params.n > free:  # first come, first served
                     break
-                gen = self._pending.popleft()
-            seed = gen.params.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-            row = _Row(gen, free.pop(0), self.tokenizer.decoder(), torch.Generator().manual_seed(seed))
-            self._rows[row.slot] = row
-            new.append(row)
-        if not new:
+                gen = self._pending[0]
+                reuse, entry = self.prefix_cache.lookup(gen.prompt) if self.prefix_cache else (0, None)
+                # One forward writes every row from its own start: the longest start plus the longest rest must
+                # fit the cache, else this request waits for the next step.
+                starts = [r for _, r, _ in admitted] + [reuse]
+                rests = [len(g.prompt) - r for g, r, _ in admitted] + [len(gen.prompt) - reuse]
+                if max(starts) + max(rests) > self.max_context:
+                    break
+                self._pending.popleft()
+            admitted.append((gen, reuse, entry))
+            free -= gen.params.n
+        if not admitted:
             return
-        lengths = [len(r.gen.prompt) for r in new]
-        idx = torch.zeros(len(new), max(lengths), dtype=torch.long)
-        for i, r in enumerate(new):
-            idx[i, :lengths[i]] = torch.tensor(r.gen.prompt)
-        block = self.cache.view(new[0].slot, new[-1].slot + 1)
-        block.reset()
-        logits = self.model(idx.to(self.device), kv_cache=block, lengths=lengths)
-        last = logits[torch.arange(len(new)), torch.tensor(lengths) - 1]
-        self.stats.prompt_tokens += sum(lengths)
-        self._emit(new, last, out)
+        first = len(self._rows)
+        leaders = list(range(first, first + len(admitted)))
+        rest = [len(g.prompt) - reuse for g, reuse, _ in admitted]
+        idx = torch.zeros(len(admitted), max(rest), dtype=torch.long)
+        for slot, (gen, reuse, entry), n in zip(leaders, admitted, rest):
+            idx[slot - first, :n] = torch.tensor(gen.prompt[reuse:])
+            if self.prefix_cache is not None:
+                self.stats.prefix_lookups += 1
+                self.stats.prefix_hits += reuse > 0
+                self.stats.prefix_reused_tokens += reuse
+            if reuse:
+                k, v = self.prefix_cache.take(entry, reuse)
+                self.cache.k[:, slot, :reuse] = k
+                self.cache.v[:, slot, :reuse] = v
+            self.cache.pos[slot] = reuse
+        logits = self.model(idx.to(self.device), kv_cache=self.cache.view(first, first + len(admitted)), lengths=rest)
+        last = logits[torch.arange(len(admitted)), torch.tensor(rest) - 1]
+        self.stats.prompt_tokens += sum(rest)
+        new: list[_Row] = []
+        picks: list[int] = []  # which row of `last` each new row samples from
+        follower = first + len(admitted)
+        for j, (gen, reuse, _) in enumerate(admitted):
+            base = gen.params.seed
+            if base is None:
+                base = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            for i in range(gen.params.n):
+                slot = leaders[j] if i == 0 else follower
+                if i:
+                    self.cache.move(leaders[j], slot)  # the shared prefill, copied
+                    follower += 1
+                row = _Row(gen, i, slot, self.tokenizer.decoder(), torch.Generator().manual_seed(base + i),
+                           ToolUse(self.tokenizer), list(gen.prompt), cached=reuse)
+                self._rows[slot] = row
+                new.append(row)
+                picks.append(j)
+        self._emit(new, last[torch.tensor(picks, device=last.device)], out)
         for r in new:
-            self.stats.observe_ttft(time.monotonic() - r.gen.submitted)
+            if r.index == 0:
+                self.stats.observe_ttft(time.monotonic() - r.gen.submitted)
 
     def _step(self, out: list) -> None:
-        """One decode step: every active row (slots 0..n-1) feeds its last token and gets the next."""
+        """One decode step: every active row (slots 0..n-1) feeds its next token and gets the next."""
         self._compact()
         rows = [self._rows[s] for s in range(len(self._rows))]
+        for r in rows:
+            r.tokens.append(r.last)
         idx = torch.tensor([[r.last] for r in rows], device=self.device)
         logits = self.model(idx, kv_cache=self.cache.view(0, len(rows)))[:, -1]
         self.stats.decode_steps += 1
         self._emit(rows, logits, out)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, out: list) -> None:
-        """Pick each row's next token from logits [len(rows), V], detokenize, apply stop rules."""
+        """Pick each row's next token from logits [len(rows), V], detokenize, apply stop rules. A row feeding a
+        calculator result takes the next forced token instead, and draws nothing."""
         tokens: list[int | None] = sample_next(logits).tolist()  # greedy for all, on the device, in one go
-        sampled = [i for i, r in enumerate(rows) if r.gen.params.temperature > 0]
+        sampled = [i for i, r in enumerate(rows) if r.gen.params.temperature > 0 and not r.forced]
         cpu = logits[sampled].float().cpu() if sampled else None
         for j, i in enumerate(sampled):
             p = rows[i].gen.params
@@ -350,8 +492,12 @@ class Engine:
             except Exception:  # this row's numbers went bad: it ends alone, its neighbours carry on
                 traceback.print_exc()
                 tokens[i] = None
-        self.stats.observe_tokens(len(rows))
-        for r, token in zip(rows, tokens):
+        logprobs = self._logprobs(rows, logits, tokens)
+        self.stats.observe_tokens(sum(not r.forced for r in rows))
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            if r.forced:
+                r.last = r.forced.pop(0)
+                continue
             if token is None:
                 self._finish(r, "error", out)
                 continue
@@ -360,13 +506,43 @@ class Engine:
             if token in self.stop_ids:
                 self._finish(r, "stop_token", out)
                 continue
-            send, r.held, hit = _stop_split(r.held + r.decoder.step(token), r.gen.params.stop)
+            call = r.tool.after(token)
+            if call is not None or r.tool.call is not None or token in self.tool_ids:  # a call is never text
+                piece, calls = (r.decoder.flush() if token == r.tool.ids[0] else ""), []
+                if call is not None:
+                    r.forced = call.forced
+                    calls = [CalculatorCall(call.expression, call.result, r.sent + len(r.held))]
+            else:
+                piece, calls = r.decoder.step(token), []
+                if i in logprobs:
+                    r.logprobs.append(logprobs[i])
+            send, r.held, hit = _stop_split(r.held + piece, r.gen.params.stop)
+            r.sent += len(send)
             if hit:
                 self._finish(r, "stop", out, send)
-            elif r.produced >= r.gen.params.max_tokens or len(r.gen.prompt) + r.produced >= self.max_context:
+            elif r.produced >= r.gen.params.max_tokens or len(r.tokens) + 1 + len(r.forced) >= self.max_context:
                 self._finish(r, "length", out, send)
-            elif send:
-                out.append((r.gen, Chunk(send)))
+            elif send or calls:
+                out.append((r.gen, Chunk(send, index=r.index, logprobs=r.logprobs, calls=calls)))
+                r.logprobs = []
+
+    def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int | None]) -> dict[int, TokenLogprob]:
+        """For the rows that asked, by position in `rows`: the drawn token's log-probability and the likeliest
+        alternatives, from the raw logits (temperature 1, no top_k/top_p), as OpenAI reports them."""
+        want = [i for i, r in enumerate(rows) if r.gen.params.logprobs is not None and not r.forced
+                and tokens[i] is not None]
+        if not want:
+            return {}
+        logp = torch.log_softmax(logits[want].float(), -1)
+        chosen = logp[torch.arange(len(want)), torch.tensor([tokens[i] for i in want])].tolist()
+        k = max(rows[i].gen.params.logprobs for i in want)
+        top_v, top_i = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out = {}
+        for j, i in enumerate(want):
+            k = rows[i].gen.params.logprobs
+            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+        return out
 
 
 def _put_all(items: list[tuple[Generation, Chunk]]) -> None:

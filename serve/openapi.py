@@ -21,9 +21,32 @@ _ERROR = {
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {k: {"type": "integer", "minimum": 0}
-                   for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "properties": {**{k: {"type": "integer", "minimum": 0}
+                      for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                   "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {
+                       "type": "integer", "minimum": 0,
+                       "description": "Prompt tokens whose keys and values came from the prefix cache."}}}},
 }
+
+# Our extension: calculator calls the model made, beside the prose it wrote (`offset`: a character index into it).
+_CALL = {"type": "object", "required": ["expression", "result", "offset"], "properties": {
+    "expression": {"type": "string"}, "result": {"type": "string"}, "offset": {"type": "integer", "minimum": 0},
+    "index": {"type": "integer", "minimum": 0, "description": "Streaming only: the call's number in the choice."}}}
+_CALLS = {"type": "array", "items": _CALL}
+
+_TOKEN = {"token": {"type": "string"}, "logprob": {"type": "number", "maximum": 0},
+          "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}
+_CHAT_LOGPROBS = {"oneOf": [{"type": "null"}, {"type": "object", "required": ["content"], "properties": {
+    "content": {"type": "array", "items": {
+        "type": "object", "required": ["token", "logprob", "bytes", "top_logprobs"],
+        "properties": {**_TOKEN, "top_logprobs": {"type": "array", "maxItems": 20, "items": {
+            "type": "object", "required": ["token", "logprob", "bytes"], "properties": _TOKEN}}}}}}}]}
+_TEXT_LOGPROBS = {"oneOf": [{"type": "null"}, {"type": "object", "required": [
+    "tokens", "token_logprobs", "top_logprobs", "text_offset"], "properties": {
+    "tokens": {"type": "array", "items": {"type": "string"}},
+    "token_logprobs": {"type": "array", "items": {"type": "number", "maximum": 0}},
+    "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
+    "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}]}
 
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
 
@@ -37,7 +60,14 @@ _SAMPLING = {
     "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "top_k": {"type": ["integer", "null"], "minimum": 0, "description": "0 = off."},
     "seed": {"type": ["integer", "null"]},
-    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 8,
+          "description": "Samples of the prompt (at most --max-batch), sharing one prefill; sample i draws with "
+                         "seed + i."},
+    "truncate_prompt_tokens": {"type": ["integer", "null"], "minimum": 1, "description": (
+        "Opt-in truncation (vLLM's field; without it a prompt longer than the context is a 400): chat drops the "
+        "oldest user/assistant pairs, keeping the system message and the last user message, until the prompt is "
+        "at most this many tokens (`truncated_messages` says how many went); a raw prompt keeps <|bos|> and its "
+        "last N-1 tokens (`truncated_prompt_tokens` says how many went). Less than the model's context.")},
     "stop": {"oneOf": [{"type": "string", "minLength": 1},
                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
                        {"type": "null"}]},
@@ -58,6 +88,8 @@ _MESSAGE = {
             {"type": "array", "items": {"type": "object", "required": ["type", "text"],
                                         "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
         ]},
+        "calculator_calls": {**_CALLS, "description": "An assistant message's calculator calls, as answers give "
+                                                      "them: rendered back as tool tokens at their offsets."},
     },
 }
 
@@ -67,7 +99,12 @@ _CHAT_REQUEST = {
     "properties": {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1,
                                 "description": "Optional leading system message, then user/assistant turns "
                                                "alternating, ending with the user's."},
-                   "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1}, **_SAMPLING},
+                   "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+                   "logprobs": {"type": ["boolean", "null"], "description": "Log-probabilities of the answer's "
+                                "tokens: the model's log-softmax at temperature 1, before top_k/top_p."},
+                   "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20,
+                                    "description": "Likeliest alternatives per token; needs logprobs: true."},
+                   **_SAMPLING},
 }
 
 _COMPLETION_REQUEST = {
@@ -76,7 +113,8 @@ _COMPLETION_REQUEST = {
     "properties": {"prompt": {"oneOf": [{"type": "string"},
                                         {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
                    "echo": {"type": ["boolean", "null"], "description": "Not supported: must be false."},
-                   "logprobs": {"type": ["integer", "null"], "description": "Not supported: must be null or 0."},
+                   "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5,
+                                "description": "Log-probabilities of the tokens and this many alternatives each."},
                    "suffix": {"type": "null", "description": "Not supported."},
                    **_SAMPLING},
 }
@@ -89,23 +127,29 @@ def _object(required: list[str], properties: dict) -> dict:
 _CHAT_COMPLETION = _object(["id", "object", "created", "model", "choices", "usage"], {
     "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
     "model": {"type": "string"}, "usage": _USAGE,
-    "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": _object(
+    "truncated_messages": {"type": "integer", "minimum": 0, "description": "With truncate_prompt_tokens only."},
+    "choices": {"type": "array", "minItems": 1, "maxItems": 8, "items": _object(
         ["index", "message", "finish_reason"],
-        {"index": {"type": "integer"}, "finish_reason": _FINISH, "logprobs": {"type": "null"},
-         "message": _object(["role", "content"], {"role": {"const": "assistant"}, "content": {"type": "string"}})})},
+        {"index": {"type": "integer"}, "finish_reason": _FINISH, "logprobs": _CHAT_LOGPROBS,
+         "message": _object(["role", "content"], {"role": {"const": "assistant"}, "content": {"type": "string"},
+                                                  "calculator_calls": _CALLS})})},
 })
 
 _TEXT_COMPLETION = _object(["id", "object", "created", "model", "choices", "usage"], {
     "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
     "model": {"type": "string"}, "usage": _USAGE,
-    "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": _object(
+    "truncated_prompt_tokens": {"type": "integer", "minimum": 0, "description": "With truncate_prompt_tokens only."},
+    "choices": {"type": "array", "minItems": 1, "maxItems": 8, "items": _object(
         ["index", "text", "finish_reason"],
         {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": _FINISH,
-         "logprobs": {"type": "null"}})},
+         "logprobs": _TEXT_LOGPROBS, "calculator_calls": _CALLS})},
 })
 
 # One server-sent event: `data:` holds a chunk's JSON (chat.completion.chunk or text_completion; with
-# stream_options.include_usage a last chunk with empty choices and usage), and the last event is `[DONE]`.
+# stream_options.include_usage a last chunk with empty choices and usage), and the last event is `[DONE]`. With n,
+# choices[0].index says which sample a chunk belongs to. A calculator call is a chunk of its own, in order between
+# content chunks: chat's delta is {"calculator_calls": [{"index", "expression", "result", "offset"}]}, a text
+# completion's choice has "text": "" and "calculator_calls".
 _SSE = {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "description": "A chunk as JSON, or [DONE] at the end."},
     "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
@@ -182,7 +226,8 @@ HEALTH = {"summary": "200 once the model is loaded, 503 before and while shuttin
         "active": {"type": "integer"}, "queued": {"type": "integer"}}))},
     "503": {"description": "Not serving (yet).", "headers": {"Retry-After": {"schema": {"type": "string"}}},
             **_json(_object(["status"], {"status": {"enum": ["loading", "error", "shutting_down"]}}))}}}
-METRICS = {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, tokens/s",
+METRICS = {"summary": "Prometheus metrics: requests, tokens, queue depth, time to first token, tokens/s, prefix "
+                      "cache hits",
            "responses": {"200": {"description": "Prometheus text format.",
                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}
 OPENAPI = {"summary": "This document",

@@ -288,7 +288,7 @@ def error_of(r: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages[0].content"),

@@ -66,7 +66,9 @@ def reference(model, tok, ids: list[int], max_tokens: int) -> tuple[str, str, in
 
 @pytest.fixture()
 def engine(model, tok):
-    e = Engine(model, tok, max_batch=3, max_queue=16, seed=0)
+    # Every special token ends a generation here, as in `reference`: a random model writes calculator calls too,
+    # which test_serve_calculator.py covers.
+    e = Engine(model, tok, max_batch=3, max_queue=16, seed=0, stop_ids=set(tok.special_tokens.values()))
     yield e
     e.shutdown(0)
     e.join(5)
