@@ -6,9 +6,13 @@
 2. Aggregate tokens/s through HTTP (`python -m serve` subprocess) with 1, 4 and 8 concurrent streaming clients.
    Target: 8 clients >= 3x one client. Time to first token p50/p99 at 8 clients.
 3. /health requests/s from a second process, idle and while 8 clients generate.
+4. A 10-turn chat, resent whole every turn as chat clients do, near 2,000 tokens by its 10th turn: time to first
+   token of the 10th turn with the prefix cache (the earlier turns' keys and values reused) and without it (the
+   whole prompt prefilled). Target: >= 3x. Its model is the benchmark's if its context holds 2,048 tokens, else a
+   random GPT of the same depth with that context.
 
 The model is the newest SFT checkpoint when --checkpoint says so, else a random GPT of the CPU default shape
-(depth 4, vocab 8192) with a synthetic tokenizer. Usage: python benchmarks/serve.py [--depth 4] [--new-tokens 128]
+(depth 4, vocab 8192) with a synthetic tokenizer. Usage: python benchmarks/serve.py [--depth 4] [--new-tokens 128] [--sections 4]
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ class BenchConfig:
     health_seconds: float = 3.0
     threads: int = 0  # torch threads (0: torch's default)
     device: str = "cpu"  # the targets are for CPU; cuda runs the same comparison on a GPU (bf16)
+    sections: str = "1,2,3,4"  # which of the numbered comparisons to run
+    chat_tokens: int = 2000  # the multi-turn chat's length at its 10th turn
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
@@ -209,6 +215,45 @@ def health_rate(url: str, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", HEALTH_PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
 
 
+def multi_turn_ttft(model: GPT, tok: Tokenizer, total: int, reply: int, repeats: int) -> tuple[float, float, int, int]:
+    """(TTFT of the 10th turn with the prefix cache, without it, its prompt tokens, of them reused): median of
+    `repeats` chats, each on fresh engines. The TTFT is the engine's own (submission to the first token)."""
+    import random
+
+    from finetune.chat import render_prompt
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards box and quiz the jovial king".split()
+    per_turn = total // 10 - reply - 4  # a user message's tokens; the reply and four format tokens fill the rest
+    with_cache, without, reused = [], [], 0
+    for _ in range(repeats):
+        cached = Engine(model, tok, max_batch=1, stop_ids=set(), prefix_cache_bytes=1 << 30)
+        plain = Engine(model, tok, max_batch=1, stop_ids=set(), prefix_cache_bytes=0)
+
+        async def turn(engine: Engine, messages: list[dict]) -> tuple[str, float, int]:
+            before = engine.stats.ttft_sum
+            parts, last = [], None
+            async for last in engine.submit(render_prompt(tok, messages), SamplingParams(max_tokens=reply,
+                                                                                         temperature=0)):
+                parts.append(last.text)
+            return "".join(parts), engine.stats.ttft_sum - before, last.cached_tokens
+
+        messages = [{"role": "system", "content": "You are a helpful assistant."}]
+        try:
+            for _ in range(10):
+                text = " ".join(rng.choice(words) for _ in range(per_turn))
+                messages.append({"role": "user", "content": tok.decode(tok.encode(text)[:per_turn])})
+                answer, ttft, reused = asyncio.run(turn(cached, messages))
+                messages.append({"role": "assistant", "content": answer})
+            with_cache.append(ttft)
+            without.append(asyncio.run(turn(plain, messages[:-1]))[1])
+        finally:
+            for engine in (cached, plain):
+                engine.shutdown(0)
+                engine.join(5)
+    prompt = len(render_prompt(tok, messages[:-1]))
+    return statistics.median(with_cache), statistics.median(without), prompt, reused
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -240,7 +285,38 @@ def main() -> None:
     prompt_text = "The quick brown fox jumps over the lazy dog. " * 40
     prompt = tok.encode(prompt_text)[:cfg.prompt_tokens]
     new = min(cfg.new_tokens, config.sequence_len - len(prompt) - 1)
+    sections = {int(x) for x in cfg.sections.split(",")}
+    try:
+        if sections & {1, 2, 3}:
+            compare_decoding(cfg, model, tok, checkpoint, device, prompt, new)
+        if 4 in sections:
+            chat_model = model
+            if config.sequence_len < 2048:
+                torch.manual_seed(0)
+                chat_model = GPT(GPTConfig.from_depth(cfg.depth, config.vocab_size, 2048)).to(device).eval()
+            print(f"\n4. a 10-turn chat (replies of 32 tokens), time to first token of turn 10, median of "
+                  f"{cfg.repeats} chats, on a {chat_model.config.sequence_len}-token-context model")
+            cached, plain, length, reused = multi_turn_ttft(chat_model, tok, cfg.chat_tokens, 32, cfg.repeats)
+            print(f"   turn 10's prompt: {length} tokens, {reused} of them from the prefix cache")
+            print(f"   with the prefix cache    {cached * 1000:8.1f} ms")
+            print(f"   without it               {plain * 1000:8.1f} ms   without / with = {plain / cached:.1f}x "
+                  "(target >= 3x)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
+
+def compare_decoding(cfg: BenchConfig, model: GPT, tok: Tokenizer, checkpoint: Path, device: torch.device,
+                     prompt: list[int], new: int) -> None:
+    """Sections 1-3: single-stream decoding against HF, HTTP throughput, /health under load."""
+    sections = {int(x) for x in cfg.sections.split(",")}
+    if 1 in sections:
+        compare_single_stream(cfg, model, tok, prompt, new, device)
+    if sections & {2, 3}:
+        compare_http(cfg, tok, checkpoint, prompt, new)
+
+
+def compare_single_stream(cfg: BenchConfig, model: GPT, tok: Tokenizer, prompt: list[int], new: int,
+                          device: torch.device) -> None:
     print(f"\n1. single-stream decode, {len(prompt)}-token prompt, {new} new tokens, median of {cfg.repeats} "
           "interleaved rounds")
     rates = single_stream(model, tok, prompt, new, cfg.repeats, device)
@@ -249,6 +325,8 @@ def main() -> None:
     print(f"   GPT.generate (plain loop) {plain:8.1f} tok/s   engine / plain = {ours / plain:.2f}x")
     print(f"   transformers generate     {hf:8.1f} tok/s   engine / HF    = {ours / hf:.2f}x  (target >= 1.5x)")
 
+
+def compare_http(cfg: BenchConfig, tok: Tokenizer, checkpoint: Path, prompt: list[int], new: int) -> None:
     print(f"\n2. HTTP streaming completions, {new} tokens each, {cfg.requests_per_client} per client, "
           f"median of {cfg.http_rounds} interleaved rounds")
     server = Server(checkpoint, cfg.threads, cfg.device)
@@ -279,7 +357,6 @@ def main() -> None:
               f"the 8 streams made {load:.0f} tok/s meanwhile)")
     finally:
         server.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
