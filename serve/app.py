@@ -245,7 +245,7 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
         total += len(content)
         role = "system" if m["role"] == "developer" else m["role"]  # newer clients call the system prompt "developer"
         out.append({"role": role, "content": content})
-        if role == "assistant" and m.get("calculator_calls") is not None:  # finetune.chat validates and renders them
+        if m.get("calculator_calls") is not None:  # finetune.chat validates them and renders them as tool tokens
             out[-1]["calculator_calls"] = m["calculator_calls"]
     if total > limits.max_total_chars:
         raise APIError(400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}",
