@@ -147,3 +147,32 @@ def test_api_shows_calls_beside_the_content_streaming_and_not(tok):
         r = client.completions.create(model="scratchchat", prompt="What is 2 + 3?", temperature=0, max_tokens=30)
         assert r.choices[0].text == CONTENT
         assert r.choices[0].model_extra["calculator_calls"] == [{"expression": "2 + 3", "result": "5", "offset": 11}]
+
+
+def test_a_history_with_calls_renders_them_and_reuses_the_cached_call(tok):
+    """An answer's calculator_calls sent back in the history render as the tokens the engine fed (finetune.chat),
+    so the next turn's prompt finds the whole call, result included, in the prefix cache."""
+    question = user("What is 2 + 3?")
+    with serving(lambda: Engine(Scripted(tok), tok, max_batch=2, prefix_cache_bytes=1 << 20)) as url:
+        def ask(messages):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "temperature": 0}, timeout=30)
+            assert r.status_code == 200, r.text
+            return r.json()
+        first = ask(question)["choices"][0]["message"]
+        history = question + [first] + user("And again?")
+        assert first["calculator_calls"] == [{"expression": "2 + 3", "result": "5", "offset": 11}]
+        ids = httpx.post(url + "/tokenize", json={"messages": history}).json()["tokens"]
+        assert ids == render_prompt(tok, history)
+        sp = tok.special_tokens
+        call = [sp["<|tool_start|>"], *tok.encode("2 + 3"), sp["<|tool_end|>"], sp["<|output_start|>"],
+                *tok.encode("5"), sp["<|output_end|>"]]
+        assert any(ids[i:i + len(call)] == call for i in range(len(ids)))
+        second = ask(history)
+        assert second["choices"][0]["message"]["content"] == CONTENT
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= len(render_prompt(tok, question)) + len(tok.encode("The sum is ")) + len(call)
+
+        bad = dict(first, calculator_calls=[{"expression": "2 + 3", "result": "5", "offset": 999}])
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": question + [bad] + user("?")}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "offset" in r.json()["error"]["message"]
