@@ -412,58 +412,60 @@ class Engine:
         free = self.max_batch - len(self._rows)
         admitted: list[tuple[Generation, int, int | None]] = []  # (request, reused prompt tokens, cache entry)
         while True:
-            with self._lock:  # _reap has just dropped what can no longer run
-                if not self._pending or self._pending[0].params.n > free:  # first come, first served
-                    break
-                gen = self._pending[0]
-                reuse, entry = self.prefix_cache.lookup(gen.prompt) if self.prefix_cache else (0, None)
-                # One forward writes every row from its own start: the longest start plus the longest rest must
-                # fit the cache, else this request waits for the next step.
-                starts = [r for _, r, _ in admitted] + [reuse]
-                rests = [len(g.prompt) - r for g, r, _ in admitted] + [len(gen.prompt) - reuse]
-                if max(starts) + max(rests) > self.max_context:
-                    break
+            with self._lock:  # _reap has just dropped what can no longer run; only this thread takes from the queue
+                gen = self._pending[0] if self._pending else None
+            if gen is None or gen.params.n > free:  # first come, first served
+                break
+            reuse, entry = self.prefix_cache.lookup(gen.prompt) if self.prefix_cache else (0, None)
+            # One forward writes every row from its own start: the longest start plus the longest rest must fit the
+            # cache, else this request waits for the next step.
+            starts = [r for _, r, _ in admitted] + [reuse]
+            rests = [len(g.prompt) - r for g, r, _ in admitted] + [len(gen.prompt) - reuse]
+            if max(starts) + max(rests) > self.max_context:
+                break
+            with self._lock:
                 self._pending.popleft()
             admitted.append((gen, reuse, entry))
             free -= gen.params.n
         if not admitted:
             return
+        # Slots: each request's first sample in a block that is prefilled, its other samples after that block.
         first = len(self._rows)
-        leaders = list(range(first, first + len(admitted)))
-        rest = [len(g.prompt) - reuse for g, reuse, _ in admitted]
-        idx = torch.zeros(len(admitted), max(rest), dtype=torch.long)
-        for slot, (gen, reuse, entry), n in zip(leaders, admitted, rest):
-            idx[slot - first, :n] = torch.tensor(gen.prompt[reuse:])
-            if self.prefix_cache is not None:
-                self.stats.prefix_lookups += 1
-                self.stats.prefix_hits += reuse > 0
-                self.stats.prefix_reused_tokens += reuse
-            if reuse:
-                k, v = self.prefix_cache.take(entry, reuse)
-                self.cache.k[:, slot, :reuse] = k
-                self.cache.v[:, slot, :reuse] = v
-            self.cache.pos[slot] = reuse
-        logits = self.model(idx.to(self.device), kv_cache=self.cache.view(first, first + len(admitted)), lengths=rest)
-        last = logits[torch.arange(len(admitted)), torch.tensor(rest) - 1]
-        self.stats.prompt_tokens += sum(rest)
         new: list[_Row] = []
-        picks: list[int] = []  # which row of `last` each new row samples from
         follower = first + len(admitted)
         for j, (gen, reuse, _) in enumerate(admitted):
             base = gen.params.seed
             if base is None:
                 base = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
             for i in range(gen.params.n):
-                slot = leaders[j] if i == 0 else follower
-                if i:
-                    self.cache.move(leaders[j], slot)  # the shared prefill, copied
-                    follower += 1
+                slot = first + j if i == 0 else follower
+                follower += i > 0
                 row = _Row(gen, i, slot, self.tokenizer.decoder(), torch.Generator().manual_seed(base + i),
                            ToolUse(self.tokenizer), list(gen.prompt), cached=reuse)
-                self._rows[slot] = row
+                self._rows[slot] = row  # held before the forward: if it fails, each sample gets its error chunk
                 new.append(row)
-                picks.append(j)
-        self._emit(new, last[torch.tensor(picks, device=last.device)], out)
+        rest = [len(g.prompt) - reuse for g, reuse, _ in admitted]
+        idx = torch.zeros(len(admitted), max(rest), dtype=torch.long)
+        for j, ((gen, reuse, entry), n) in enumerate(zip(admitted, rest)):
+            idx[j, :n] = torch.tensor(gen.prompt[reuse:])
+            if self.prefix_cache is not None:
+                self.stats.prefix_lookups += 1
+                self.stats.prefix_hits += reuse > 0
+                self.stats.prefix_reused_tokens += reuse
+            if reuse:
+                k, v = self.prefix_cache.take(entry, reuse)
+                self.cache.k[:, first + j, :reuse] = k
+                self.cache.v[:, first + j, :reuse] = v
+            self.cache.pos[first + j] = reuse
+        logits = self.model(idx.to(self.device), kv_cache=self.cache.view(first, first + len(admitted)), lengths=rest)
+        last = logits[torch.arange(len(admitted)), torch.tensor(rest) - 1]
+        self.stats.prompt_tokens += sum(rest)
+        leader = {id(gen): first + j for j, (gen, _, _) in enumerate(admitted)}
+        for r in new:
+            if r.index:
+                self.cache.move(leader[id(r.gen)], r.slot)  # the shared prefill, copied
+        picks = torch.tensor([leader[id(r.gen)] - first for r in new], device=last.device)
+        self._emit(new, last[picks], out)
         for r in new:
             if r.index == 0:
                 self.stats.observe_ttft(time.monotonic() - r.gen.submitted)
