@@ -265,7 +265,8 @@ class Engine:
         # Any special token but a calculator call's ends a generation: <|assistant_end|> for chat, and a model that
         # starts a new turn or document has finished its answer too.
         self.tool_ids = {tokenizer.special_tokens[t] for t in TOOL_TOKENS if t in tokenizer.special_tokens}
-        calls = {tokenizer.special_tokens.get(t) for t in TOOL_TOKENS[:2]}
+        self.tool_start = tokenizer.special_tokens.get(TOOL_TOKENS[0])
+        calls = {self.tool_start, tokenizer.special_tokens.get(TOOL_TOKENS[1])}
         self.stop_ids = set(tokenizer.special_tokens.values()) - calls if stop_ids is None else stop_ids
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.cache = KVCache(model.config, max_batch, self.max_context, device=self.device,
@@ -510,7 +511,7 @@ class Engine:
                 continue
             call = r.tool.after(token)
             if call is not None or r.tool.call is not None or token in self.tool_ids:  # a call is never text
-                piece, calls = (r.decoder.flush() if token == r.tool.ids[0] else ""), []
+                piece, calls = (r.decoder.flush() if token == self.tool_start else ""), []
                 if call is not None:
                     r.forced = call.forced
                     calls = [CalculatorCall(call.expression, call.result, r.sent + len(r.held))]
