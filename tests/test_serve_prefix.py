@@ -130,3 +130,11 @@ def test_a_chat_resent_with_a_new_turn_reuses_its_prefix_over_http(checkpoint):
             assert answers[flags][2] >= len(render_prompt(tok, user("Say hi"))) + len(tok.encode(HELLO))
             assert "scratchchat_prefix_cache_hits_total 1\n" in metrics
     assert answers[()][:2] == answers[("--prefix-cache-mb", "0")][:2] == (HELLO, EMOJI)
+
+
+def test_prefix_cache_flag_must_not_be_negative(capsys):
+    from serve.__main__ import parse_args
+    assert parse_args(["--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--prefix-cache-mb", "-1"])
+    assert e.value.code == 2 and "--prefix-cache-mb must be at least 0, got -1" in capsys.readouterr().err

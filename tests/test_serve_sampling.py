@@ -7,6 +7,8 @@ the same request sent alone with seed + i for sample i of n.
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import httpx
 import openai
@@ -169,3 +171,19 @@ def test_n_above_the_batch_is_400(checkpoint):
         err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "n": 3}, timeout=30),
                        400)
         assert err["param"] == "n" and "--max-batch" in err["message"]
+
+
+def test_a_client_leaving_an_n_stream_frees_all_its_slots(server):
+    body = json.dumps({"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": 4000, "n": 6})
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        got = b""
+        while got.count(b"data: ") < 8:  # six role chunks, then text
+            got += s.recv(4096)
+        assert httpx.get(server + "/health").json()["active"] == 6
+    deadline = time.monotonic() + 10
+    while httpx.get(server + "/health").json()["active"]:
+        assert time.monotonic() < deadline, "the samples' slots were not freed"
+        time.sleep(0.02)
