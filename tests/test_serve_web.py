@@ -1,6 +1,7 @@
 """The web chat page in headless Chromium against a real server: send a message and watch it stream, render
-markdown, keep an XSS attempt in model output inert, stop an answer midway, keep a long chat going on a model with a
-small context; and against the fake server (tests/test_tui_fakeserver.py), show a calculator call.
+markdown, keep an XSS attempt in model output inert, stop an answer midway, colour tokens by probability, keep a long
+chat going on a model with a small context; and against the fake server (tests/test_tui_fakeserver.py), show a
+calculator call.
 
 Chromium is driven over the DevTools protocol through a pipe (--remote-debugging-pipe: JSON messages ending in
 NUL on fds 3 and 4), so no websocket library or Playwright is needed. Needs Debian's `chromium` (scripts/test.sh
@@ -16,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from test_serve import COUNT, HELLO, running_server, shared_checkpoint
+from test_serve import COUNT, EMOJI, HELLO, running_server, shared_checkpoint
 from test_tui_fakeserver import CALC, CALC_TEXT, FakeServer
 
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
@@ -194,6 +195,54 @@ def test_answer_streams_in_and_stop_ends_it_midway(page):
     assert httpx.get(page.url + "/health").json()["active"] == 0  # the server freed the slot too
     # The partial answer is kept as the assistant's turn, so the conversation can go on.
     assert page.js("messages.length === 2 && messages[1].role === 'assistant' && messages[1].content") == stopped
+
+
+def test_probabilities_colour_each_token_and_hover_shows_the_alternatives(page):
+    page.js("document.getElementById('show-probs').click()")
+    send(page, "Say hi")
+    page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
+    # The same request through the API: the page shows exactly its tokens, coloured by their probabilities.
+    reference = httpx.post(page.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Say hi"}], "temperature": 0, "max_tokens": 64,
+        "logprobs": True, "top_logprobs": 5}).json()["choices"][0]["logprobs"]["content"]
+    spans = page.js("""[...document.querySelectorAll('#log .assistant .tok')].map(
+        (s) => [s.textContent, getComputedStyle(s).backgroundColor])""")
+    assert [text for text, _ in spans] == [t["token"] for t in reference]
+    assert "".join(text for text, _ in spans) == HELLO  # the raw text: the ** are tokens too
+    assert all(colour.startswith("rgb(") for _, colour in spans)
+    assert len({colour for _, colour in spans}) > 1 or all(t["logprob"] > -0.01 for t in reference)
+
+    # Hover the second token: a tooltip lists its 5 likeliest alternatives, the chosen (greedy: first) marked.
+    box = page.js("(() => { const r = document.querySelectorAll('#log .tok')[1].getBoundingClientRect(); "
+                  "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+    page.call("Input.dispatchMouseEvent", page.session, type="mouseMoved", x=box[0], y=box[1])
+    page.wait_for("getComputedStyle(document.getElementById('tip')).display === 'block'")
+    rows = page.js("[...document.querySelectorAll('#tip tr')].map((r) => [r.className, r.cells[0].textContent, "
+                   "r.cells[1].textContent])")
+    top = reference[1]["top_logprobs"]
+    assert [token for _, token, _ in rows] == [json.dumps(t["token"], ensure_ascii=False) for t in top]
+    assert len(rows) == 5 and rows[0][0] == "chosen" and rows[0][1] == json.dumps(reference[1]["token"])
+    assert all(p.endswith("%") for _, _, p in rows)
+    page.call("Input.dispatchMouseEvent", page.session, type="mouseMoved", x=1, y=1)
+    page.wait_for("getComputedStyle(document.getElementById('tip')).display === 'none'")
+
+    # Switched off, the same answer is markdown again; the stored message is plain content.
+    page.js("document.getElementById('show-probs').click()")
+    assert page.js("document.querySelectorAll('#log .tok').length") == 0
+    assert page.js("document.querySelector('#log .assistant strong')?.textContent") == "scratchchat"
+    assert page.js("messages[1]") == {"role": "assistant", "content": HELLO}
+
+
+def test_probability_view_joins_characters_split_across_tokens(page):
+    page.js("document.getElementById('show-probs').checked = true")
+    send(page, "Emoji")
+    page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
+    tokens = [t["token"] for t in httpx.post(page.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Emoji"}], "temperature": 0, "max_tokens": 64,
+        "logprobs": True}).json()["choices"][0]["logprobs"]["content"]]
+    assert any("\ufffd" in t for t in tokens)  # some token ends inside a character: the API shows U+FFFD there
+    spans = page.js("[...document.querySelectorAll('#log .assistant .tok')].map((s) => s.textContent)")
+    assert len(spans) == len(tokens) and "".join(spans) == EMOJI  # the page shows each character whole
 
 
 @pytest.fixture(scope="module")
