@@ -11,6 +11,10 @@ No request may hurt another: sampling fails per row, tokenization runs one reque
 holds the GIL and would stall the engine thread's decode steps), and text that cannot fit the context is
 refused before it is tokenized.
 
+Beyond OpenAI's fields, answers may carry our extensions, which OpenAI clients ignore: `calculator_calls` (the
+calls the model made, beside its prose), `truncated_messages` / `truncated_prompt_tokens` (with the opt-in
+`truncate_prompt_tokens`) and usage.prompt_tokens_details.cached_tokens (from the prefix cache).
+
 The handlers are plain functions that find what they share (`State`) at request.app.state.serve; ENDPOINTS, near
 the end, is the one list of routes, from which the app, the OpenAPI document and /metrics take theirs.
 """
