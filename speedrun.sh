@@ -75,10 +75,14 @@ elif [ "$gpus" -gt 0 ]; then
     plan=gpu; vocab=${vocab_size:-65536}; depth=${depth:-20}
     pre_args=(--depth "$depth" --save-every-minutes 30); eval_args=(); sft_args=()
 else
-    # 2 CPU cores, <= 20 minutes in all: pretraining gets the most, SFT a third of it, the eval a fixed sample.
-    plan=cpu; vocab=${vocab_size:-8192}; depth=${depth:-4}
+    # <= 20 minutes in all: pretraining gets the most, SFT less than half of it, the eval 100 items per task. The
+    # shape is the best of benchmarks/sweep.py on 2 cores (see README); more cores buy a deeper model, as
+    # compute^(1/6): the compute-optimal parameter count grows as compute^(1/2) and parameters as depth^3.
+    cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
+    plan=cpu; vocab=${vocab_size:-8192}
+    depth=${depth:-$(python -c "print(max(4, round(4 * ($cores / 2) ** (1 / 6))))")}
     pre_args=(--depth "$depth" --max-minutes 10 --save-every-minutes 2); sft_args=(--max-minutes 4)
-    eval_args=(--limit 50)
+    eval_args=(--limit 100)
 fi
 if [ "$gpus" -gt 0 ]; then corpus=${corpus:-fineweb-edu}; else corpus=${corpus:-default}; fi
 if [ "$corpus" = fineweb-edu ]; then  # these download like FineWeb-Edu; the embedded corpus stays offline

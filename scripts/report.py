@@ -343,13 +343,23 @@ def repeated_ngrams(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def _newest_model(home: Path, kind: str, cfg: ReportConfig) -> tuple:
+    """(checkpoint, model, tokenizer) of the newest base or SFT checkpoint, or (lines saying why not, None, None)."""
+    ckpt = latest_checkpoint(root=home / "checkpoints" / kind)
+    if ckpt is None:
+        what, command = {"base": ("base", "pretrain"), "sft": ("SFT", "finetune")}[kind]
+        return _missing(f"{what} checkpoint", f"python -m {command}"), None, None
+    if cfg.samples <= 0:
+        return ["_Skipped._"], None, None
+    return (ckpt, *load_checkpoint(ckpt, device=pick_device(cfg.device))[:2])
+
+
 def base_samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     """Longer greedy continuations of the base model, and how much they repeat themselves."""
     lines = ["## Base model continuations", ""]
-    ckpt = latest_checkpoint(root=home / "checkpoints" / "base")
-    if ckpt is None or cfg.samples <= 0:
-        return lines + (_missing("base checkpoint", "python -m pretrain") if ckpt is None else ["_Skipped._"])
-    model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
+    _, model, tok = loaded = _newest_model(home, "base", cfg)
+    if model is None:
+        return lines + loaded[0]
     texts = []
     for prompt in CONTINUATION_PROMPTS:
         with torch.no_grad():
@@ -362,10 +372,9 @@ def base_samples_section(home: Path, cfg: ReportConfig) -> list[str]:
 
 def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     lines = ["## Sample conversations", ""]
-    ckpt = latest_checkpoint(root=home / "checkpoints" / "sft")
-    if ckpt is None or cfg.samples <= 0:
-        return lines + (_missing("SFT checkpoint", "python -m finetune") if ckpt is None else ["_Skipped._"])
-    model, tok, _ = load_checkpoint(ckpt, device=pick_device(cfg.device))
+    ckpt, model, tok = loaded = _newest_model(home, "sft", cfg)
+    if model is None:
+        return lines + loaded[0]
     end = assistant_end_id(tok)
     prompts = SAMPLE_PROMPTS[: cfg.samples]
     # The eval's decoder, with the calculator: what a chat through the server would show.
