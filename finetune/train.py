@@ -22,6 +22,7 @@ from common.dist import Dist, distributed, fs_barrier
 from common.paths import checkpoints_dir
 from finetune import data as chat_data
 from finetune import tasks
+from finetune.eval import TOOL_TASKS
 from finetune.eval import evaluate as chat_evaluate
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pretrain.download import DownloadError
@@ -85,9 +86,10 @@ def quick_eval(tok, n: int, seed: int, say):
 
     def run(model) -> dict:
         out = {}
-        for task, its in items.items():
-            res = chat_evaluate(model, tok, its, max_new_tokens=16)
-            out[f"acc_{task}"] = res.accuracy
+        for task, its in items.items():  # the calculator's tasks with the calculator, as a chat would run them
+            tool = task in TOOL_TASKS
+            res = chat_evaluate(model, tok, its, max_new_tokens=16, tool=tool)
+            out[f"acc_{task}{'+tool' * tool}"] = res.accuracy
         prompt, response, *_ = res.samples[0]
         say(f"  chat sample: {prompt.splitlines()[0]!r} -> {response!r}")
         return out
