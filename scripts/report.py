@@ -363,10 +363,12 @@ def base_samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     texts = []
     for prompt in CONTINUATION_PROMPTS:
         with torch.no_grad():
-            texts.append(prompt + tok.decode(model.generate(tok.encode(prompt), CONTINUATION_TOKENS)))
+            out = model.generate(tok.encode(prompt), CONTINUATION_TOKENS, stop={tok.bos_id})  # <|bos|>: a new document
+            texts.append(prompt + tok.decode(out[:-1] if out[-1:] == [tok.bos_id] else out))
     share = sum(repeated_ngrams(t) for t in texts) / len(texts)
-    return lines + [f"Greedy, {CONTINUATION_TOKENS} tokens each. Repeated word 4-grams: **{share:.1%}** (the share "
-                    "of 4-grams that repeat an earlier one in the same text; 0% never loops).", "", "```text",
+    return lines + [f"Greedy, up to {CONTINUATION_TOKENS} tokens each (a document ends at <|bos|>). Repeated word "
+                    f"4-grams: **{share:.1%}** (the share of 4-grams that repeat an earlier one in the same text; 0% "
+                    "never loops).", "", "```text",
                     *(t.replace("```", "'''") + "\n" for t in texts), "```"]
 
 
