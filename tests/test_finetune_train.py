@@ -78,7 +78,7 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     assert "| task | n | chance | base | sft |" in report
     assert "| arithmetic | 2 |" in report and "| capital_mc | 2 |" in report
     # The SFT model learned "What is 2 + 3?" -> "5"; the untrained base did not.
-    assert "| gsm8k | 2 | 50.0% | 0.0% | 50.0% |" in report
+    assert "| gsm8k | 2 | 50.0% | 0.0% (0-66) | 50.0% (9-91) |" in report
     shown = capsys.readouterr().out
     assert "[sft arithmetic]" in shown and "[base capital]" in shown
     assert "[<|assistant_end|>]" in shown and "[cut at 8 tokens]" in shown  # SFT stops; the base rambles
