@@ -148,7 +148,7 @@ def server(checkpoint):
 
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def user(text: str) -> list[dict]:
@@ -510,11 +510,31 @@ def test_health_is_503_until_the_model_is_loaded(checkpoint):
         thread.join(20)
 
 
-def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint):
-    """Not a silent finish_reason "length": OpenAI's error event, which its client raises as an APIError."""
+@contextlib.contextmanager
+def serving(engine_factory):
+    """create_app over an engine built by `engine_factory`, under uvicorn on a free port, in this process."""
     import uvicorn
 
     from serve.app import create_app
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine_factory), host="127.0.0.1", port=port,
+                                          log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while not server.started or httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint):
+    """Not a silent finish_reason "length": OpenAI's error event, which its client raises as an APIError."""
     from serve.engine import Engine
 
     model, tok, _ = load_checkpoint(checkpoint)
@@ -527,17 +547,7 @@ def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint)
         return forward(*args, **kwargs)
 
     model.forward = fails_after_three
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(lambda: Engine(model, tok, max_batch=2)), host="127.0.0.1",
-                                          port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while not server.started or httpx.get(url + "/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with serving(lambda: Engine(model, tok, max_batch=2)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.APIError, match="generation failed on the server"):
             for _ in client.chat.completions.create(model="scratchchat", messages=user("Count"), stream=True,
@@ -546,9 +556,6 @@ def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint)
         calls.clear()
         r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Count"), "temperature": 0}, timeout=30)
         assert error_of(r, 500)["type"] == "server_error"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 def test_cli_without_a_checkpoint_says_run_speedrun(tmp_path, monkeypatch, capsys):

@@ -9,20 +9,16 @@ content must read "The sum is 5 done".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-from test_serve import free_port, user
+from test_serve import serving, user
 
 from finetune.chat import render_prompt
 from pretrain.model import GPTConfig, KVCache
-from serve.app import create_app
 from serve.engine import Engine, SamplingParams
 from tokenizer import Tokenizer
 
@@ -100,27 +96,6 @@ def test_engine_feeds_the_result_and_reports_the_call(tok):
     finally:
         engine.shutdown(0)
         engine.join(5)
-
-
-@contextlib.contextmanager
-def serving(engine_factory):
-    """create_app over an engine built by `engine_factory`, under uvicorn on a free port, in this process."""
-    import uvicorn
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine_factory), host="127.0.0.1", port=port,
-                                          log_level="critical"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while not server.started or httpx.get(url + "/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 def test_api_shows_calls_beside_the_content_streaming_and_not(tok):

@@ -25,15 +25,20 @@ def tok() -> Tokenizer:
     return Tokenizer.train(TEXTS, 320)
 
 
-@pytest.fixture(scope="module")
-def model(tok) -> GPT:
+def random_model(tok, sequence_len: int) -> GPT:
     """Random weights (non-zero everywhere, so outputs vary) — the engine must match the model, whatever it says."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=sequence_len, n_layer=2, n_head=4, n_kv_head=2,
+                      n_embd=64))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    return random_model(tok, 96)
 
 
 def prompt(tok, text: str) -> list[int]:

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import torch
 from test_serve import EMOJI, HELLO, running_server, shared_checkpoint, user
-from test_serve_engine import TEXTS
+from test_serve_engine import TEXTS, random_model
 
 from finetune.chat import render_prompt
 from pretrain.checkpoint import load_checkpoint
-from pretrain.model import GPT, GPTConfig
+from pretrain.model import GPT
 from serve.engine import Engine, PrefixCache, SamplingParams
 from tokenizer import Tokenizer
 
@@ -30,12 +30,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.eval()
+    return random_model(tok, 512)
 
 
 def engine(model, tok, cache_mb: int) -> Engine:

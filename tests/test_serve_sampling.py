@@ -11,10 +11,9 @@ import socket
 import time
 
 import httpx
-import openai
 import pytest
 import torch
-from test_serve import COUNT, HELLO, error_of, running_server, shared_checkpoint, user
+from test_serve import COUNT, HELLO, client, error_of, running_server, server, shared_checkpoint, user  # noqa: F401 (client, server: fixtures)
 
 from finetune.chat import render_prompt
 from pretrain.checkpoint import load_checkpoint
@@ -29,17 +28,6 @@ def checkpoint(tmp_path_factory):
 def loaded(checkpoint):
     model, tok, _ = load_checkpoint(checkpoint)
     return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    with running_server(checkpoint, "--max-batch", "8") as (url, _):
-        yield url
-
-
-@pytest.fixture()
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def model_logprobs(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
