@@ -246,15 +246,24 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
         if len(content) > limits.max_message_chars:
             raise APIError(400, f"messages[{i}] has {len(content)} characters; the limit is {limits.max_message_chars}",
                            param=f"messages[{i}].content")
-        total += len(content)
         role = "system" if m["role"] == "developer" else m["role"]  # newer clients call the system prompt "developer"
         out.append({"role": role, "content": content})
         if m.get("calculator_calls") is not None:  # finetune.chat validates them and renders them as tool tokens
             out[-1]["calculator_calls"] = m["calculator_calls"]
+        total += text_chars(out[-1])
     if total > limits.max_total_chars:
         raise APIError(400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}",
                        param="messages")
     return out
+
+
+def text_chars(message: dict) -> int:
+    """The characters of a message that get tokenized: its content and its calculator calls' text (the calls are
+    validated later, by finetune.chat; fields that are not strings are refused there, before any tokenizing)."""
+    calls = message.get("calculator_calls")
+    return len(message["content"]) + sum(len(v) for c in (calls if isinstance(calls, list) else [])
+                                         if isinstance(c, dict)
+                                         for v in (c.get("expression"), c.get("result")) if isinstance(v, str))
 
 
 def check_text_can_fit(chars: int, eng: Engine, param: str) -> None:
@@ -352,7 +361,7 @@ async def chat_prompt(state: State, eng: Engine, messages: list[dict], limit: in
     """The token ids the model sees for a chat, and the messages dropped to fit `limit` tokens (None: strict, and
     refused before tokenizing if it cannot fit the context)."""
     if limit is None:
-        check_text_can_fit(sum(len(m["content"]) for m in messages), eng, "messages")
+        check_text_can_fit(sum(map(text_chars, messages)), eng, "messages")
     try:
         ids, dropped = await tokenize_off_loop(state, fit_prompt, eng.tokenizer, messages, limit)
     except ChatFormatError as e:

@@ -180,6 +180,21 @@ def test_completions_refuse_what_cannot_fit_before_tokenizing(server):
     assert time.monotonic() - t0 < 10  # tokenizing each would take about a second on a loaded 2-core machine
 
 
+def test_calculator_call_text_counts_toward_the_limits_before_tokenizing(server):
+    """A history's calculator calls are tokenized too: their text cannot slip past the character limits."""
+    url, _ = server
+    big = "".join(random.choices(string.ascii_lowercase, k=120_000))
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "ok", "calculator_calls": [{"expression": big, "result": big,
+                                                                           "offset": 0}]},
+               {"role": "user", "content": "and?"}]
+    err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": history}, timeout=30), 400)
+    assert err["param"] == "messages" and "in total" in err["message"]
+    history[1]["calculator_calls"][0]["result"] = "1"
+    err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": history}, timeout=30), 400)
+    assert err["code"] == "context_length_exceeded" and "characters, so at least" in err["message"]
+
+
 # ---------------------------------------------------------------- slow, idle and broken connections
 
 def test_idle_and_slowloris_sockets_are_closed_within_the_header_timeout(server):
