@@ -16,6 +16,7 @@ point down and makes it look worse, so sweep on an idle machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -36,6 +37,7 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+@functools.cache  # checked once per sweep: each check starts a python process
 def vocab_home(home: Path, vocab: int) -> Path:
     """A home with the shared default corpus and this vocabulary's tokenizer and shards (made once)."""
     sub = home / "sweep" / f"vocab_{vocab}"
