@@ -10,6 +10,7 @@ from other processes falls on both alike), and are scored on the same validation
 Without shards (run `python -m pretrain.data tokenize` first) it falls back to SYNTHETIC tokens and says so;
 then only the loss is comparable, not bits per byte.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import SyntheticLoader, evaluate_bpb, token_byte_lengths
 
 # ----------------------------------------------------------------------------- the nanoGPT baseline
+
 
 class BaselineBlock(nn.Module):
     def __init__(self, n_embd: int, n_head: int) -> None:
@@ -90,8 +92,9 @@ def baseline_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """nanoGPT's configure_optimizers: AdamW, weight decay on matrices only, betas (0.9, 0.95)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     for g in opt.param_groups:
         g["initial_lr"] = lr
     return opt
@@ -106,6 +109,7 @@ def cosine(progress: float, warmup: float = 0.05, min_frac: float = 0.1) -> floa
 
 
 # ----------------------------------------------------------------------------- one timed run
+
 
 class TimedRun:
     """One model's training, advanced in slices so the two runs can alternate: load from other processes on a
@@ -139,6 +143,7 @@ class TimedRun:
 
 
 # ----------------------------------------------------------------------------- Newton-Schulz per rank
+
 
 def _ns_rank(rank: int, world: int, port: int, depth: int, steps: int, results) -> None:
     """One gloo rank: time Muon steps on the depth's hidden matrices, with the same gradients on every rank as
@@ -184,12 +189,20 @@ def _ns_rank(rank: int, world: int, port: int, depth: int, steps: int, results) 
 
 def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
     """Muon's Newton-Schulz time per rank for 1, 2, 4... gloo CPU ranks on one model's matrices."""
-    shapes = sorted({tuple(p.shape) for p in build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1]
-                     .param_groups[0]["params"]})
-    print(f"Muon on depth {depth}'s hidden matrices {shapes}, one thread per gloo rank, {os.cpu_count()} cores, "
-          f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, median of {steps} steps")
-    print(f"{'ranks':>5} {'matrices/rank':>13} {'NS wall s/step':>14} {'NS cpu s/step':>13} {'Muon step s':>11} "
-          f"{'NS wall vs 1':>12} {'NS cpu vs 1':>11}")
+    shapes = sorted(
+        {
+            tuple(p.shape)
+            for p in build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1].param_groups[0]["params"]
+        }
+    )
+    print(
+        f"Muon on depth {depth}'s hidden matrices {shapes}, one thread per gloo rank, {os.cpu_count()} cores, "
+        f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, median of {steps} steps"
+    )
+    print(
+        f"{'ranks':>5} {'matrices/rank':>13} {'NS wall s/step':>14} {'NS cpu s/step':>13} {'Muon step s':>11} "
+        f"{'NS wall vs 1':>12} {'NS cpu vs 1':>11}"
+    )
     ctx = mp.get_context("spawn")
     base = None
     for world in ranks:
@@ -201,8 +214,10 @@ def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
         total, ns_wall, ns_cpu, per_rank, step_wall = results.get()
         base = base or (ns_wall, ns_cpu)
         note = "  (more ranks than cores: wall includes waiting for a core)" if world > (os.cpu_count() or 1) else ""
-        print(f"{world:>5} {int(per_rank):>6} of {total:<4} {ns_wall:>14.4f} {ns_cpu:>13.4f} {step_wall:>11.4f} "
-              f"{ns_wall / base[0]:>11.2f}x {ns_cpu / base[1]:>10.2f}x{note}")
+        print(
+            f"{world:>5} {int(per_rank):>6} of {total:<4} {ns_wall:>14.4f} {ns_cpu:>13.4f} {step_wall:>11.4f} "
+            f"{ns_wall / base[0]:>11.2f}x {ns_cpu / base[1]:>10.2f}x{note}"
+        )
 
 
 def main() -> None:
@@ -216,8 +231,11 @@ def main() -> None:
     parser.add_argument("--tokens-dir", default=str(tokens_dir("default")))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--newton-schulz", action="store_true",
-                        help="instead: time Muon's Newton-Schulz per rank on 1, 2, 4... gloo CPU ranks")
+    parser.add_argument(
+        "--newton-schulz",
+        action="store_true",
+        help="instead: time Muon's Newton-Schulz per rank on 1, 2, 4... gloo CPU ranks",
+    )
     parser.add_argument("--ranks", default="1,2,4", help="with --newton-schulz: the world sizes to time")
     parser.add_argument("--steps", type=int, default=20, help="with --newton-schulz: timed Muon steps per world size")
     args = parser.parse_args()
@@ -232,6 +250,7 @@ def main() -> None:
     try:
         manifest = load_manifest(token_dir)
         from tokenizer import Tokenizer
+
         tok = Tokenizer.load(tokenizer_path())
         if tok.hash != manifest.get("tokenizer_hash"):
             raise ShardError("the default tokenizer does not match the shards")
@@ -287,8 +306,10 @@ def main() -> None:
     ours, base = results["ours"], results["baseline"]
     print(f"tokens/s ratio ours/baseline: {ours['rate'] / base['rate']:.2f}x (target >= 1.0x)")
     key = "val_bpb" if "val_bpb" in ours else "val_loss"
-    print(f"{key}: ours {ours[key]:.4f} vs baseline {base[key]:.4f} -> {100 * (1 - ours[key] / base[key]):.1f}% lower "
-          f"(target >= 5%)")
+    print(
+        f"{key}: ours {ours[key]:.4f} vs baseline {base[key]:.4f} -> {100 * (1 - ours[key] / base[key]):.1f}% lower "
+        f"(target >= 5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 The model is the newest SFT checkpoint when --checkpoint says so, else a random GPT of the CPU default shape
 (depth 4, vocab 8192) with a synthetic tokenizer. Usage: python benchmarks/serve.py [--depth 4] [--new-tokens 128] [--sections 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,12 +78,21 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
 def hf_twin(config: GPTConfig):
     """A LlamaForCausalLM with our width, depth, heads and vocab; SwiGLU hidden size set for equal parameters."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     hidden = round(4 * config.n_embd * 2 / 3)  # 3 matrices of n_embd x hidden == our 2 of n_embd x 4 n_embd
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=hidden,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
-        max_position_embeddings=config.sequence_len, tie_word_embeddings=False)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.n_embd,
+            intermediate_size=hidden,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_kv_head,
+            max_position_embeddings=config.sequence_len,
+            tie_word_embeddings=False,
+        )
+    ).eval()
 
 
 def interleaved_rates(runs: dict, tokens: int, repeats: int) -> dict[str, float]:
@@ -99,16 +109,24 @@ def interleaved_rates(runs: dict, tokens: int, repeats: int) -> dict[str, float]
     return {name: tokens / statistics.median(t) for name, t in times.items()}
 
 
-def single_stream(model: GPT, tok: Tokenizer, prompt: list[int], new: int, repeats: int,
-                  device: torch.device) -> dict[str, float]:
+def single_stream(
+    model: GPT, tok: Tokenizer, prompt: list[int], new: int, repeats: int, device: torch.device
+) -> dict[str, float]:
     """Decode tokens/s of one greedy stream: our engine, pretrain's plain cached loop, transformers' generate."""
     hf = hf_twin(model.config).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     ids = torch.tensor([prompt], device=device)
 
     def run_hf() -> None:
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, use_cache=True, pad_token_id=0)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
         assert out.shape[1] == len(prompt) + new
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -124,9 +142,15 @@ def single_stream(model: GPT, tok: Tokenizer, prompt: list[int], new: int, repea
             pass
 
     try:
-        return interleaved_rates({"engine": lambda: asyncio.run(one()),
-                                  "plain": lambda: plain.generate(prompt, new, stop=None), "hf": run_hf},
-                                 new, repeats)
+        return interleaved_rates(
+            {
+                "engine": lambda: asyncio.run(one()),
+                "plain": lambda: plain.generate(prompt, new, stop=None),
+                "hf": run_hf,
+            },
+            new,
+            repeats,
+        )
     finally:
         engine.shutdown(0)
         engine.join(5)
@@ -137,14 +161,34 @@ class Server:
 
     def __init__(self, checkpoint: Path, threads: int, device: str) -> None:
         import socket
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port",
-                                      str(self.port), "--max-batch", "8", "--threads", str(threads), "--device", device,
-                                      "--log-level", "warning"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serve",
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(self.port),
+                "--max-batch",
+                "8",
+                "--threads",
+                str(threads),
+                "--device",
+                device,
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -167,8 +211,13 @@ async def stream_once(http: httpx.AsyncClient, prompt: str, new: int) -> tuple[i
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
-    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": new,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with http.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -221,6 +270,7 @@ def multi_turn_ttft(model: GPT, tok: Tokenizer, total: int, reply: int, repeats:
     import random
 
     from finetune.chat import render_prompt
+
     rng = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog while seven wizards box and quiz the jovial king".split()
     per_turn = total // 10 - reply - 4  # a user message's tokens; the reply and four format tokens fill the rest
@@ -232,8 +282,9 @@ def multi_turn_ttft(model: GPT, tok: Tokenizer, total: int, reply: int, repeats:
         async def turn(engine: Engine, messages: list[dict]) -> tuple[str, float, int]:
             before = engine.stats.ttft_sum
             parts, last = [], None
-            async for last in engine.submit(render_prompt(tok, messages), SamplingParams(max_tokens=reply,
-                                                                                         temperature=0)):
+            async for last in engine.submit(
+                render_prompt(tok, messages), SamplingParams(max_tokens=reply, temperature=0)
+            ):
                 parts.append(last.text)
             return "".join(parts), engine.stats.ttft_sum - before, last.cached_tokens
 
@@ -278,12 +329,14 @@ def main() -> None:
         checkpoint = save_checkpoint(workdir / "step_0", model, tok, {"step": 0})
     model = model.to(device)
     config = model.config
-    print(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/{config.n_kv_head}, "
-          f"vocab {config.vocab_size}, context {config.sequence_len}, {model.num_params() / 1e6:.1f}M params; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cpus, "
-          f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    print(
+        f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/{config.n_kv_head}, "
+        f"vocab {config.vocab_size}, context {config.sequence_len}, {model.num_params() / 1e6:.1f}M params; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cpus, "
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+    )
     prompt_text = "The quick brown fox jumps over the lazy dog. " * 40
-    prompt = tok.encode(prompt_text)[:cfg.prompt_tokens]
+    prompt = tok.encode(prompt_text)[: cfg.prompt_tokens]
     new = min(cfg.new_tokens, config.sequence_len - len(prompt) - 1)
     sections = {int(x) for x in cfg.sections.split(",")}
     try:
@@ -294,19 +347,24 @@ def main() -> None:
             if config.sequence_len < 2048:
                 torch.manual_seed(0)
                 chat_model = GPT(GPTConfig.from_depth(cfg.depth, config.vocab_size, 2048)).to(device).eval()
-            print(f"\n4. a 10-turn chat (replies of 32 tokens), time to first token of turn 10, median of "
-                  f"{cfg.repeats} chats, on a {chat_model.config.sequence_len}-token-context model")
+            print(
+                f"\n4. a 10-turn chat (replies of 32 tokens), time to first token of turn 10, median of "
+                f"{cfg.repeats} chats, on a {chat_model.config.sequence_len}-token-context model"
+            )
             cached, plain, length, reused = multi_turn_ttft(chat_model, tok, cfg.chat_tokens, 32, cfg.repeats)
             print(f"   turn 10's prompt: {length} tokens, {reused} of them from the prefix cache")
             print(f"   with the prefix cache    {cached * 1000:8.1f} ms")
-            print(f"   without it               {plain * 1000:8.1f} ms   without / with = {plain / cached:.1f}x "
-                  "(target >= 3x)")
+            print(
+                f"   without it               {plain * 1000:8.1f} ms   without / with = {plain / cached:.1f}x "
+                "(target >= 3x)"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def compare_decoding(cfg: BenchConfig, model: GPT, tok: Tokenizer, checkpoint: Path, device: torch.device,
-                     prompt: list[int], new: int) -> None:
+def compare_decoding(
+    cfg: BenchConfig, model: GPT, tok: Tokenizer, checkpoint: Path, device: torch.device, prompt: list[int], new: int
+) -> None:
     """Sections 1-3: single-stream decoding against HF, HTTP throughput, /health under load."""
     sections = {int(x) for x in cfg.sections.split(",")}
     if 1 in sections:
@@ -315,10 +373,13 @@ def compare_decoding(cfg: BenchConfig, model: GPT, tok: Tokenizer, checkpoint: P
         compare_http(cfg, tok, checkpoint, prompt, new)
 
 
-def compare_single_stream(cfg: BenchConfig, model: GPT, tok: Tokenizer, prompt: list[int], new: int,
-                          device: torch.device) -> None:
-    print(f"\n1. single-stream decode, {len(prompt)}-token prompt, {new} new tokens, median of {cfg.repeats} "
-          "interleaved rounds")
+def compare_single_stream(
+    cfg: BenchConfig, model: GPT, tok: Tokenizer, prompt: list[int], new: int, device: torch.device
+) -> None:
+    print(
+        f"\n1. single-stream decode, {len(prompt)}-token prompt, {new} new tokens, median of {cfg.repeats} "
+        "interleaved rounds"
+    )
     rates = single_stream(model, tok, prompt, new, cfg.repeats, device)
     ours, plain, hf = rates["engine"], rates["plain"], rates["hf"]
     print(f"   scratchchat engine        {ours:8.1f} tok/s")
@@ -327,8 +388,10 @@ def compare_single_stream(cfg: BenchConfig, model: GPT, tok: Tokenizer, prompt: 
 
 
 def compare_http(cfg: BenchConfig, tok: Tokenizer, checkpoint: Path, prompt: list[int], new: int) -> None:
-    print(f"\n2. HTTP streaming completions, {new} tokens each, {cfg.requests_per_client} per client, "
-          f"median of {cfg.http_rounds} interleaved rounds")
+    print(
+        f"\n2. HTTP streaming completions, {new} tokens each, {cfg.requests_per_client} per client, "
+        f"median of {cfg.http_rounds} interleaved rounds"
+    )
     server = Server(checkpoint, cfg.threads, cfg.device)
     try:
         prompt_http = tok.decode(prompt)
@@ -344,8 +407,10 @@ def compare_http(cfg: BenchConfig, tok: Tokenizer, checkpoint: Path, prompt: lis
         for clients, r in rate.items():
             print(f"   {clients} client(s): {r:8.1f} tok/s aggregate   ({r / rate[1]:.2f}x one client)")
         print(f"   8 clients vs 1: {rate[8] / rate[1]:.2f}x (target >= 3x)")
-        print(f"   time to first token at 8 clients ({len(ttfts)} requests): "
-              f"p50 {percentile(ttfts, 0.5) * 1000:.0f} ms, p99 {percentile(ttfts, 0.99) * 1000:.0f} ms")
+        print(
+            f"   time to first token at 8 clients ({len(ttfts)} requests): "
+            f"p50 {percentile(ttfts, 0.5) * 1000:.0f} ms, p99 {percentile(ttfts, 0.99) * 1000:.0f} ms"
+        )
 
         print(f"\n3. /health from a second process, {cfg.health_seconds:g} s each")
         idle_rate, idle_worst = map(float, health_rate(server.url, cfg.health_seconds).communicate()[0].split())
@@ -353,8 +418,10 @@ def compare_http(cfg: BenchConfig, tok: Tokenizer, checkpoint: Path, prompt: lis
         load = asyncio.run(load_test(server.url, 8, cfg.requests_per_client * 4, prompt_http, new))[0]
         busy_rate, busy_worst = map(float, probe.communicate()[0].split())
         print(f"   idle:               {idle_rate:8.0f} req/s (slowest {idle_worst * 1000:.1f} ms)")
-        print(f"   while 8 generate:   {busy_rate:8.0f} req/s (slowest {busy_worst * 1000:.1f} ms; "
-              f"the 8 streams made {load:.0f} tok/s meanwhile)")
+        print(
+            f"   while 8 generate:   {busy_rate:8.0f} req/s (slowest {busy_worst * 1000:.1f} ms; "
+            f"the 8 streams made {load:.0f} tok/s meanwhile)"
+        )
     finally:
         server.close()
 

@@ -13,6 +13,7 @@ its points, and a rerun skips points already measured at the same budget and thr
 to <home>/report/sweep.md. The load average is recorded beside each point: other work on the machine slows a
 point down and makes it look worse, so sweep on an idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,27 @@ def vocab_home(home: Path, vocab: int) -> Path:
         (sub / "data" / "default").symlink_to(data_dir("default"))
     env = {**os.environ, "SCRATCHCHAT_HOME": str(sub)}
     if not (sub / "tokenizer" / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-m", "tokenizer", "train", "--input", str(data_dir("default") / "train.parquet"),
-                        "--vocab-size", str(vocab)], env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-m", "pretrain.data", "tokenize", "--corpus", "default"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)  # a no-op when the shards are up to date
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tokenizer",
+                "train",
+                "--input",
+                str(data_dir("default") / "train.parquet"),
+                "--vocab-size",
+                str(vocab),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    subprocess.run(
+        [sys.executable, "-m", "pretrain.data", "tokenize", "--corpus", "default"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # a no-op when the shards are up to date
     return sub
 
 
@@ -59,24 +77,51 @@ def run_point(sub: Path, depth: int, seq: int, batch_tokens: int, minutes: float
     env = {**os.environ, "SCRATCHCHAT_HOME": str(sub), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=sub) as run_dir:
-        cmd = [sys.executable, "-m", "pretrain", "--corpus", "default", "--depth", str(depth), "--sequence-len", str(seq),
-               "--device-batch-size", str(rows), "--max-minutes", str(minutes), "--save-every", "-1",
-               "--eval-every", "0", "--run-dir", run_dir]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--corpus",
+            "default",
+            "--depth",
+            str(depth),
+            "--sequence-len",
+            str(seq),
+            "--device-batch-size",
+            str(rows),
+            "--max-minutes",
+            str(minutes),
+            "--save-every",
+            "-1",
+            "--eval-every",
+            "0",
+            "--run-dir",
+            run_dir,
+        ]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
     final = [r for r in records if r.get("kind") == "eval"][-1]
-    later = sorted(r["tok_per_s"] for r in train[len(train) // 2:])
-    return {"val_bpb": final["val_bpb"], "steps": train[-1]["step"], "tokens": train[-1]["tokens"],
-            "tok_per_s": later[len(later) // 2], "load": round((load + os.getloadavg()[0]) / 2, 2)}
+    later = sorted(r["tok_per_s"] for r in train[len(train) // 2 :])
+    return {
+        "val_bpb": final["val_bpb"],
+        "steps": train[-1]["step"],
+        "tokens": train[-1]["tokens"],
+        "tok_per_s": later[len(later) // 2],
+        "load": round((load + os.getloadavg()[0]) / 2, 2),
+    }
 
 
 def table(points: list[dict]) -> str:
-    head = ("| val bpb | depth | context | batch tokens | vocab | steps | tokens | tokens/s | load |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    rows = [f"| {p['val_bpb']:.4f} | {p['depth']} | {p['sequence_len']} | {p['batch_tokens']:,} | {p['vocab']:,} | "
-            f"{p['steps']:,} | {p['tokens']:,} | {p['tok_per_s']:,.0f} | {p['load']} |"
-            for p in sorted(points, key=lambda p: p["val_bpb"])]
+    head = (
+        "| val bpb | depth | context | batch tokens | vocab | steps | tokens | tokens/s | load |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {p['val_bpb']:.4f} | {p['depth']} | {p['sequence_len']} | {p['batch_tokens']:,} | {p['vocab']:,} | "
+        f"{p['steps']:,} | {p['tokens']:,} | {p['tok_per_s']:,.0f} | {p['load']} |"
+        for p in sorted(points, key=lambda p: p["val_bpb"])
+    ]
     return "\n".join([head, *rows])
 
 
@@ -96,7 +141,9 @@ def main() -> None:
     log = out / "sweep.jsonl"
     points = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     setting = {"minutes": args.minutes, "threads": args.threads or os.cpu_count()}
-    grid = itertools.product(ints(args.vocab_sizes), ints(args.depths), ints(args.sequence_lens), ints(args.batch_tokens))
+    grid = itertools.product(
+        ints(args.vocab_sizes), ints(args.depths), ints(args.sequence_lens), ints(args.batch_tokens)
+    )
     for vocab, depth, seq, batch_tokens in grid:
         shape = {"vocab": vocab, "depth": depth, "sequence_len": seq, "batch_tokens": batch_tokens, **setting}
         if any(all(p.get(k) == v for k, v in shape.items()) for p in points):

@@ -5,6 +5,7 @@ the smallest Textual app with a focused TextArea, i.e. the floor Textual itself 
 the client's server check happens in the background and must not delay the prompt.
 Run: python benchmarks/tui.py [--runs 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PEER = '''
+PEER = """
 from textual.app import App
 from textual.widgets import TextArea, Footer
 class Bare(App):
@@ -30,7 +31,7 @@ class Bare(App):
     def on_mount(self):
         self.query_one(TextArea).focus()
 Bare().run()
-'''
+"""
 
 
 def time_to(text: str, command: str, timeout: float = 20.0) -> float:
@@ -57,8 +58,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         peer_file = Path(tmp) / "bare.py"
         peer_file.write_text(PEER)
-        tui = (f"env PYTHONPATH={shlex.quote(str(ROOT))} TERM=xterm-256color {py} -m tui "
-               f"--url http://127.0.0.1:9/v1 --db {shlex.quote(str(Path(tmp) / 'chats.db'))}")
+        tui = (
+            f"env PYTHONPATH={shlex.quote(str(ROOT))} TERM=xterm-256color {py} -m tui "
+            f"--url http://127.0.0.1:9/v1 --db {shlex.quote(str(Path(tmp) / 'chats.db'))}"
+        )
         bare = f"env TERM=xterm-256color {py} {shlex.quote(str(peer_file))}"
         time_to("Enter sends", tui)  # warm the file cache for both
         time_to("READY-BARE", bare)

@@ -1,5 +1,6 @@
 """Configs are dataclasses whose fields are the CLI flags (one source of truth), and every CLI ends alike: a
 user's mistake is one `error:` line and exit status 1 (2 for bad flags), Ctrl-C is status 130."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,11 @@ def config_from_args(cls: type, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def run_cli(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (ValueError, OSError),
-            interrupted: str = "interrupted") -> int:
+def run_cli(
+    body: Callable[[], int | None],
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+    interrupted: str = "interrupted",
+) -> int:
     """Run a CLI's work: the errors a user can cause become one `error:` line and status 1; Ctrl-C is 130."""
     try:
         return body() or 0

@@ -2,6 +2,7 @@
 
 Under torchrun every rank runs the same program; `Dist` says which one this is, and `fs_main` which process
 does the work that one process per filesystem must do (checkpoints, downloads)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Files written whole or not at all: a temp file beside the target, synced to disk, then renamed over it."""
+
 from __future__ import annotations
 
 import json

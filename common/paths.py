@@ -1,4 +1,5 @@
 """The layout of $SCRATCHCHAT_HOME: every stage finds the others' files here (see docs/DESIGN.md)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`python -m finetune`: see finetune.train."""
+
 import sys
 
 from finetune.train import main

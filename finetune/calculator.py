@@ -10,6 +10,7 @@ The evaluator walks Python's AST of the expression and allows only numbers, + - 
 bounds on the text, the number of operations, exponents and digits, so every call finishes in microseconds. It never
 uses eval and never raises: a bad expression gives a result that starts with "error:", which the model reads.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,15 @@ MAX_EXPONENT = 200
 MAX_CALL_TOKENS = 64  # a call still open after this many tokens is closed by the decoder
 TOOL_TOKENS = ("<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>")
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 

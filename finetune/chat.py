@@ -23,6 +23,7 @@ Message content is always encoded as ordinary text: a user who types "<|assistan
 the characters, never the special token (the tokenizer's default ``allowed_special`` is empty).
 This module is what ``serve`` uses to build prompts: ``render_prompt`` and ``assistant_end_id``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -57,11 +58,18 @@ def _calls(m: dict, i: int) -> list[dict]:
         raise ChatFormatError(f"message {i}: calculator_calls must be a list of at most {MAX_CALLS} calls")
     out, last = [], 0
     for c in calls:
-        ok = (isinstance(c, dict) and isinstance(c.get("expression"), str) and isinstance(c.get("result"), str)
-              and type(c.get("offset")) is int and last <= c["offset"] <= len(m["content"]))
+        ok = (
+            isinstance(c, dict)
+            and isinstance(c.get("expression"), str)
+            and isinstance(c.get("result"), str)
+            and type(c.get("offset")) is int
+            and last <= c["offset"] <= len(m["content"])
+        )
         if not ok:
-            raise ChatFormatError(f"message {i}: each calculator call needs string expression and result and an "
-                                  "integer offset into the content, in order")
+            raise ChatFormatError(
+                f"message {i}: each calculator call needs string expression and result and an "
+                "integer offset into the content, in order"
+            )
         last = c["offset"]
         out.append({"expression": c["expression"], "result": c["result"], "offset": last})
     return out
@@ -95,8 +103,11 @@ def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict]:
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
-            why = ("a system message may only come first" if m["role"] == "system"
-                   else "turns must alternate user/assistant, starting with user")
+            why = (
+                "a system message may only come first"
+                if m["role"] == "system"
+                else "turns must alternate user/assistant, starting with user"
+            )
             raise ChatFormatError(f"message {i + offset} is {m['role']!r} but should be {want!r}: {why}")
     if for_prompt and turns[-1]["role"] != "user":
         raise ChatFormatError("a prompt must end with a user message (the assistant speaks next)")
@@ -107,8 +118,9 @@ def _special(tok, name: str) -> int:
     try:
         return tok.special_tokens[name]
     except KeyError:
-        raise ChatFormatError(f"tokenizer has no special token {name} "
-                              "(train it with the chat special tokens)") from None
+        raise ChatFormatError(
+            f"tokenizer has no special token {name} (train it with the chat special tokens)"
+        ) from None
 
 
 def assistant_end_id(tok) -> int:
@@ -121,7 +133,7 @@ def _body(tok, m: dict) -> tuple[list[int], list[int]]:
     learn = int(m["role"] == "assistant")
     ids, mask, at = [], [], 0
     for c in m.get("calculator_calls", []):
-        text = tok.encode(m["content"][at:c["offset"]])
+        text = tok.encode(m["content"][at : c["offset"]])
         call = [_special(tok, "<|tool_start|>"), *tok.encode(c["expression"]), _special(tok, "<|tool_end|>")]
         result = [_special(tok, "<|output_start|>"), *tok.encode(c["result"]), _special(tok, "<|output_end|>")]
         ids += text + call + result

@@ -11,6 +11,7 @@ exchanges and dropping exchanges that cannot fit alone (counted, never cut mid-a
 ``SFTLoader`` packs rendered conversations into rows of ``seq_len + 1`` tokens and yields
 (inputs, targets, loss_mask) batches with the mask shifted like the targets (finetune.chat).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ from finetune import tasks
 from finetune.chat import ChatFormatError, ConversationTooLong, render_conversation, validate_messages
 
 Conversation = list[dict[str, str]]
-SMOLTALK_URL = ("https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/"
-                "train-{i:05d}-of-{n:05d}.parquet")
+SMOLTALK_URL = (
+    "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-{i:05d}-of-{n:05d}.parquet"
+)
 SMOLTALK_URL_ENV = "SCRATCHCHAT_SMOLTALK_URL"
 SMOLTALK_FILES = 4  # train shards in the published set
 
@@ -40,14 +42,18 @@ class DataError(ValueError):
 
 # --- chatterbot-corpus: its .yml files are one shape of YAML, parsed here in a few lines -----------
 
+
 def _unquote(text: str) -> str:
     """A single- or double-quoted YAML scalar (already folded onto one line) to its value."""
     q, body = text[0], text.strip()[1:-1]
     if q == "'":
         return body.replace("''", "'")
     escapes = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "/": "/", "0": "\0", " ": " "}
-    return re.sub(r'\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)',
-                  lambda m: chr(int(m[1][1:], 16)) if len(m[1]) > 1 else escapes.get(m[1], m[1]), body)
+    return re.sub(
+        r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)",
+        lambda m: chr(int(m[1][1:], 16)) if len(m[1]) > 1 else escapes.get(m[1], m[1]),
+        body,
+    )
 
 
 def _fold(lines: list[str]) -> str:
@@ -155,6 +161,7 @@ def chitchat_conversations(path: Path | None = None) -> list[Conversation]:
 
 # --- the user's files ---------------------------------------------------------------------------
 
+
 def _check_messages(messages, where: str) -> Conversation:
     try:
         msgs = validate_messages(messages)
@@ -256,9 +263,18 @@ def download_smoltalk(dest: str | Path | None = None, n_files: int = 1, total: i
 # conversations per source in the default mix: small enough for a CPU SFT run in minutes
 # (chitchat and wiki answers are long: fewer of them leave more of a short CPU run to the skills).
 DEFAULT_MIX = {
-    "chatterbot": 1500, "chitchat": 800, "identity": 0,  # identity: all phrasings, repeated (below)
-    "arithmetic": 4000, "letters": 2000, "reverse": 1500, "word_problem": 2500, "largest_mc": 1500,
-    "capital": 600, "capital_mc": 1500, "country_fact": 400, "wiki": 800,
+    "chatterbot": 1500,
+    "chitchat": 800,
+    "identity": 0,  # identity: all phrasings, repeated (below)
+    "arithmetic": 4000,
+    "letters": 2000,
+    "reverse": 1500,
+    "word_problem": 2500,
+    "largest_mc": 1500,
+    "capital": 600,
+    "capital_mc": 1500,
+    "country_fact": 400,
+    "wiki": 800,
 }
 IDENTITY_REPEATS = 8
 TOOL_SHARE = 0.75  # items a calculator can answer are taught with the call this often, else answered directly
@@ -287,14 +303,15 @@ def default_mix(seed: int = 0, scale: float = 1.0) -> tuple[list[Conversation], 
 
 # --- fitting to the context and packing -------------------------------------------------------------
 
+
 @dataclass
 class FitStats:
     """What fitting did to the data: reported at the start of training."""
 
     conversations: int = 0
-    split: int = 0            # conversations cut into several pieces between exchanges
+    split: int = 0  # conversations cut into several pieces between exchanges
     dropped_exchanges: int = 0  # single user+assistant exchanges longer than the context on their own
-    dropped: int = 0          # conversations with nothing left
+    dropped: int = 0  # conversations with nothing left
     invalid: Counter = field(default_factory=Counter)
 
 
@@ -322,8 +339,8 @@ def fit_conversation(tok, messages: Conversation, max_len: int, stats: FitStats 
     except ConversationTooLong:
         pass
     system = [messages[0]] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
-    exchanges = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
+    turns = messages[len(system) :]
+    exchanges = [turns[i : i + 2] for i in range(0, len(turns) - 1, 2)]
     pieces, current = [], []
     for ex in exchanges:
         if _fits(tok, system + current + ex, max_len):
@@ -363,9 +380,17 @@ class SFTLoader:
     resumed run continues on the same data.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seq_len: int,
-                 pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
         if not examples:
             raise DataError("no training examples left after fitting conversations to the context")
         if any(len(ids) > seq_len + 1 for ids, _ in examples):
@@ -417,11 +442,11 @@ class SFTLoader:
         """A fixed pass over this rank's rows as (inputs, targets) with unlearned targets set to -1.
 
         The -1 targets make the pretraining loop's validation measure the assistant tokens only."""
-        rows = self._pack(0)[self.rank::self.world_size]
+        rows = self._pack(0)[self.rank :: self.world_size]
         for b in range(0, len(rows), self.batch_size):
             if max_batches is not None and b // self.batch_size >= max_batches:
                 return
-            x, y, m = self._tensors(rows[b:b + self.batch_size])
+            x, y, m = self._tensors(rows[b : b + self.batch_size])
             yield x, y.masked_fill(~m, -1)
 
     def state_dict(self) -> dict:

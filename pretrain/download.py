@@ -6,6 +6,7 @@ retried with exponential backoff, the size is checked against Content-Length / C
 only a complete file is renamed into place, so a file that exists is never fetched again.
 The SFT stage reuses it for its own parquet files.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,8 +86,9 @@ def _fetch_once(client: httpx.Client, url: str, part: Path, on_bytes) -> int:
     return size
 
 
-def download_one(client: httpx.Client, url: str, dest: Path, retries: int = 5, backoff: float = 1.0,
-                 on_bytes=lambda n: None) -> bool:
+def download_one(
+    client: httpx.Client, url: str, dest: Path, retries: int = 5, backoff: float = 1.0, on_bytes=lambda n: None
+) -> bool:
     """Fetch `url` to `dest` unless it is already there. Returns True if anything was downloaded."""
     if dest.exists():
         return False
@@ -106,8 +108,15 @@ def download_one(client: httpx.Client, url: str, dest: Path, retries: int = 5, b
     raise AssertionError("unreachable")
 
 
-def download(urls: Iterable[str], dest_dir: str | Path, workers: int = 8, retries: int = 5,
-             backoff: float = 1.0, timeout: float = 60.0, progress: bool = True) -> list[Path]:
+def download(
+    urls: Iterable[str],
+    dest_dir: str | Path,
+    workers: int = 8,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> list[Path]:
     """Download every URL into `dest_dir` (named by the URL's last path part), `workers` at a time.
 
     Returns the destination paths in the order of `urls`. Raises DownloadError naming the failed URLs;
@@ -133,13 +142,17 @@ def download(urls: Iterable[str], dest_dir: str | Path, workers: int = 8, retrie
 
     errors: list[str] = []
     limits = httpx.Limits(max_connections=workers)
-    with httpx.Client(timeout=timeout, follow_redirects=True, limits=limits) as client, \
-            ThreadPoolExecutor(max_workers=workers) as pool:
+    with (
+        httpx.Client(timeout=timeout, follow_redirects=True, limits=limits) as client,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+
         def job(pair: tuple[str, Path]) -> None:
             try:
                 download_one(client, pair[0], pair[1], retries, backoff, on_bytes)
             except DownloadError as e:
                 errors.append(str(e))
+
         list(pool.map(job, todo))
     bar.close()
     if errors:

@@ -7,6 +7,7 @@ Training calls `model(idx, targets)` on the fast causal SDPA path. Inference cal
 the `KVCache` keeps one length per row, so a serving engine can batch sequences of different lengths, prefill
 many tokens and decode one at a time through the same forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,15 @@ class GPTConfig:
             while n_embd % n_head or (n_embd // n_head) % 2:
                 n_head += 1
         n_kv_head = overrides.pop("n_kv_head", None) or n_head
-        return cls(vocab_size=vocab_size, sequence_len=sequence_len, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_kv_head, n_embd=n_embd, **overrides)
+        return cls(
+            vocab_size=vocab_size,
+            sequence_len=sequence_len,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_embd=n_embd,
+            **overrides,
+        )
 
 
 class RMSNorm(torch.autograd.Function):
@@ -127,8 +135,14 @@ class KVCache:
     needs the lengths for shapes every step, and reading them back from the device would stall it.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -158,6 +172,7 @@ class KVCache:
 @dataclass
 class CacheStep:
     """Where one forward's T new tokens go in a KVCache and what they attend to: the same for every layer."""
+
     kv: KVCache
     write: tuple  # index of the new keys/values in one layer's [batch, position] cache
     read: tuple  # index of the keys/values the new tokens attend over
@@ -181,20 +196,26 @@ class CausalSelfAttention(nn.Module):
         # q and k side by side get one rotary and one norm. (Concatenating the three weights for one matmul
         # instead costs a copy of them per call, which decoding one token at a time cannot afford.)
         qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1).view(B, T, H + 2 * Hkv, self.head_dim)
-        qk = norm(apply_rotary(qkv[:, :, :H + Hkv], cos, sin))  # QK-norm keeps logits tame
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        qk = norm(apply_rotary(qkv[:, :, : H + Hkv], cos, sin))  # QK-norm keeps logits tame
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv :]
         gqa = self.n_head != self.n_kv_head
         if cache is None:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
+            )
         else:
             kc, vc = cache.kv.k[self.layer_idx], cache.kv.v[self.layer_idx]
             kc[cache.write] = k.to(kc.dtype)
             vc[cache.write] = v.to(vc.dtype)
             keys, values = kc[cache.read], vc[cache.read]
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                                               values.transpose(1, 2).to(q.dtype), attn_mask=cache.mask,
-                                               is_causal=cache.causal, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                keys.transpose(1, 2).to(q.dtype),
+                values.transpose(1, 2).to(q.dtype),
+                attn_mask=cache.mask,
+                is_causal=cache.causal,
+                enable_gqa=gqa,
+            )
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -226,11 +247,16 @@ class GPT(nn.Module):
         # On the meta device (checkpoint loading: the weights come from the file) no init runs at all:
         # normal_ there imports torch._dynamo, seconds at every CLI start. An empty _weight skips nn.Embedding's.
         meta = torch.get_default_device().type == "meta"
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd,
-                                _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(
+                    config.vocab_size,
+                    config.n_embd,
+                    _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None,
+                ),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent buffers, so checkpoints hold only weights.
         self.rotary_len = 10 * config.sequence_len
@@ -256,7 +282,7 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 fan_out, fan_in = m.weight.shape
-                nn.init.normal_(m.weight, std=fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+                nn.init.normal_(m.weight, std=fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
@@ -290,16 +316,22 @@ class GPT(nn.Module):
             p = int(start[0])
             mask = torch.ones(T, span, dtype=torch.bool, device=device).tril(p) if T > 1 and p > 0 else None
             step = CacheStep(kv, (slice(None), slice(p, p + T)), read, mask, causal=T > 1 and p == 0)
-            return step, self.cos[None, p:p + T, None], self.sin[None, p:p + T, None]
+            return step, self.cos[None, p : p + T, None], self.sin[None, p : p + T, None]
         positions = (start[:, None] + torch.arange(T)).to(device)  # [b, T]
         rows = torch.arange(kv.batch_size, device=device)
         mask = (torch.arange(span, device=device) <= positions[:, :, None])[:, None]
         step = CacheStep(kv, (rows[:, None], positions), read, mask)
         return step, self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, lengths: torch.Tensor | list[int] | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        lengths: torch.Tensor | list[int] | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """Logits [B, T, V] when targets is None, else the loss: mean over positions where targets != -1 and
         loss_mask (bool or float, 1 = learn) is set; reduction="none" gives the per-position loss [B, T].
 
@@ -336,8 +368,9 @@ class GPT(nn.Module):
                 logits = cap * torch.tanh(logits / cap)
             if targets is None:
                 return logits
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                   reduction="none").view(B, T)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none"
+            ).view(B, T)
         if reduction == "none":
             return loss
         weight = (targets != -1).float()
@@ -346,8 +379,16 @@ class GPT(nn.Module):
         return (loss * weight).sum() / weight.sum().clamp(min=1.0)
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop: set[int] | None = None) -> list[int]:
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: set[int] | None = None,
+    ) -> list[int]:
         """Continue one prompt with the KV cache, each token picked by `sample_next`: greedy at temperature 0,
         else seeded sampling."""
         device = self.lm_head.weight.device
@@ -364,8 +405,13 @@ class GPT(nn.Module):
         return out
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The next token [b] of each row of logits [b, V]: the argmax at temperature 0, else a draw from
     softmax(logits / temperature) kept to the top_k likeliest tokens (0: all) and then to the smallest set of them
     whose probability reaches top_p (1: all). The one token picker of training samples, evaluation and serving.

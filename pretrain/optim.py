@@ -6,6 +6,7 @@ weight matrix moves at the same rate. Embeddings, the output head and scalars ar
 and use AdamW. Under DDP the gradients are already all-reduced, so every rank takes the same step; Muon uses
 that to split its Newton-Schulz work across the ranks (see `Muon.step`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,10 +77,18 @@ class Muon(torch.optim.Optimizer):
     world size. Every rank must call `step` (it is a collective).
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        )
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -105,9 +114,13 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
                 # This rank's contiguous share of the stack; ceil so the shares cover it (the last may be short).
                 share = -(-len(params) // world)
-                mine = params[min(rank * share, len(params)):(rank + 1) * share]
-                grads = [p.grad.lerp(self.state[p]["momentum_buffer"], momentum) if group["nesterov"]
-                         else self.state[p]["momentum_buffer"] for p in mine]
+                mine = params[min(rank * share, len(params)) : (rank + 1) * share]
+                grads = [
+                    p.grad.lerp(self.state[p]["momentum_buffer"], momentum)
+                    if group["nesterov"]
+                    else self.state[p]["momentum_buffer"]
+                    for p in mine
+                ]
                 updates = _orthogonalise(torch.stack(grads), group["ns_steps"]) if grads else None
                 block = handle = None
                 if world > 1:
@@ -159,15 +172,18 @@ def build_optimizers(
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        kind = ("embedding" if id(p) in embed else "unembedding" if id(p) in head
-                else "matrix" if p.ndim == 2 else "scalar")
+        kind = (
+            "embedding" if id(p) in embed else "unembedding" if id(p) in head else "matrix" if p.ndim == 2 else "scalar"
+        )
         groups[kind].append(p)
     if model_dim is None:
         model_dim = model.config.n_embd
     scale = (model_dim / 768) ** -0.5
-    adam_groups = [dict(params=groups[k], lr=lr * scale, name=k)
-                   for k, lr in (("embedding", embedding_lr), ("unembedding", unembedding_lr), ("scalar", scalar_lr))
-                   if groups[k]]
+    adam_groups = [
+        dict(params=groups[k], lr=lr * scale, name=k)
+        for k, lr in (("embedding", embedding_lr), ("unembedding", unembedding_lr), ("scalar", scalar_lr))
+        if groups[k]
+    ]
     fused = all(p.is_cuda for g in adam_groups for p in g["params"])
     adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay, fused=fused or None)
     muon = Muon(groups["matrix"], lr=matrix_lr, weight_decay=weight_decay)
@@ -179,8 +195,9 @@ def build_optimizers(
     return optimizers
 
 
-def lr_multiplier(progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
-                  final_lr_frac: float = 0.0) -> float:
+def lr_multiplier(
+    progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0
+) -> float:
     """Warmup -> constant -> linear warmdown, as a function of training progress in [0, 1]."""
     progress = min(max(progress, 0.0), 1.0)
     if warmup_ratio > 0 and progress < warmup_ratio:

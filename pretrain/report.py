@@ -1,4 +1,5 @@
 """Training metrics on disk: one json object per line in metrics.jsonl, and a loss / bits-per-byte plot."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = "t
 
     A resumed run appends steps it already logged before the kill; the last record of a step wins."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 

@@ -9,6 +9,7 @@ A shard is a flat array of token ids behind a 32-byte header:
 stream and cuts it into (x, y) batches; its position is a small json-able dict that a
 checkpoint stores so a resumed run continues on exactly the same batches.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,8 +130,17 @@ class TokenLoader:
     identical on every rank, so any rank's `state_dict()` resumes all of them.
     """
 
-    def __init__(self, token_dir: str | Path, split: str, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0) -> None:
+    def __init__(
+        self,
+        token_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -149,8 +159,10 @@ class TokenLoader:
         self.window = batch_size * seq_len  # tokens of one rank's contiguous validation batch (+1 target)
         self.windows = (self.total - 1) // seq_len  # train windows: seq_len + 1 tokens at every multiple of seq_len
         if self.windows < world_size * batch_size:
-            raise ShardError(f"{split} split has {self.total} tokens, fewer than one step needs "
-                             f"({world_size} x {batch_size} x {seq_len} + 1); use a smaller batch or more data")
+            raise ShardError(
+                f"{split} split has {self.total} tokens, fewer than one step needs "
+                f"({world_size} x {batch_size} x {seq_len} + 1); use a smaller batch or more data"
+            )
         self.epoch, self.used = 0, 0  # completed passes; windows of this epoch's order already taken
         self._order: tuple[int, int, np.ndarray] | None = None  # (seed, epoch, order), cached
 
@@ -160,7 +172,7 @@ class TokenLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._wrap_if_short()  # a state loaded with a bigger batch or world size may not fit
         first = self.used + self.rank * self.batch_size
-        batch = self._rows(self._epoch_order()[first:first + self.batch_size])
+        batch = self._rows(self._epoch_order()[first : first + self.batch_size])
         self.used += self.world_size * self.batch_size
         self._wrap_if_short()  # eagerly, so `epoch` counts a finished pass and state_dict() names a real position
         return batch
@@ -205,7 +217,7 @@ class TokenLoader:
         parts, need = [], count
         while need:
             lo = start + count - need - int(self.starts[k])
-            part = self.shards[k][lo:lo + need]
+            part = self.shards[k][lo : lo + need]
             parts.append(part)
             need -= len(part)
             k += 1
@@ -223,20 +235,33 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         """The next batch's position: epoch and windows used of its shuffled order (json-able, equal on every rank)."""
-        return {"split": self.split, "order": "shuffled-windows", "seed": self.seed, "epoch": self.epoch,
-                "used": self.used, "seq_len": self.seq_len, "total_tokens": self.total}
+        return {
+            "split": self.split,
+            "order": "shuffled-windows",
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "used": self.used,
+            "seq_len": self.seq_len,
+            "total_tokens": self.total,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` (its seed included); refuses a state taken on different data or windows."""
         if state.get("order") != "shuffled-windows":
-            raise ShardError("loader state is from the older loader of contiguous batches, which this one cannot "
-                             "continue exactly: start the run afresh, or finish it with the code that began it")
+            raise ShardError(
+                "loader state is from the older loader of contiguous batches, which this one cannot "
+                "continue exactly: start the run afresh, or finish it with the code that began it"
+            )
         if state.get("total_tokens") != self.total:
-            raise ShardError(f"loader state is for a {state.get('total_tokens')}-token {state.get('split')} split, "
-                             f"this {self.split} split has {self.total} tokens: the token shards changed")
+            raise ShardError(
+                f"loader state is for a {state.get('total_tokens')}-token {state.get('split')} split, "
+                f"this {self.split} split has {self.total} tokens: the token shards changed"
+            )
         if state.get("seq_len") != self.seq_len:
-            raise ShardError(f"loader state is for windows of {state.get('seq_len')} tokens, this run uses "
-                             f"{self.seq_len}: resume with the same --sequence-len")
+            raise ShardError(
+                f"loader state is for windows of {state.get('seq_len')} tokens, this run uses "
+                f"{self.seq_len}: resume with the same --sequence-len"
+            )
         used = int(state["used"])
         if not 0 <= used < self.windows:
             raise ShardError(f"loader state has used {used} windows of an epoch of {self.windows}")

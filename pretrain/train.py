@@ -9,6 +9,7 @@ optimizer, schedule, RNG, data).
 Batches are (x, y) or (x, y, loss_mask) tensors; the batch source needs `__next__`, and `state_dict()` /
 `load_state_dict()` when checkpoints should resume on the same data (TokenLoader and SyntheticLoader do).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,21 +65,33 @@ class TrainConfig:
     keep_last: int = flag(2, "checkpoints to keep (0: all)")
     resume: bool = flag(False, "continue the newest checkpoint in the run directory exactly")
     compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
-    dtype: str = flag("auto", "autocast dtype of the matmuls: bf16, fp32 or auto (bf16 on CUDA and on CPUs with "
-                              "bf16 matmul instructions, fp32 elsewhere)")
+    dtype: str = flag(
+        "auto",
+        "autocast dtype of the matmuls: bf16, fp32 or auto (bf16 on CUDA and on CPUs with "
+        "bf16 matmul instructions, fp32 elsewhere)",
+    )
     device: str = flag("auto", "cuda, cpu, mps or auto ($SCRATCHCHAT_DEVICE, else the best available)")
     seed: int = flag(42, "seed for the model init and sampling")
 
 
 # ----------------------------------------------------------------------------- devices and precision
 
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU, for MFU; None where we do not know it (CPU, unknown GPUs)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                       ("A10G", 125e12), ("L4", 121e12), ("4090", 165e12)):
+    for key, flops in (
+        ("H100", 989e12),
+        ("H200", 989e12),
+        ("GH200", 989e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("A10G", 125e12),
+        ("L4", 121e12),
+        ("4090", 165e12),
+    ):
         if key in name:
             return flops
     return None
@@ -108,6 +121,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 # ----------------------------------------------------------------------------- data without a corpus
 
+
 class SyntheticLoader:
     """Seeded token batches for a bare machine: each row repeats a random snippet of skewed (low ids common)
     tokens, so a model has something to learn at once (the unigram) and later (copying).
@@ -115,8 +129,16 @@ class SyntheticLoader:
     Batch i of a run is the same on any number of ranks (rank r of w takes batch index*w + r), and its
     position is one integer, so resume and DDP behave as with real shards."""
 
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.index = 0
@@ -125,7 +147,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         period = int(torch.randint(4, 64, (1,), generator=g))
         snippet = (self.vocab_size * torch.rand(self.batch_size, period, generator=g) ** 3).long()
-        rows = snippet.repeat(1, (self.seq_len + 1) // period + 1)[:, :self.seq_len + 1].to(self.device)
+        rows = snippet.repeat(1, (self.seq_len + 1) // period + 1)[:, : self.seq_len + 1].to(self.device)
         return rows[:, :-1], rows[:, 1:]
 
     def __iter__(self) -> SyntheticLoader:
@@ -149,15 +171,22 @@ class SyntheticLoader:
 
 # ----------------------------------------------------------------------------- evaluation
 
+
 def token_byte_lengths(tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bytes each token id decodes to (0 for special tokens), for bits per byte."""
-    return torch.tensor([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)],
-                        dtype=torch.float64, device=device)
+    return torch.tensor(
+        [len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=torch.float64, device=device
+    )
 
 
 @torch.no_grad()
-def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None, dist: Dist | None = None,
-                 autocast: contextlib.AbstractContextManager | None = None) -> dict:
+def evaluate_bpb(
+    model: GPT,
+    batches: Iterable,
+    token_bytes: torch.Tensor | None,
+    dist: Dist | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict:
     """Validation loss (nats/token) and bits per byte = sum of nats over target tokens / (ln 2 * their bytes).
 
     Special-token targets (0 bytes) are left out of bits per byte, so it measures text only and is comparable
@@ -169,7 +198,7 @@ def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None
         T, V = x.size(1), model.config.vocab_size
         rows = max(1, 2**29 // (T * V))  # bound the fp32 logits of one forward to ~2 GB
         for i in range(0, x.size(0), rows):
-            xs, ys = x[i:i + rows], y[i:i + rows]
+            xs, ys = x[i : i + rows], y[i : i + rows]
             with autocast or contextlib.nullcontext():
                 nats = model(xs, ys, reduction="none").double()
             valid = ys >= 0
@@ -186,8 +215,14 @@ def evaluate_bpb(model: GPT, batches: Iterable, token_bytes: torch.Tensor | None
     return out
 
 
-def sample(model: GPT, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS, max_new_tokens: int = 24,
-           temperature: float = 0.0, seed: int = 0) -> list[str]:
+def sample(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str] = SAMPLE_PROMPTS,
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
     """Continuations of fixed prompts (greedy by default), each starting after <|bos|> as documents do."""
     was_training = model.training
     model.eval()
@@ -201,6 +236,7 @@ def sample(model: GPT, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS, max_n
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def accumulation(total_batch_tokens: int, micro_tokens: int) -> tuple[int, int]:
     """(micro-batches per step, tokens per step): the multiple of one micro-step's tokens (all devices) nearest to
@@ -229,8 +265,9 @@ def _resume_point(run_dir: Path, dist: Dist) -> Path:
     all_reduce(found, dist, torch_dist.ReduceOp.MIN)
     step = int(found.item())
     if step < 0:
-        raise CheckpointError(f"nothing to resume: no step_N checkpoint in {run_dir}"
-                              + (" on every node" if dist.world_size > 1 else ""))
+        raise CheckpointError(
+            f"nothing to resume: no step_N checkpoint in {run_dir}" + (" on every node" if dist.world_size > 1 else "")
+        )
     if step not in steps:
         raise CheckpointError(f"cannot resume: step {step} is missing from {run_dir} on this node; start afresh")
     return steps[step]
@@ -240,9 +277,19 @@ def _batch_parts(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     return (batch[0], batch[1], batch[2]) if len(batch) == 3 else (batch[0], batch[1], None)
 
 
-def train(model: GPT, cfg: TrainConfig, batches, *, run_dir: str | Path, tokenizer=None,
-          val_batches: Callable[[], Iterable] | None = None, evaluate: Callable[[GPT], dict] | None = None,
-          dist: Dist | None = None, meta: dict | None = None, prompts: Sequence[str] = SAMPLE_PROMPTS) -> dict:
+def train(
+    model: GPT,
+    cfg: TrainConfig,
+    batches,
+    *,
+    run_dir: str | Path,
+    tokenizer=None,
+    val_batches: Callable[[], Iterable] | None = None,
+    evaluate: Callable[[GPT], dict] | None = None,
+    dist: Dist | None = None,
+    meta: dict | None = None,
+    prompts: Sequence[str] = SAMPLE_PROMPTS,
+) -> dict:
     """Train `model` (already on its device, initialised or loaded) on `batches`; returns the final figures.
 
     run_dir: where step_N/ checkpoints, metrics.jsonl and loss.png go (e.g. $SCRATCHCHAT_HOME/checkpoints/base).
@@ -275,18 +322,30 @@ class _Run:
     """One training run's state and its phases, in the order train() calls them: set up (optimizers, resume,
     DDP and compile, the batch plan), then evaluate / sample / save / step until the end, then the figures."""
 
-    def __init__(self, model: GPT, cfg: TrainConfig, batches, run_dir: Path, tokenizer, dist: Dist,
-                 meta: dict | None) -> None:
-        self.model, self.cfg, self.batches, self.run_dir, self.tokenizer, self.dist = (model, cfg, batches, run_dir,
-                                                                                       tokenizer, dist)
+    def __init__(
+        self, model: GPT, cfg: TrainConfig, batches, run_dir: Path, tokenizer, dist: Dist, meta: dict | None
+    ) -> None:
+        self.model, self.cfg, self.batches, self.run_dir, self.tokenizer, self.dist = (
+            model,
+            cfg,
+            batches,
+            run_dir,
+            tokenizer,
+            dist,
+        )
         self.meta, self.device, self.metrics_path = meta or {}, dist.device, run_dir / "metrics.jsonl"
         self.say = tqdm.write if dist.is_main else (lambda *a, **k: None)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.low = autocast_dtype(cfg.dtype, self.device)
-        self.optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                           unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
+        self.optimizers = build_optimizers(
+            model,
+            matrix_lr=cfg.matrix_lr,
+            embedding_lr=cfg.embedding_lr,
+            unembedding_lr=cfg.unembedding_lr,
+            weight_decay=cfg.weight_decay,
+        )
         self.token_bytes = token_byte_lengths(tokenizer, self.device) if tokenizer is not None else None
         self.step, self.elapsed, self.tokens, self.checkpoint = 0, 0.0, 0, None
         if cfg.resume:
@@ -297,8 +356,9 @@ class _Run:
         self._wrap()
         self._plan()
         self.epoch = getattr(batches, "epoch", 0)
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
-                        unit="step")
+        self.bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True, unit="step"
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.low) if self.low else contextlib.nullcontext()
@@ -310,8 +370,10 @@ class _Run:
         path = _resume_point(self.run_dir, self.dist)
         saved = load_model_state(path, self.model)
         if self.tokenizer is not None and saved.get("tokenizer_hash") not in (None, self.tokenizer.hash):
-            raise CheckpointError(f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
-                                  f"this run uses {self.tokenizer.hash[:12]}")
+            raise CheckpointError(
+                f"{path} was trained with tokenizer {saved['tokenizer_hash'][:12]}, "
+                f"this run uses {self.tokenizer.hash[:12]}"
+            )
         load_optimizer_state(path, self.optimizers)
         m = saved["meta"]
         self.step, self.elapsed, self.tokens = m["step"], m["elapsed"], m["tokens"]
@@ -327,6 +389,7 @@ class _Run:
         self.ddp, self.train_model = None, self.model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only this name
                 warnings.simplefilter("ignore", FutureWarning)
                 ids = [self.dist.local_rank] if self.device.type == "cuda" else None
@@ -344,17 +407,22 @@ class _Run:
         micro_tokens = self.x.numel() * dist.world_size
         self.grad_accum, self.total_batch = accumulation(cfg.total_batch_tokens, micro_tokens)
         if cfg.total_batch_tokens > 0 and self.total_batch != cfg.total_batch_tokens:
-            self.say(f"note: {cfg.total_batch_tokens:,} tokens per step is not a multiple of {micro_tokens:,} "
-                     f"(device batch x sequence x {dist.world_size} devices): using {self.total_batch:,} "
-                     f"({self.grad_accum} micro-batches)")
+            self.say(
+                f"note: {cfg.total_batch_tokens:,} tokens per step is not a multiple of {micro_tokens:,} "
+                f"(device batch x sequence x {dist.world_size} devices): using {self.total_batch:,} "
+                f"({self.grad_accum} micro-batches)"
+            )
         params = self.model.num_params()
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, round(cfg.param_data_ratio * params
-                                                                                / self.total_batch))
+        self.total_steps = (
+            cfg.max_steps if cfg.max_steps > 0 else max(1, round(cfg.param_data_ratio * params / self.total_batch))
+        )
         self.flops_per_token, self.peak = self.model.flops_per_token(), peak_flops(self.device)
-        self.say(f"{params:,} parameters, {self.flops_per_token:.3g} FLOPs/token, {self.total_batch:,} tokens/step "
-                 f"({self.grad_accum} x {self.x.size(0)} x {self.x.size(1)} x {dist.world_size} devices), up to "
-                 f"{self.total_steps:,} steps on {self.device} ({'bf16 autocast' if self.low else 'fp32'}"
-                 f"{', compiled' if self.compiled else ''})")
+        self.say(
+            f"{params:,} parameters, {self.flops_per_token:.3g} FLOPs/token, {self.total_batch:,} tokens/step "
+            f"({self.grad_accum} x {self.x.size(0)} x {self.x.size(1)} x {dist.world_size} devices), up to "
+            f"{self.total_steps:,} steps on {self.device} ({'bf16 autocast' if self.low else 'fp32'}"
+            f"{', compiled' if self.compiled else ''})"
+        )
 
     def _loader_state(self) -> dict | None:
         return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
@@ -387,9 +455,15 @@ class _Run:
 
     def save(self) -> None:
         # The batch fetched for the next step is not consumed yet, so record the position it came from.
-        record = {**self.meta, "step": self.step, "elapsed": self.elapsed, "tokens": self.tokens,
-                  "loader": self.pending_state, "total_steps": self.total_steps,
-                  "metrics": {k: v for k, v in self.result.items() if k in ("val_bpb", "val_loss", "loss")}}
+        record = {
+            **self.meta,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "tokens": self.tokens,
+            "loader": self.pending_state,
+            "total_steps": self.total_steps,
+            "metrics": {k: v for k, v in self.result.items() if k in ("val_bpb", "val_loss", "loss")},
+        }
         self.checkpoint = self.run_dir / f"step_{self.step:06d}"
         check_ranks_agree(self.model, self.dist)
         if self.dist.fs_main:  # one copy per filesystem: on node-local disks every node keeps its own
@@ -405,8 +479,11 @@ class _Run:
     def optimizer_step(self) -> None:
         cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
-        set_schedule(self.optimizers, lr_multiplier(self.progress(), cfg.warmup_ratio, cfg.warmdown_ratio,
-                                                    cfg.final_lr_frac), self.step)
+        set_schedule(
+            self.optimizers,
+            lr_multiplier(self.progress(), cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
+            self.step,
+        )
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             # Only the last micro-batch all-reduces the gradients; no_sync() is a fresh context every time.
@@ -420,8 +497,10 @@ class _Run:
             self.x, self.y, self.mask = _batch_parts(next(self.batches))
         if getattr(self.batches, "epoch", 0) != self.epoch:
             self.epoch = self.batches.epoch
-            self.say(f"warning: the training data ran out at step {self.step + 1}: epoch {self.epoch + 1} repeats "
-                     f"it (a bigger corpus, e.g. more FineWeb-Edu shards, or fewer steps avoids this)")
+            self.say(
+                f"warning: the training data ran out at step {self.step + 1}: epoch {self.epoch + 1} repeats "
+                f"it (a bigger corpus, e.g. more FineWeb-Edu shards, or fewer steps avoids this)"
+            )
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         for opt in self.optimizers:
@@ -438,16 +517,24 @@ class _Run:
 
     def _log_step(self, loss: float, tok_s: float) -> None:
         group = self.optimizers[0].param_groups[0]
-        record = {"kind": "train", "step": self.step, "loss": loss, "lr_mult": group["lr"] / group["initial_lr"],
-                  "tokens": self.tokens, "tok_per_s": tok_s, "elapsed": self.elapsed}
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr_mult": group["lr"] / group["initial_lr"],
+            "tokens": self.tokens,
+            "tok_per_s": tok_s,
+            "elapsed": self.elapsed,
+        }
         if self.peak:
             record["mfu"] = self.flops_per_token * tok_s / (self.peak * self.dist.world_size)
         self.result["loss"] = loss
         self.rates.append(tok_s)
         if self.dist.is_main:
             append_metrics(self.metrics_path, record)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}",
-                                 **({"mfu": f"{record['mfu']:.1%}"} if self.peak else {}))
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{record['mfu']:.1%}"} if self.peak else {})
+            )
             if self.cfg.max_minutes > 0:  # a time limit ends the run first: let the bar's total and ETA follow it
                 self.bar.total = min(self.total_steps, max(self.step, round(self.step / self.progress())))
             self.bar.update(1)
@@ -465,14 +552,19 @@ class _Run:
             if plot_metrics(self.metrics_path, self.run_dir / "loss.png", title=name) is not None:
                 plot_metrics(self.metrics_path, report_dir() / f"{name}_loss.png", title=name)
         if self.rates:  # the steady state: the median of the later half skips compilation and warm-up
-            later = sorted(self.rates[len(self.rates) // 2:])
+            later = sorted(self.rates[len(self.rates) // 2 :])
             result["tok_per_s"] = later[len(later) // 2]
             if self.peak:
                 result["mfu"] = self.flops_per_token * result["tok_per_s"] / (self.peak * dist.world_size)
         if self.device.type == "cuda":
             result["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        result.update(step=self.step, elapsed=self.elapsed, tokens=self.tokens, total_steps=self.total_steps,
-                      checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        result.update(
+            step=self.step,
+            elapsed=self.elapsed,
+            tokens=self.tokens,
+            total_steps=self.total_steps,
+            checkpoint=str(self.checkpoint) if self.checkpoint else None,
+        )
         return result
 
 

@@ -7,6 +7,7 @@ rerun on its own at any time. The cost estimate counts every GPU of every node f
 not run yet gets a one-line note instead of its section.
 The output is plain markdown (tables, links to the PNG plots) that reads on GitHub and in a terminal.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -37,9 +38,16 @@ from pretrain.report import read_metrics  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from tokenizer.openai_vocabs import reference_tokenizers  # noqa: E402
 
-SAMPLE_PROMPTS = ("Hello! Who are you?", "What is the capital of France?", "What is 12 + 7?", "Calculate 23 x 4.",
-                  "Mia has 6 boxes with 4 shells in each box. How many shells is that in total?",
-                  "Spell 'water' backwards.", "Tell me about the Moon.", "What can you do?")
+SAMPLE_PROMPTS = (
+    "Hello! Who are you?",
+    "What is the capital of France?",
+    "What is 12 + 7?",
+    "Calculate 23 x 4.",
+    "Mia has 6 boxes with 4 shells in each box. How many shells is that in total?",
+    "Spell 'water' backwards.",
+    "Tell me about the Moon.",
+    "What can you do?",
+)
 CONTINUATION_PROMPTS = ("The history of the city", "Water is", "In the morning, the children")
 CONTINUATION_TOKENS = 96
 VAL_BYTES = 2_000_000  # enough held-out text for a stable bytes/token, quick to encode with three vocabularies
@@ -53,8 +61,9 @@ class ReportConfig:
     gpu_hour_cost: float = flag(3.0, "dollars per GPU-hour for the cost estimate on GPU (e.g. an H100)")
     gpus: int = flag(-1, "GPUs per node in the cost estimate (-1: the GPUs torch sees here)")
     nodes: int = flag(1, "nodes the run used: the cost counts gpus x nodes")
-    samples: int = flag(8, "sample conversations with the SFT model, from fixed prompts (0: none and no base "
-                           "continuations)")
+    samples: int = flag(
+        8, "sample conversations with the SFT model, from fixed prompts (0: none and no base continuations)"
+    )
     max_new_tokens: int = flag(48, "longest sample answer in tokens")
     device: str = flag("auto", "where the sample conversations run: cpu, cuda, mps or auto")
 
@@ -83,8 +92,11 @@ def _si(x: float) -> str:
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
+    ]
 
 
 def _count(x) -> str:
@@ -123,7 +135,7 @@ def cost(seconds: float, gpus: int, nodes: int, gpu_hour_cost: float) -> float:
 def steady_rate(records: list[dict], key: str) -> float | None:
     """Median of the later half of the steps (as the training loop reports it): skips compilation and warm-up."""
     values = [r[key] for r in records if r.get("kind") == "train" and key in r]
-    later = sorted(values[len(values) // 2:])
+    later = sorted(values[len(values) // 2 :])
     return later[len(later) // 2] if later else None
 
 
@@ -134,6 +146,7 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 
 # --- sections -------------------------------------------------------------------------------------
+
 
 def environment(gpus: int) -> list[str]:
     cpu = platform.processor() or platform.machine()
@@ -146,17 +159,23 @@ def environment(gpus: int) -> list[str]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
-    rows = [["CPU", f"{cpu}, {os.cpu_count()} cores"], ["GPU", gpu], ["torch", torch.__version__],
-            ["python", platform.python_version()], ["git commit", commit],
-            ["date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
+    rows = [
+        ["CPU", f"{cpu}, {os.cpu_count()} cores"],
+        ["GPU", gpu],
+        ["torch", torch.__version__],
+        ["python", platform.python_version()],
+        ["git commit", commit],
+        ["date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+    ]
     return ["## Environment", "", *_table(["", ""], rows)]
 
 
@@ -173,8 +192,11 @@ def tokenizer_section(home: Path, times: dict) -> list[str]:
         seconds = float(found[-1])
     elif "tokenizer" in times:
         seconds = times["tokenizer"][1] - times["tokenizer"][0]
-    lines += [f"{tok.vocab_size:,} tokens ({len(tok.special_tokens)} special), trained in {_duration(seconds)}, "
-              f"hash `{tok.hash[:12]}`.", ""]
+    lines += [
+        f"{tok.vocab_size:,} tokens ({len(tok.special_tokens)} special), trained in {_duration(seconds)}, "
+        f"hash `{tok.hash[:12]}`.",
+        "",
+    ]
     val = _val_files(home)
     if not val:
         return lines
@@ -186,8 +208,11 @@ def tokenizer_section(home: Path, times: dict) -> list[str]:
         n_tokens = sum(map(len, t.encode_batch(texts)))
         rows.append([name, f"{t.vocab_size:,}", f"{n_tokens:,}", f"{n_bytes / max(n_tokens, 1):.3f}"])
     where = ", ".join(f"`{Path(p).relative_to(home)}`" for p in val)
-    return lines + [f"Compression on {n_bytes:,} bytes of held-out text ({where}; higher is better):", "",
-                    *_table(["tokenizer", "vocab", "tokens", "bytes/token"], rows)]
+    return lines + [
+        f"Compression on {n_bytes:,} bytes of held-out text ({where}; higher is better):",
+        "",
+        *_table(["tokenizer", "vocab", "tokens", "bytes/token"], rows),
+    ]
 
 
 def val_sample(files: list[Path], max_bytes: int) -> tuple[list[str], int]:
@@ -229,23 +254,47 @@ def data_section(home: Path) -> list[str]:
         return lines + _missing("corpus", "python -m pretrain.data default")
     for d in corpora:
         m = _json(d / "manifest.json") or {}
-        rows = [[s.get("name", "?"), s.get("origin", "?"), s.get("license", "?"), _count(s.get("docs")),
-                 _count(s.get("chars"))] for s in m.get("sources", [])]
+        rows = [
+            [
+                s.get("name", "?"),
+                s.get("origin", "?"),
+                s.get("license", "?"),
+                _count(s.get("docs")),
+                _count(s.get("chars")),
+            ]
+            for s in m.get("sources", [])
+        ]
         lines += [f"Corpus `{d.name}` (`data/{d.name}/manifest.json`):", ""]
         if rows:
             lines += [*_table(["source", "origin", "license", "docs", "chars"], rows), ""]
         splits = m.get("splits", {})
         if splits:
-            lines += [", ".join(f"{k}: {_count(v.get('docs'))} docs / {_count(v.get('chars'))} chars"
-                                for k, v in splits.items()) + ".", ""]
+            lines += [
+                ", ".join(
+                    f"{k}: {_count(v.get('docs'))} docs / {_count(v.get('chars'))} chars" for k, v in splits.items()
+                )
+                + ".",
+                "",
+            ]
     for d in sorted(d for d in (home / "tokens").glob("*") if (d / "manifest.json").is_file()):
         m = _json(d / "manifest.json") or {}
-        rows = [[k, _count(v.get("tokens")), _count(v.get("docs")), len(v.get("files", [])),
-                 f"{v['bytes_per_token']:.3f}" if v.get("bytes_per_token") is not None else "-"]
-                for k, v in m.get("splits", {}).items()]
-        lines += [f"Tokens `{d.name}` (vocab {_count(m.get('vocab_size'))}, {m.get('dtype', '?')} shards, "
-                  f"tokenizer `{str(m.get('tokenizer_hash', '?'))[:12]}`):", "",
-                  *_table(["split", "tokens", "docs", "shards", "bytes/token"], rows), ""]
+        rows = [
+            [
+                k,
+                _count(v.get("tokens")),
+                _count(v.get("docs")),
+                len(v.get("files", [])),
+                f"{v['bytes_per_token']:.3f}" if v.get("bytes_per_token") is not None else "-",
+            ]
+            for k, v in m.get("splits", {}).items()
+        ]
+        lines += [
+            f"Tokens `{d.name}` (vocab {_count(m.get('vocab_size'))}, {m.get('dtype', '?')} shards, "
+            f"tokenizer `{str(m.get('tokenizer_hash', '?'))[:12]}`):",
+            "",
+            *_table(["split", "tokens", "docs", "shards", "bytes/token"], rows),
+            "",
+        ]
     return lines
 
 
@@ -264,20 +313,25 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
     records = _train_records(run_dir)
     tok_s, mfu = steady_rate(records, "tok_per_s"), steady_rate(records, "mfu")
     figures = meta.get("metrics", {})
-    rows = [["model", f"depth {mc.n_layer}, width {mc.n_embd}, {mc.n_head} heads ({mc.n_kv_head} kv), "
-                      f"context {mc.sequence_len}, vocab {mc.vocab_size:,}"],
-            ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
-            ["FLOPs/token (training)", _si(fpt)],
-            ["steps", f"{meta.get('step', 0):,}"],
-            ["tokens", f"{tokens:,} ({tokens / params:.3g} per parameter)"],
-            ["training FLOPs", f"{fpt * tokens:.3g}"],
-            ["training time", _duration(elapsed)],
-            ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
-            ["MFU", f"{mfu:.1%}" if mfu is not None else "- (GPU only)"],
-            ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
-            ["final val loss", f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
-            ["final val bits/byte", f"**{figures['val_bpb']:.4f}**" if figures.get("val_bpb") is not None else "-"],
-            ["checkpoint", f"`{ckpt.relative_to(home)}`"]]
+    rows = [
+        [
+            "model",
+            f"depth {mc.n_layer}, width {mc.n_embd}, {mc.n_head} heads ({mc.n_kv_head} kv), "
+            f"context {mc.sequence_len}, vocab {mc.vocab_size:,}",
+        ],
+        ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
+        ["FLOPs/token (training)", _si(fpt)],
+        ["steps", f"{meta.get('step', 0):,}"],
+        ["tokens", f"{tokens:,} ({tokens / params:.3g} per parameter)"],
+        ["training FLOPs", f"{fpt * tokens:.3g}"],
+        ["training time", _duration(elapsed)],
+        ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
+        ["MFU", f"{mfu:.1%}" if mfu is not None else "- (GPU only)"],
+        ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
+        ["final val loss", f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
+        ["final val bits/byte", f"**{figures['val_bpb']:.4f}**" if figures.get("val_bpb") is not None else "-"],
+        ["checkpoint", f"`{ckpt.relative_to(home)}`"],
+    ]
     lines += _table(["", ""], rows)
     samples = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "sample"]
     if samples:
@@ -298,18 +352,25 @@ def sft_section(home: Path) -> list[str]:
     records = _train_records(run_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     quick = {k[4:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("acc_")}
-    rows = [["data mix", meta.get("data", "?")],
-            ["examples", f"{meta.get('examples', 0):,} ({meta.get('split_conversations', 0):,} conversations split, "
-                         f"{meta.get('dropped_conversations', 0):,} dropped as too long)"],
-            ["from", f"`{meta['from']}`" if meta.get("from") else "?"],
-            ["steps / tokens", f"{meta.get('step', '?')} / {meta.get('tokens', 0):,}"],
-            ["training time", _duration(meta.get("elapsed"))],
-            ["tokens/s", f"{steady_rate(records, 'tok_per_s') or 0:,.0f}"],
-            ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
-            ["final val loss (assistant tokens)",
-             f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
-            ["quick chat eval at the end", ", ".join(f"{k} {v:.0%}" for k, v in quick.items()) or "-"],
-            ["checkpoint", f"`{ckpt.relative_to(home)}`"]]
+    rows = [
+        ["data mix", meta.get("data", "?")],
+        [
+            "examples",
+            f"{meta.get('examples', 0):,} ({meta.get('split_conversations', 0):,} conversations split, "
+            f"{meta.get('dropped_conversations', 0):,} dropped as too long)",
+        ],
+        ["from", f"`{meta['from']}`" if meta.get("from") else "?"],
+        ["steps / tokens", f"{meta.get('step', '?')} / {meta.get('tokens', 0):,}"],
+        ["training time", _duration(meta.get("elapsed"))],
+        ["tokens/s", f"{steady_rate(records, 'tok_per_s') or 0:,.0f}"],
+        ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
+        [
+            "final val loss (assistant tokens)",
+            f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-",
+        ],
+        ["quick chat eval at the end", ", ".join(f"{k} {v:.0%}" for k, v in quick.items()) or "-"],
+        ["checkpoint", f"`{ckpt.relative_to(home)}`"],
+    ]
     lines += _table(["", ""], rows)
     if (home / "report" / "sft_loss.png").is_file():
         lines += ["", "![SFT loss and validation](sft_loss.png)"]
@@ -325,12 +386,19 @@ def eval_section(home: Path) -> list[str]:
     models = list(run["models"])
     rows = run["rows"]
     if rows:
-        mean = {"task": "**mean**", "n": sum(r["n"] for r in rows),
-                **{k: sum(r[k] for r in rows) / len(rows) for k in ("chance", *models)}}
+        mean = {
+            "task": "**mean**",
+            "n": sum(r["n"] for r in rows),
+            **{k: sum(r[k] for r in rows) / len(rows) for k in ("chance", *models)},
+        }
         rows = [*rows, mean]
-    lines += [format_table(rows, models), "",
-              "Accuracy per task on held-out items (greedy answers, exact match; multiple choice by the likeliest "
-              "option letter). Chance: 1/k for multiple choice, the most common answer's share otherwise.", ""]
+    lines += [
+        format_table(rows, models),
+        "",
+        "Accuracy per task on held-out items (greedy answers, exact match; multiple choice by the likeliest "
+        "option letter). Chance: 1/k for multiple choice, the most common answer's share otherwise.",
+        "",
+    ]
     lines += [f"- {name}: `{path}`" for name, path in run["models"].items()]
     return lines
 
@@ -339,7 +407,7 @@ def repeated_ngrams(text: str, n: int = 4) -> float:
     """The share of the text's word n-grams that already appeared earlier in it: 0 for text that never repeats
     itself, near 1 for a loop ("the United States of the United States of ...")."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -366,10 +434,15 @@ def base_samples_section(home: Path, cfg: ReportConfig) -> list[str]:
             out = model.generate(tok.encode(prompt), CONTINUATION_TOKENS, stop={tok.bos_id})  # <|bos|>: a new document
             texts.append(prompt + tok.decode(out[:-1] if out[-1:] == [tok.bos_id] else out))
     share = sum(repeated_ngrams(t) for t in texts) / len(texts)
-    return lines + [f"Greedy, up to {CONTINUATION_TOKENS} tokens each (a document ends at <|bos|>). Repeated word "
-                    f"4-grams: **{share:.1%}** (the share of 4-grams that repeat an earlier one in the same text; 0% "
-                    "never loops).", "", "```text",
-                    *(t.replace("```", "'''") + "\n" for t in texts), "```"]
+    return lines + [
+        f"Greedy, up to {CONTINUATION_TOKENS} tokens each (a document ends at <|bos|>). Repeated word "
+        f"4-grams: **{share:.1%}** (the share of 4-grams that repeat an earlier one in the same text; 0% "
+        "never loops).",
+        "",
+        "```text",
+        *(t.replace("```", "'''") + "\n" for t in texts),
+        "```",
+    ]
 
 
 def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
@@ -380,10 +453,18 @@ def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     end = assistant_end_id(tok)
     prompts = SAMPLE_PROMPTS[: cfg.samples]
     # The eval's decoder, with the calculator: what a chat through the server would show.
-    answers = greedy_decode_batch(model, [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts],
-                                  cfg.max_new_tokens, end, [ToolUse(tok) for _ in prompts])
-    lines += [f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts (calculator calls in brackets):", "",
-              "```text"]
+    answers = greedy_decode_batch(
+        model,
+        [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts],
+        cfg.max_new_tokens,
+        end,
+        [ToolUse(tok) for _ in prompts],
+    )
+    lines += [
+        f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts (calculator calls in brackets):",
+        "",
+        "```text",
+    ]
     for prompt, out in zip(prompts, answers):
         cut = "" if out[-1:] == [end] else f" [cut at {cfg.max_new_tokens} tokens]"
         answer = answer_text(tok, out, show_calls=True).replace("```", "'''")
@@ -396,16 +477,25 @@ def time_section(times: dict, gpus: int, cfg: ReportConfig) -> list[str]:
     if not times:
         return lines + ["_No stage times: they are recorded by `bash speedrun.sh`._"]
     # Setting up .venv is the one timed step without a log of its own.
-    rows = [[name, _duration(end - start), "" if name == "setup" else f"`logs/{name}.log`"]
-            for name, (start, end) in times.items()]
+    rows = [
+        [name, _duration(end - start), "" if name == "setup" else f"`logs/{name}.log`"]
+        for name, (start, end) in times.items()
+    ]
     total = total_seconds(times)
-    lines += [*_table(["stage", "time", "log"], rows), "", f"Total: **{_duration(total)}** (wall time from the "
-              f"first stage's start to the last one's end; after a rerun that skipped finished stages, both runs)."]
+    lines += [
+        *_table(["stage", "time", "log"], rows),
+        "",
+        f"Total: **{_duration(total)}** (wall time from the "
+        f"first stage's start to the last one's end; after a rerun that skipped finished stages, both runs).",
+    ]
     if gpus:
         dollars = cost(total, gpus, cfg.nodes, cfg.gpu_hour_cost)
-        lines += ["", f"Estimated cost: **${dollars:,.2f}** ({cfg.nodes} node(s) x {gpus} GPU x "
-                      f"{total / 3600:.2f} h x ${cfg.gpu_hour_cost:.2f}/GPU-hour; `--gpu-hour-cost`, `--gpus`, "
-                      f"`--nodes` to change)."]
+        lines += [
+            "",
+            f"Estimated cost: **${dollars:,.2f}** ({cfg.nodes} node(s) x {gpus} GPU x "
+            f"{total / 3600:.2f} h x ${cfg.gpu_hour_cost:.2f}/GPU-hour; `--gpu-hour-cost`, `--gpus`, "
+            f"`--nodes` to change).",
+        ]
     return lines
 
 
@@ -414,20 +504,38 @@ def build(cfg: ReportConfig) -> str:
     if not home.is_dir():
         raise ValueError(f"{home} does not exist: run bash speedrun.sh first (or pass --home)")
     if cfg.gpus < -1 or cfg.nodes < 1 or cfg.gpu_hour_cost < 0:
-        raise ValueError(f"--gpus must be >= 0 (or -1), --nodes >= 1 and --gpu-hour-cost >= 0; got {cfg.gpus}, "
-                         f"{cfg.nodes} and {cfg.gpu_hour_cost}")
+        raise ValueError(
+            f"--gpus must be >= 0 (or -1), --nodes >= 1 and --gpu-hour-cost >= 0; got {cfg.gpus}, "
+            f"{cfg.nodes} and {cfg.gpu_hour_cost}"
+        )
     here = torch.cuda.device_count()
     gpus = here if cfg.gpus == -1 else cfg.gpus
     times = stage_times(home)
     pre, figures = pretrain_section(home)
-    head = ["# scratchchat report card", "",
-            f"Artifacts: `{home}`. Written by `python scripts/report.py` from the files the stages left."]
+    head = [
+        "# scratchchat report card",
+        "",
+        f"Artifacts: `{home}`. Written by `python scripts/report.py` from the files the stages left.",
+    ]
     if figures.get("val_bpb") is not None:
-        head += ["", f"**{figures['params'] / 1e6:.1f}M parameters, val {figures['val_bpb']:.4f} bits/byte"
-                     + (f", {_duration(total_seconds(times))} in all" if times else "") + "**"]
-    sections = [head, environment(here), tokenizer_section(home, times), data_section(home), pre,
-                sft_section(home), eval_section(home), base_samples_section(home, cfg), samples_section(home, cfg),
-                time_section(times, gpus, cfg)]
+        head += [
+            "",
+            f"**{figures['params'] / 1e6:.1f}M parameters, val {figures['val_bpb']:.4f} bits/byte"
+            + (f", {_duration(total_seconds(times))} in all" if times else "")
+            + "**",
+        ]
+    sections = [
+        head,
+        environment(here),
+        tokenizer_section(home, times),
+        data_section(home),
+        pre,
+        sft_section(home),
+        eval_section(home),
+        base_samples_section(home, cfg),
+        samples_section(home, cfg),
+        time_section(times, gpus, cfg),
+    ]
     return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
 
 

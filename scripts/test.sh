@@ -14,12 +14,13 @@ fi
 source "$root/scripts/setup.sh"
 cd "$root"
 set +e
-# Lint first (one ruff config in pyproject.toml); the tests run either way, and either failing fails the run.
-ruff check .
+# Lint and format check first (one ruff config in pyproject.toml); the tests run either way, and either failing
+# fails the run.
+ruff check . && ruff format --check .
 lint=$?
 python -m pytest "$@"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
 [ $rc -eq 5 ] && echo "no tests were collected" >&2
-[ $rc -eq 0 ] && [ $lint -ne 0 ] && { echo "ruff check failed (see above)" >&2; rc=1; }
+[ $rc -eq 0 ] && [ $lint -ne 0 ] && { echo "ruff check or ruff format --check failed (see above)" >&2; rc=1; }
 exit $rc

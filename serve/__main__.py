@@ -5,6 +5,7 @@ With no --checkpoint it serves the newest fine-tuned (SFT) checkpoint under $SCR
 auth. On Ctrl-C or SIGTERM it stops taking requests, answers queued ones 503, lets running generations finish
 for --shutdown-grace seconds, then ends the rest cleanly (their streams get a finish_reason and [DONE]).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,45 +34,76 @@ from serve.engine import Engine
 @dataclass
 class ServeConfig(Limits):
     """The server's flags; the per-request limits it inherits (serve.app.Limits) are flags too."""
-    checkpoint: str | None = flag(None, "checkpoint directory (default: newest under "
-                                        "$SCRATCHCHAT_HOME/checkpoints/sft)")
+
+    checkpoint: str | None = flag(
+        None, "checkpoint directory (default: newest under $SCRATCHCHAT_HOME/checkpoints/sft)"
+    )
     host: str = flag("127.0.0.1", "interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it)")
     port: int = flag(8000, "TCP port")
-    api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no "
-                                     "auth); other users can read it in `ps`: prefer the variable or --api-key-file")
+    api_key: str | None = flag(
+        None,
+        "require 'Authorization: Bearer KEY' (default: $SCRATCHCHAT_API_KEY, else no "
+        "auth); other users can read it in `ps`: prefer the variable or --api-key-file",
+    )
     api_key_file: str | None = flag(None, "read the API key from the first line of this file")
     model_name: str = flag("scratchchat", "the model id clients send and /v1/models lists")
-    cors_origin: list[str] | None = flag(None, "an origin allowed to call the API from a browser (repeatable)",
-                                         action="append")
-    allowed_host: list[str] | None = flag(None, "a Host name to answer besides localhost and IP addresses, e.g. the "
-                                                "machine's name on the LAN (repeatable; '*': any)", action="append")
-    header_timeout: float = flag(10.0, "seconds a connection may stay open without a request in progress (idle, "
-                                       "or sending headers)")
-    max_connections: int = flag(128, "open connections: beyond it new ones are closed at once (and requests get "
-                                     "503 at it)")
+    cors_origin: list[str] | None = flag(
+        None, "an origin allowed to call the API from a browser (repeatable)", action="append"
+    )
+    allowed_host: list[str] | None = flag(
+        None,
+        "a Host name to answer besides localhost and IP addresses, e.g. the "
+        "machine's name on the LAN (repeatable; '*': any)",
+        action="append",
+    )
+    header_timeout: float = flag(
+        10.0, "seconds a connection may stay open without a request in progress (idle, or sending headers)"
+    )
+    max_connections: int = flag(
+        128, "open connections: beyond it new ones are closed at once (and requests get 503 at it)"
+    )
     device: str = flag("auto", "cpu, cuda, mps or auto ($SCRATCHCHAT_DEVICE, else the best there is)")
     max_batch: int = flag(8, "sequences decoded together (KV-cache slots)")
     max_queue: int = flag(64, "requests allowed to wait for a slot before answering 429")
-    prefix_cache_mb: int = flag(1024, "MiB of keys and values kept from finished requests, so that a prompt starting "
-                                      "the same way (a chat resent with a new turn) skips that part of its prefill; "
-                                      "0 disables it")
+    prefix_cache_mb: int = flag(
+        1024,
+        "MiB of keys and values kept from finished requests, so that a prompt starting "
+        "the same way (a chat resent with a new turn) skips that part of its prefill; "
+        "0 disables it",
+    )
     threads: int = flag(0, "torch CPU threads (0: torch's default)")
     seed: int = flag(0, "seed of the generator that seeds requests sent without one")
     shutdown_grace: float = flag(10.0, "seconds running generations may continue after a shutdown signal")
     log_level: str = flag("info", "uvicorn log level")
 
 
-AT_LEAST = {"max_batch": 1, "max_queue": 1, "max_messages": 1, "max_message_chars": 1, "max_total_chars": 1,
-            "max_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_connections": 1, "max_stop": 0,
-            "prefix_cache_mb": 0, "retry_after": 0, "threads": 0, "shutdown_grace": 0}
+AT_LEAST = {
+    "max_batch": 1,
+    "max_queue": 1,
+    "max_messages": 1,
+    "max_message_chars": 1,
+    "max_total_chars": 1,
+    "max_tokens": 1,
+    "default_max_tokens": 1,
+    "max_body_bytes": 1,
+    "max_connections": 1,
+    "max_stop": 0,
+    "prefix_cache_mb": 0,
+    "retry_after": 0,
+    "threads": 0,
+    "shutdown_grace": 0,
+}
 POSITIVE = ("request_timeout", "body_timeout", "header_timeout")
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
     """The config from the command line, every number checked and the API key found; a bad flag is one
     `error:` line and exit status 2."""
-    parser = Parser(prog="python -m serve", description=__doc__.split("\n\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(
+        prog="python -m serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     limit_names = tuple(f.name for f in dataclasses.fields(Limits))
     add_flags(parser.add_argument_group("server"), ServeConfig, skip=limit_names)
     add_flags(parser.add_argument_group("per-request limits"), Limits)
@@ -98,8 +130,10 @@ def api_key(cfg: ServeConfig, parser: Parser) -> str | None:
     """--api-key (warned about), else the first line of --api-key-file, else $SCRATCHCHAT_API_KEY, else None."""
     key = cfg.api_key
     if key is not None:
-        print("warning: --api-key is visible to other users in `ps`; prefer $SCRATCHCHAT_API_KEY or --api-key-file",
-              file=sys.stderr)
+        print(
+            "warning: --api-key is visible to other users in `ps`; prefer $SCRATCHCHAT_API_KEY or --api-key-file",
+            file=sys.stderr,
+        )
     elif cfg.api_key_file is not None:
         try:
             key = Path(cfg.api_key_file).expanduser().read_text(encoding="utf-8").partition("\n")[0].strip()
@@ -123,8 +157,10 @@ def checkpoint_path(cfg: ServeConfig) -> Path:
     if cfg.checkpoint is None:
         path = latest_checkpoint("sft")
         if path is None:
-            raise ValueError(f"no fine-tuned checkpoint under {checkpoints_dir('sft')}: run bash speedrun.sh first "
-                             "(or pass --checkpoint PATH)")
+            raise ValueError(
+                f"no fine-tuned checkpoint under {checkpoints_dir('sft')}: run bash speedrun.sh first "
+                "(or pass --checkpoint PATH)"
+            )
         return path
     path = Path(cfg.checkpoint).expanduser()
     if not path.is_dir():
@@ -142,8 +178,14 @@ def serve(cfg: ServeConfig) -> int:
             if cfg.threads > 0:
                 torch.set_num_threads(cfg.threads)
             model, tok, _meta = load_checkpoint(path, device=pick_device(cfg.device))
-            return Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue, seed=cfg.seed,
-                          prefix_cache_bytes=cfg.prefix_cache_mb << 20)
+            return Engine(
+                model,
+                tok,
+                max_batch=cfg.max_batch,
+                max_queue=cfg.max_queue,
+                seed=cfg.seed,
+                prefix_cache_bytes=cfg.prefix_cache_mb << 20,
+            )
         except Exception as e:  # a corrupt checkpoint is the user's to fix: say so and stop the server
             failed.append(f"cannot load {path}: {e}")
             print(f"error: {failed[-1]}", file=sys.stderr)
@@ -151,19 +193,36 @@ def serve(cfg: ServeConfig) -> int:
             raise
 
     # ServeConfig extends Limits: the config is the limits. --host may be a name, which must be answered too.
-    app = create_app(load, limits=cfg, model_name=cfg.model_name, api_key=cfg.api_key,
-                     cors_origins=cfg.cors_origin, allowed_hosts=[cfg.host, *(cfg.allowed_host or [])])
+    app = create_app(
+        load,
+        limits=cfg,
+        model_name=cfg.model_name,
+        api_key=cfg.api_key,
+        cors_origins=cfg.cors_origin,
+        allowed_hosts=[cfg.host, *(cfg.allowed_host or [])],
+    )
     # The engine thread runs Python between kernels; a shorter GIL switch interval (default 5 ms) lets the event
     # loop thread answer requests and hand out tokens without waiting behind it.
     sys.setswitchinterval(0.001)
     raise_file_limit()
-    server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                           http=guarded(AutoHTTPProtocol, cfg.header_timeout, cfg.max_connections),
-                                           limit_concurrency=cfg.max_connections,
-                                           timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5),
-                            app.state.serve, cfg.shutdown_grace)
-    print(f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"
-          + (" with an API key" if cfg.api_key else ""), flush=True)
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level=cfg.log_level,
+            http=guarded(AutoHTTPProtocol, cfg.header_timeout, cfg.max_connections),
+            limit_concurrency=cfg.max_connections,
+            timeout_graceful_shutdown=int(cfg.shutdown_grace) + 5,
+        ),
+        app.state.serve,
+        cfg.shutdown_grace,
+    )
+    print(
+        f"serving {path} on http://{cfg.host}:{cfg.port}/ (web chat) and http://{cfg.host}:{cfg.port}/v1 (API)"
+        + (" with an API key" if cfg.api_key else ""),
+        flush=True,
+    )
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: the usual way to stop
@@ -235,6 +294,7 @@ def raise_file_limit() -> None:
     asyncio's accept loop spin (and log) until connections close. --max-connections stays far below it."""
     try:
         import resource
+
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):  # no such limit here (Windows), or one the OS won't grant (macOS)
@@ -251,9 +311,12 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             return loop.default_exception_handler(context)
         if time.monotonic() - last >= 60:
             last = time.monotonic()
-            print(f"warning: cannot accept connections ({context.get('exception')}): too many are open; "
-                  "lower --max-connections or --header-timeout, or raise the limit (ulimit -n)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"warning: cannot accept connections ({context.get('exception')}): too many are open; "
+                "lower --max-connections or --header-timeout, or raise the limit (ulimit -n)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     loop.set_exception_handler(handle)
 

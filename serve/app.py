@@ -18,6 +18,7 @@ calls the model made, beside its prose), `truncated_messages` / `truncated_promp
 The handlers are plain functions that find what they share (`State`) at request.app.state.serve; ENDPOINTS, near
 the end, is the one list of routes, from which the app, the OpenAPI document and /metrics take theirs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,6 +66,7 @@ GENERATION_FAILED = "generation failed on the server; see its log"
 @dataclass
 class Limits:
     """What one request may ask for; every field is a `python -m serve` flag."""
+
     max_messages: int = flag(64, "messages per chat request")
     max_message_chars: int = flag(32_000, "characters per message")
     max_total_chars: int = flag(128_000, "characters in all messages (or the prompt) together")
@@ -80,20 +82,31 @@ class Limits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     # ASCII JSON: a message quoting what the client sent (a model name holding a lone surrogate) always encodes.
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
-
-
 
 
 class State:
@@ -116,14 +129,18 @@ class State:
 
 # ---------------------------------------------------------------- request parsing and validation
 
+
 async def read_json(request: Request, limits: Limits) -> dict:
     """The request body as a JSON object, refusing bodies over the size limit before reading all of them."""
     # A JSON content type cannot be sent cross-site without a CORS preflight, so a web page the user visits
     # cannot start generations with a "simple" text/plain or form POST.
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
-        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got "
-                            f"{media_type or 'no content type'!r})", code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"send the body as JSON with 'Content-Type: application/json' (got {media_type or 'no content type'!r})",
+            code="unsupported_media_type",
+        )
     limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -136,11 +153,13 @@ async def read_json(request: Request, limits: Limits) -> dict:
                 if len(body) > limit:
                     raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
-                       code="request_timeout") from None
+        raise APIError(
+            408, f"the request body did not arrive within {limits.body_timeout:g} s", code="request_timeout"
+        ) from None
     except ClientDisconnect:  # nobody will read this answer; 499 is how it is counted (nginx's "client closed")
-        raise APIError(499, "the client closed the connection while sending its request",
-                       code="client_closed") from None
+        raise APIError(
+            499, "the client closed the connection while sending its request", code="client_closed"
+        ) from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -157,8 +176,11 @@ def _number(data: dict, name: str, default, lo: float, hi: float, integer: bool 
     if value is None:
         return default
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
-            (isinstance(value, float) and not math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise APIError(400, f"'{name}' must be {kind}", param=name)
     if not lo <= value <= hi:
         raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
@@ -174,14 +196,18 @@ def _bool(data: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def sampling_params(data: dict, limits: Limits, default_max_tokens: int, eng: Engine,
-                    logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    data: dict, limits: Limits, default_max_tokens: int, eng: Engine, logprobs: int | None
+) -> SamplingParams:
     """Validate the OpenAI sampling fields shared by both completion routes (`logprobs`: each route's own field,
     already checked)."""
     n = _number(data, "n", 1, 1, MAX_N, integer=True)
     if n > eng.max_batch:
-        raise APIError(400, f"'n' is {n} but this server decodes at most {eng.max_batch} sequences together "
-                            "(--max-batch)", param="n")
+        raise APIError(
+            400,
+            f"'n' is {n} but this server decodes at most {eng.max_batch} sequences together (--max-batch)",
+            param="n",
+        )
     for unsupported in ("presence_penalty", "frequency_penalty"):
         if _number(data, unsupported, 0, -2, 2) != 0:
             raise APIError(400, f"'{unsupported}' is not supported; leave it at 0", param=unsupported)
@@ -194,8 +220,11 @@ def sampling_params(data: dict, limits: Limits, default_max_tokens: int, eng: En
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > limits.max_stop:
-        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} "
-                            "non-empty strings", param="stop")
+        raise APIError(
+            400,
+            f"'stop' must be a non-empty string or a list of at most {limits.max_stop} non-empty strings",
+            param="stop",
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(_number(data, "temperature", 1.0, 0, 2)),
@@ -232,28 +261,37 @@ def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
     out, total = [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"messages[{i}] must have a role of system, user or assistant",
-                           param=f"messages[{i}].role")
+            raise APIError(
+                400, f"messages[{i}] must have a role of system, user or assistant", param=f"messages[{i}].role"
+            )
         content = m.get("content")
         if isinstance(content, list):  # the array form: only text parts are understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}].content parts must all be {{'type': 'text', 'text': ...}}",
-                               param=f"messages[{i}].content")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise APIError(
+                    400,
+                    f"messages[{i}].content parts must all be {{'type': 'text', 'text': ...}}",
+                    param=f"messages[{i}].content",
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         if len(content) > limits.max_message_chars:
-            raise APIError(400, f"messages[{i}] has {len(content)} characters; the limit is {limits.max_message_chars}",
-                           param=f"messages[{i}].content")
+            raise APIError(
+                400,
+                f"messages[{i}] has {len(content)} characters; the limit is {limits.max_message_chars}",
+                param=f"messages[{i}].content",
+            )
         role = "system" if m["role"] == "developer" else m["role"]  # newer clients call the system prompt "developer"
         out.append({"role": role, "content": content})
         if m.get("calculator_calls") is not None:  # finetune.chat validates them and renders them as tool tokens
             out[-1]["calculator_calls"] = m["calculator_calls"]
         total += text_chars(out[-1])
     if total > limits.max_total_chars:
-        raise APIError(400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}",
-                       param="messages")
+        raise APIError(
+            400, f"messages hold {total} characters in total; the limit is {limits.max_total_chars}", param="messages"
+        )
     return out
 
 
@@ -261,9 +299,13 @@ def text_chars(message: dict) -> int:
     """The characters of a message that get tokenized: its content and its calculator calls' text (the calls are
     validated later, by finetune.chat; fields that are not strings are refused there, before any tokenizing)."""
     calls = message.get("calculator_calls")
-    return len(message["content"]) + sum(len(v) for c in (calls if isinstance(calls, list) else [])
-                                         if isinstance(c, dict)
-                                         for v in (c.get("expression"), c.get("result")) if isinstance(v, str))
+    return len(message["content"]) + sum(
+        len(v)
+        for c in (calls if isinstance(calls, list) else [])
+        if isinstance(c, dict)
+        for v in (c.get("expression"), c.get("result"))
+        if isinstance(v, str)
+    )
 
 
 def check_text_can_fit(chars: int, eng: Engine, param: str) -> None:
@@ -271,16 +313,24 @@ def check_text_can_fit(chars: int, eng: Engine, param: str) -> None:
     it could never be a prompt, and tokenizing it costs time (the GIL) and memory (the tokenizer's chunk cache)."""
     at_least = -(-chars // eng.max_token_chars)
     if at_least >= eng.max_context:
-        raise APIError(400, f"the prompt has {chars} characters, so at least {at_least} tokens, but the model's "
-                            f"context is {eng.max_context} tokens: shorten it", param=param,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters, so at least {at_least} tokens, but the model's "
+            f"context is {eng.max_context} tokens: shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
     if n_tokens >= context:
-        raise APIError(400, f"the prompt is {n_tokens} tokens long but the model's context is {context} tokens "
-                            f"(and at least one must be left to answer): shorten it", param=param,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is {n_tokens} tokens long but the model's context is {context} tokens "
+            f"(and at least one must be left to answer): shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def check_chars(text: str, limit: int, param: str) -> None:
@@ -290,13 +340,15 @@ def check_chars(text: str, limit: int, param: str) -> None:
 
 # ---------------------------------------------------------------- what the handlers share
 
+
 def state_of(request: Request) -> State:
     return request.app.state.serve
 
 
 def shutting_down(state: State) -> APIError:
-    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                    headers=state.retry_after())
+    return APIError(
+        503, "the server is shutting down", type="server_error", code="shutting_down", headers=state.retry_after()
+    )
 
 
 def ready_engine(state: State) -> Engine:
@@ -315,8 +367,12 @@ def authorize(request: Request) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       type="invalid_request_error", code="invalid_api_key")
+        raise APIError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            type="invalid_request_error",
+            code="invalid_api_key",
+        )
 
 
 def check_model(state: State, data: dict) -> None:
@@ -324,8 +380,12 @@ def check_model(state: State, data: dict) -> None:
     if not isinstance(model, str):
         raise APIError(400, "'model' must be a string", param="model")
     if model != state.model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{state.model_name}'",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def include_usage(data: dict) -> bool:
@@ -349,15 +409,16 @@ def fit_prompt(tok, messages: list[dict], limit: int | None) -> tuple[list[int],
     pairs go first; the system message and the last user message always stay."""
     ids = render_prompt(tok, messages)
     system = messages[:1] if messages[0]["role"] == "system" else []
-    turns, dropped = messages[len(system):], 0
+    turns, dropped = messages[len(system) :], 0
     while limit is not None and len(ids) > limit and len(turns) > 1:
         turns, dropped = turns[2:], dropped + 2
         ids = render_prompt(tok, system + turns)
     return ids, dropped
 
 
-async def chat_prompt(state: State, eng: Engine, messages: list[dict], limit: int | None = None
-                      ) -> tuple[list[int], int]:
+async def chat_prompt(
+    state: State, eng: Engine, messages: list[dict], limit: int | None = None
+) -> tuple[list[int], int]:
     """The token ids the model sees for a chat, and the messages dropped to fit `limit` tokens (None: strict, and
     refused before tokenizing if it cannot fit the context)."""
     if limit is None:
@@ -367,9 +428,13 @@ async def chat_prompt(state: State, eng: Engine, messages: list[dict], limit: in
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
     if limit is not None and len(ids) > limit:
-        raise APIError(400, f"the system message and the last user message alone are {len(ids)} tokens, more than "
-                            f"truncate_prompt_tokens ({limit})", param="truncate_prompt_tokens",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the system message and the last user message alone are {len(ids)} tokens, more than "
+            f"truncate_prompt_tokens ({limit})",
+            param="truncate_prompt_tokens",
+            code="context_length_exceeded",
+        )
     return ids, dropped
 
 
@@ -377,8 +442,13 @@ def start(state: State, eng: Engine, prompt: list[int], params: SamplingParams) 
     try:
         return eng.submit(prompt, params, timeout=state.limits.request_timeout)
     except QueueFull as e:
-        raise APIError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                       code="queue_full", headers=state.retry_after()) from None
+        raise APIError(
+            429,
+            f"the server is busy ({e}); retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers=state.retry_after(),
+        ) from None
     except EngineClosed:
         raise shutting_down(state) from None
 
@@ -389,8 +459,13 @@ async def first_chunk(state: State, it: AsyncIterator[Chunk]) -> Chunk:
     if chunk.finish_reason == "error":
         raise APIError(500, GENERATION_FAILED, type="server_error")
     if chunk.finish_reason == "timeout":
-        raise APIError(503, "the request waited in the queue past the server's timeout; retry later",
-                       type="server_error", code="timeout", headers=state.retry_after())
+        raise APIError(
+            503,
+            "the request waited in the queue past the server's timeout; retry later",
+            type="server_error",
+            code="timeout",
+            headers=state.retry_after(),
+        )
     if chunk.finish_reason == "shutdown":
         raise shutting_down(state)
     if chunk.finish_reason == "cancelled":  # the client left while queued: the answer goes nowhere
@@ -407,8 +482,15 @@ async def completion_request(request: Request) -> tuple[State, dict, Engine]:
     return state, data, ready_engine(state)
 
 
-async def respond(request: Request, eng: Engine, data: dict, prompt: list[int], params: SamplingParams,
-                  kind: str, extra: dict | None = None) -> Response:
+async def respond(
+    request: Request,
+    eng: Engine,
+    data: dict,
+    prompt: list[int],
+    params: SamplingParams,
+    kind: str,
+    extra: dict | None = None,
+) -> Response:
     """Shared by chat and text completions: stream SSE chunks or collect one JSON answer. `extra`: our extension
     fields, repeated at the top level of the answer and of every chunk."""
     state = state_of(request)
@@ -438,12 +520,14 @@ async def respond(request: Request, eng: Engine, data: dict, prompt: list[int], 
             watcher.cancel()
         return JSONResponse(reply.completion(samples))
     watcher.cancel()  # StreamingResponse watches for the disconnect itself and cancels the stream below
-    return StreamingResponse(events(reply, gen, it, chunk, params.n), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(reply, gen, it, chunk, params.n),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
-async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first: Chunk,
-                 n: int) -> AsyncIterator[str]:
+async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first: Chunk, n: int) -> AsyncIterator[str]:
     """A generation's n samples as server-sent events, from their first chunks to `data: [DONE]`."""
     try:
         samples = [Sample() for _ in range(n)]
@@ -454,31 +538,49 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
         while c is not None:
             s = samples[c.index]
             if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
-                yield _sse({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None,
-                                      "code": None}})
+                yield _sse(
+                    {"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": None}}
+                )
                 yield "data: [DONE]\n\n"
                 return
             if c.text or c.logprobs:
                 logprobs = reply.logprobs(c.logprobs, len(s.text)) if reply.logprobs_on else None
-                yield _sse(reply.chunk(c.index, {"content": c.text} if reply.kind == "chat" else c.text, None,
-                                       logprobs))
+                yield _sse(
+                    reply.chunk(c.index, {"content": c.text} if reply.kind == "chat" else c.text, None, logprobs)
+                )
             if c.calls:
                 calls = [reply.call(call, len(s.calls) + k) for k, call in enumerate(c.calls)]
-                yield _sse(reply.chunk(c.index, {"calculator_calls": calls} if reply.kind == "chat" else "", None,
-                                       calls=None if reply.kind == "chat" else calls))
+                yield _sse(
+                    reply.chunk(
+                        c.index,
+                        {"calculator_calls": calls} if reply.kind == "chat" else "",
+                        None,
+                        calls=None if reply.kind == "chat" else calls,
+                    )
+                )
             s.add(c)
             if c.finish_reason is not None:
                 yield _sse(reply.chunk(c.index, {} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
             c = await anext(it, None)
         if reply.with_usage:
-            yield _sse({"id": reply.id, "object": reply.object(stream=True), "created": reply.created,
-                        "model": reply.model, "choices": [], "usage": _usage(samples), **reply.extra})
+            yield _sse(
+                {
+                    "id": reply.id,
+                    "object": reply.object(stream=True),
+                    "created": reply.created,
+                    "model": reply.model,
+                    "choices": [],
+                    "usage": _usage(samples),
+                    **reply.extra,
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         gen.cancel()
 
 
 # ---------------------------------------------------------------- the handlers
+
 
 async def chat_completions(request: Request) -> Response:
     state, data, eng = await completion_request(request)
@@ -487,8 +589,9 @@ async def chat_completions(request: Request) -> Response:
     limit = truncation(data, eng)
     prompt, dropped = await chat_prompt(state, eng, messages, limit)
     check_prompt_fits(len(prompt), eng.max_context, "messages")
-    return await respond(request, eng, data, prompt, params, "chat",
-                         None if limit is None else {"truncated_messages": dropped})
+    return await respond(
+        request, eng, data, prompt, params, "chat", None if limit is None else {"truncated_messages": dropped}
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -510,10 +613,17 @@ async def completions(request: Request) -> Response:
     # A document starts with <|bos|>, as in training; truncation keeps it and the last limit - 1 tokens after it.
     text = await tokenize_off_loop(state, eng.tokenizer.encode, prompt)
     keep = len(text) if limit is None else min(len(text), limit - 1)
-    ids = [eng.tokenizer.bos_id] + text[len(text) - keep:]
+    ids = [eng.tokenizer.bos_id] + text[len(text) - keep :]
     check_prompt_fits(len(ids), eng.max_context, "prompt")
-    return await respond(request, eng, data, ids, params, "text",
-                         None if limit is None else {"truncated_prompt_tokens": len(text) - keep})
+    return await respond(
+        request,
+        eng,
+        data,
+        ids,
+        params,
+        "text",
+        None if limit is None else {"truncated_prompt_tokens": len(text) - keep},
+    )
 
 
 def model_card(state: State) -> dict:
@@ -554,8 +664,9 @@ async def health(request: Request) -> Response:
     if state.engine is None or state.shutting_down:
         status = "shutting_down" if state.shutting_down else ("error" if state.load_error else "loading")
         return JSONResponse({"status": status}, status_code=503, headers=state.retry_after())
-    return JSONResponse({"status": "ok", "model": state.model_name, "active": state.engine.active,
-                         "queued": state.engine.queued})
+    return JSONResponse(
+        {"status": "ok", "model": state.model_name, "active": state.engine.active, "queued": state.engine.queued}
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -567,9 +678,13 @@ async def openapi_document(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
-    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
-                        headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                                            "style-src 'unsafe-inline'; img-src 'none'"})
+    return HTMLResponse(
+        (STATIC / "index.html").read_text(encoding="utf-8"),
+        headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'; img-src 'none'"
+        },
+    )
 
 
 # The one list of what the server answers: the app's routes, the OpenAPI document's paths and the /metrics route
@@ -593,16 +708,20 @@ COUNTED_PATHS = frozenset(path for _, path, _, _ in ENDPOINTS if "{" not in path
 
 # ---------------------------------------------------------------- errors, startup and shutdown, the app
 
+
 async def on_api_error(request: Request, exc: APIError) -> Response:
     return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> Response:
-    messages = {404: f"no route {request.method} {request.url.path}",
-                405: f"method {request.method} is not allowed on {request.url.path}"}
+    messages = {
+        404: f"no route {request.method} {request.url.path}",
+        405: f"method {request.method} is not allowed on {request.url.path}",
+    }
     message = messages.get(exc.status_code, exc.detail)
-    return error_response(exc.status_code, message, code={404: "not_found"}.get(exc.status_code),
-                          headers=dict(exc.headers or {}))
+    return error_response(
+        exc.status_code, message, code={404: "not_found"}.get(exc.status_code), headers=dict(exc.headers or {})
+    )
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -619,6 +738,7 @@ async def lifespan(app: Starlette):
             state.engine = state.load()
         except Exception as e:  # reported by /health and every route, never as a traceback
             state.load_error = str(e) or type(e).__name__
+
     threading.Thread(target=load_in_thread, name="scratchchat-load", daemon=True).start()
     yield
     state.shutting_down = True
@@ -627,19 +747,35 @@ async def lifespan(app: Starlette):
         await asyncio.to_thread(state.engine.join, 5.0)
 
 
-def create_app(load: Callable[[], Engine], *, limits: Limits | None = None, model_name: str = "scratchchat",
-               api_key: str | None = None, cors_origins: list[str] | None = None,
-               allowed_hosts: list[str] | None = None) -> Starlette:
+def create_app(
+    load: Callable[[], Engine],
+    *,
+    limits: Limits | None = None,
+    model_name: str = "scratchchat",
+    api_key: str | None = None,
+    cors_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> Starlette:
     """The Starlette app. `load` builds the engine; it runs in a thread at startup so /health can say 503 meanwhile.
 
     `allowed_hosts`: Host names answered besides localhost and IP addresses ("*": any)."""
     state = State(load, limits or Limits(), model_name, api_key)
     middleware = [Middleware(_Count, state=state), Middleware(_HostCheck, allowed=set(allowed_hosts or []))]
     if cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"]))
-    app = Starlette(routes=ROUTES, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash})
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    app = Starlette(
+        routes=ROUTES,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+    )
     app.state.serve = state
     return app
 
@@ -690,12 +826,13 @@ class _HostCheck:
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
             if host and not self.host_ok(host):
                 name = ascii(host)
-                response = error_response(400, f"this server does not answer to the Host {name}: start it with "
-                                               f"--allowed-host NAME to add a name", code="invalid_host")
+                response = error_response(
+                    400,
+                    f"this server does not answer to the Host {name}: start it with --allowed-host NAME to add a name",
+                    code="invalid_host",
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
 
 
 async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
@@ -712,19 +849,22 @@ def _openai_reason(reason: str | None) -> str:
     return "stop" if reason == "stop" else "length"  # a cut-off (timeout, shutdown) reads as running out of room
 
 
-
-
 def _usage(samples: list[Sample]) -> dict:
     last = [s.last for s in samples if s.last is not None]
     prompt, cached = last[0].prompt_tokens, last[0].cached_tokens
     completion = sum(c.completion_tokens for c in last)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 @dataclass
 class Sample:
     """One choice's output so far, gathered from its chunks."""
+
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     calls: list[CalculatorCall] = field(default_factory=list)
@@ -742,6 +882,7 @@ class Sample:
 class Reply:
     """What every JSON answer and stream chunk of one completion repeats: its kind ("chat" or "text"), id, time,
     and how it spells tokens for logprobs."""
+
     kind: str
     model: str
     with_usage: bool  # stream_options.include_usage: every chunk has a usage slot, and a last chunk fills it
@@ -760,15 +901,22 @@ class Reply:
             return "chat.completion.chunk" if stream else "chat.completion"
         return "text_completion"
 
-    def chunk(self, index: int, delta, finish: str | None, logprobs: dict | None = None,
-              calls: list | None = None) -> dict:
+    def chunk(
+        self, index: int, delta, finish: str | None, logprobs: dict | None = None, calls: list | None = None
+    ) -> dict:
         """One stream chunk: `delta` is a chat delta object, or the text of a text completion."""
         choice = {"index": index, "delta": delta} if self.kind == "chat" else {"index": index, "text": delta}
         choice.update({"logprobs": logprobs, "finish_reason": finish})
         if calls:
             choice["calculator_calls"] = calls
-        out = {"id": self.id, "object": self.object(stream=True), "created": self.created, "model": self.model,
-               "choices": [choice], **self.extra}
+        out = {
+            "id": self.id,
+            "object": self.object(stream=True),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            **self.extra,
+        }
         if self.with_usage:  # every chunk carries usage: null until the final usage chunk
             out["usage"] = None
         return out
@@ -787,8 +935,15 @@ class Reply:
             logprobs = self.logprobs(s.logprobs, 0) if self.logprobs_on else None
             choice.update({"logprobs": logprobs, "finish_reason": _openai_reason(s.last.finish_reason)})
             choices.append(choice)
-        return {"id": self.id, "object": self.object(stream=False), "created": self.created, "model": self.model,
-                "choices": choices, "usage": _usage(samples), **self.extra}
+        return {
+            "id": self.id,
+            "object": self.object(stream=False),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": _usage(samples),
+            **self.extra,
+        }
 
     def token(self, i: int) -> tuple[str, list[int]]:
         """A token as OpenAI shows it: its text (U+FFFD for a partial UTF-8 character) and its bytes."""
@@ -799,18 +954,27 @@ class Reply:
         """OpenAI's logprobs object for these tokens: chat's {"content": [...]}, or the legacy completions shape
         whose text_offset counts characters of the completion's text from `offset`."""
         if self.kind == "chat":
+
             def entry(i: int, lp: float) -> dict:
                 text, data = self.token(i)
                 return {"token": text, "logprob": lp, "bytes": data}
-            return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                                for t in lps]}
+
+            return {
+                "content": [
+                    {**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in lps
+                ]
+            }
         tokens = [self.token(t.token)[0] for t in lps]
         offsets = []
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
-                "top_logprobs": [{self.token(i)[0]: lp for i, lp in t.top} for t in lps], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{self.token(i)[0]: lp for i, lp in t.top} for t in lps],
+            "text_offset": offsets,
+        }
 
     def call(self, c: CalculatorCall, index: int | None = None) -> dict:
         out = {"expression": c.expression, "result": c.result, "offset": c.offset}
@@ -828,11 +992,17 @@ def _prometheus(state: State) -> str:
     def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP {name} {help}")
         lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                     for labels, value in samples)
+        lines.extend(
+            f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+            for labels, value in samples
+        )
 
-    family("scratchchat_requests_total", "counter", "HTTP requests answered, by route and status.",
-           [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.requests.items())])
+    family(
+        "scratchchat_requests_total",
+        "counter",
+        "HTTP requests answered, by route and status.",
+        [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.requests.items())],
+    )
     e = state.engine
     family("scratchchat_model_loaded", "gauge", "1 once the model is loaded and serving.", [("", int(e is not None))])
     if e is not None:
@@ -841,19 +1011,43 @@ def _prometheus(state: State) -> str:
         family("scratchchat_queue_depth", "gauge", "Requests waiting for a slot.", [("", e.queued)])
         family("scratchchat_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
         family("scratchchat_generated_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
-        family("scratchchat_generations_total", "counter", "Finished generations, by how they ended.",
-               [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
+        family(
+            "scratchchat_generations_total",
+            "counter",
+            "Finished generations, by how they ended.",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())],
+        )
         if e.prefix_cache is not None:
-            family("scratchchat_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.",
-                   [("", st.prefix_lookups)])
-            family("scratchchat_prefix_cache_hits_total", "counter", "Prompts that reused cached keys and values.",
-                   [("", st.prefix_hits)])
-            family("scratchchat_prefix_cache_reused_tokens_total", "counter",
-                   "Prompt tokens taken from the prefix cache instead of prefilled.", [("", st.prefix_reused_tokens)])
-            family("scratchchat_prefix_cache_bytes", "gauge", "Bytes of keys and values held by the prefix cache.",
-                   [("", e.prefix_cache.bytes)])
-        family("scratchchat_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
-               [("", float(round(st.tokens_per_second(), 3)))])
+            family(
+                "scratchchat_prefix_cache_lookups_total",
+                "counter",
+                "Prompts looked up in the prefix cache.",
+                [("", st.prefix_lookups)],
+            )
+            family(
+                "scratchchat_prefix_cache_hits_total",
+                "counter",
+                "Prompts that reused cached keys and values.",
+                [("", st.prefix_hits)],
+            )
+            family(
+                "scratchchat_prefix_cache_reused_tokens_total",
+                "counter",
+                "Prompt tokens taken from the prefix cache instead of prefilled.",
+                [("", st.prefix_reused_tokens)],
+            )
+            family(
+                "scratchchat_prefix_cache_bytes",
+                "gauge",
+                "Bytes of keys and values held by the prefix cache.",
+                [("", e.prefix_cache.bytes)],
+            )
+        family(
+            "scratchchat_tokens_per_second",
+            "gauge",
+            "Generated tokens per second over the last 10 s.",
+            [("", float(round(st.tokens_per_second(), 3)))],
+        )
         buckets = [(f'{{le="{"+Inf" if math.isinf(b) else b}"}}', n) for b, n in zip(st.TTFT_BUCKETS, st.ttft_counts)]
         lines.append("# HELP scratchchat_time_to_first_token_seconds From arrival to the first generated token.")
         lines.append("# TYPE scratchchat_time_to_first_token_seconds histogram")
@@ -861,4 +1055,3 @@ def _prometheus(state: State) -> str:
         lines.append(f"scratchchat_time_to_first_token_seconds_sum {st.ttft_sum:g}")
         lines.append(f"scratchchat_time_to_first_token_seconds_count {st.ttft_count}")
     return "\n".join(lines) + "\n"
-

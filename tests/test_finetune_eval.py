@@ -1,5 +1,6 @@
 """Chat evaluation pieces (finetune.eval): greedy decoding, letter choice, batching, scoring, benchmark files
 (from paths, and by name through a local HTTP server standing in for the hub mirror)."""
+
 from collections import Counter
 
 import pyarrow as pa
@@ -18,8 +19,14 @@ from tokenizer import Tokenizer
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | None = None,
-                  tool: ToolUse | None = None, ban: int | None = None) -> list[int]:
+def greedy_decode(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    stop: int | None = None,
+    tool: ToolUse | None = None,
+    ban: int | None = None,
+) -> list[int]:
     """The reference decoder: argmax of the full forward (no cache) at each step, stop token included; with a
     ToolUse, a finished call's result block replaces the next picks; `ban` is never picked. Batched evaluation and
     the serving engine must match it token for token."""
@@ -37,7 +44,6 @@ def greedy_decode(model, prompt: list[int], max_new_tokens: int, stop: int | Non
         if tool and (exchange := tool.after(nxt)):
             forced = list(exchange.forced)
     return out
-
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +101,9 @@ def reference_answers(model, tok, items, max_new_tokens, tool=False):
             logits = model(torch.tensor([prompt]))[0, -1]
             out.append(tasks.LETTERS[int(logits[chat_eval.letter_ids(tok, len(item.choices))].argmax())])
         else:
-            answer = greedy_decode(model, prompt, max_new_tokens, end, ToolUse(tok) if tool else None,
-                                   ban=None if tool else start)
+            answer = greedy_decode(
+                model, prompt, max_new_tokens, end, ToolUse(tok) if tool else None, ban=None if tool else start
+            )
             out.append(chat_eval.answer_text(tok, answer))
     return out
 
@@ -104,8 +111,11 @@ def reference_answers(model, tok, items, max_new_tokens, tool=False):
 def test_batched_evaluation_gives_the_reference_answers(tok, model, one_thread):
     """Prompts of many lengths (right padding, per-row cache lengths), rows that stop at <|assistant_end|> at
     different steps while others run on, and mixed multiple-choice and generative items in one call."""
-    items = [it for t in ("arithmetic", "reverse", "capital", "largest_mc", "capital_mc")
-             for it in tasks.generate(t, "eval", 6, 0)]
+    items = [
+        it
+        for t in ("arithmetic", "reverse", "capital", "largest_mc", "capital_mc")
+        for it in tasks.generate(t, "eval", 6, 0)
+    ]
     items.append(Item("arc", "long", "Which? " + "Think about it carefully. " * 6, "A", ("yes", "no", "maybe")))
     # A model whose answers end, at different steps: <|assistant_end|> gets the output row of a token that the
     # random model emits in some answers but not all, scaled up a little so it wins wherever that token would.
@@ -151,19 +161,41 @@ def test_scoring_and_chance():
 
 
 def test_benchmark_parquet_loaders(tmp_path):
-    pq.write_table(pa.table({"question": ["2+2?", "Sky?"], "subject": ["math", "sci"],
-                             "choices": [["3", "4", "5", "6"], ["blue", "red", "green", "pink"]],
-                             "answer": [1, 0]}), tmp_path / "mmlu.parquet")
-    pq.write_table(pa.table({"id": ["a1", "a2"], "question": ["Q1", "Q2"],
-                             "choices": [{"text": ["x", "y", "z"], "label": ["A", "B", "C"]},
-                                         {"text": ["p", "q", "r", "s"], "label": ["1", "2", "3", "4"]}],
-                             "answerKey": ["C", "2"]}), tmp_path / "arc.parquet")
-    pq.write_table(pa.table({"question": ["Tom has 2 and gets 3. Total?"],
-                             "answer": ["2 + 3 = 5\n#### 5"]}), tmp_path / "gsm8k.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "question": ["2+2?", "Sky?"],
+                "subject": ["math", "sci"],
+                "choices": [["3", "4", "5", "6"], ["blue", "red", "green", "pink"]],
+                "answer": [1, 0],
+            }
+        ),
+        tmp_path / "mmlu.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a1", "a2"],
+                "question": ["Q1", "Q2"],
+                "choices": [
+                    {"text": ["x", "y", "z"], "label": ["A", "B", "C"]},
+                    {"text": ["p", "q", "r", "s"], "label": ["1", "2", "3", "4"]},
+                ],
+                "answerKey": ["C", "2"],
+            }
+        ),
+        tmp_path / "arc.parquet",
+    )
+    pq.write_table(
+        pa.table({"question": ["Tom has 2 and gets 3. Total?"], "answer": ["2 + 3 = 5\n#### 5"]}),
+        tmp_path / "gsm8k.parquet",
+    )
     name, items = chat_eval.load_benchmark(tmp_path / "mmlu.parquet")
     assert name == "mmlu"
-    assert [(i.answer, i.choices) for i in items] == [("B", ("3", "4", "5", "6")),
-                                                      ("A", ("blue", "red", "green", "pink"))]
+    assert [(i.answer, i.choices) for i in items] == [
+        ("B", ("3", "4", "5", "6")),
+        ("A", ("blue", "red", "green", "pink")),
+    ]
     assert "A. 3\nB. 4\nC. 5\nD. 6" in items[0].prompt()
     name, items = chat_eval.load_benchmark(tmp_path / "arc.parquet")
     assert name == "arc" and [(i.answer, len(i.choices)) for i in items] == [("C", 3), ("B", 4)]
@@ -192,14 +224,32 @@ def benchmark_parquets(tmp_path) -> dict[str, bytes]:
     """Small parquet files in each published format, named as the mirror serves them."""
     src = tmp_path / "mirror"
     src.mkdir()
-    pq.write_table(pa.table({"question": [f"Q{i}?" for i in range(5)], "subject": ["s"] * 5,
-                             "choices": [["a", "b", "c", "d"]] * 5, "answer": [0, 1, 2, 3, 0]}), src / "mmlu.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "question": [f"Q{i}?" for i in range(5)],
+                "subject": ["s"] * 5,
+                "choices": [["a", "b", "c", "d"]] * 5,
+                "answer": [0, 1, 2, 3, 0],
+            }
+        ),
+        src / "mmlu.parquet",
+    )
     for name, key in (("arc-challenge", "C"), ("arc-easy", "B")):
-        pq.write_table(pa.table({"id": ["x1", "x2"], "question": ["Q1", "Q2"],
-                                 "choices": [{"text": ["x", "y", "z"], "label": ["A", "B", "C"]}] * 2,
-                                 "answerKey": [key, "A"]}), src / f"{name}.parquet")
-    pq.write_table(pa.table({"question": ["Tom has 2 and gets 3. Total?"], "answer": ["2 + 3 = 5\n#### 5"]}),
-                   src / "gsm8k.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": ["x1", "x2"],
+                    "question": ["Q1", "Q2"],
+                    "choices": [{"text": ["x", "y", "z"], "label": ["A", "B", "C"]}] * 2,
+                    "answerKey": [key, "A"],
+                }
+            ),
+            src / f"{name}.parquet",
+        )
+    pq.write_table(
+        pa.table({"question": ["Tom has 2 and gets 3. Total?"], "answer": ["2 + 3 = 5\n#### 5"]}), src / "gsm8k.parquet"
+    )
     return {p.name: p.read_bytes() for p in src.iterdir()}
 
 
@@ -225,6 +275,7 @@ def test_benchmark_errors_are_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="'mmlux' is neither a benchmark name .*arc-easy.* nor a parquet file"):
         chat_eval.eval_items(1, 0, ["mmlux"])
     from pretrain.checkpoint import save_checkpoint  # a checkpoint, so the CLI gets as far as the download
+
     tok = Tokenizer.train(["What is 2 + 2? The answer is 4."] * 20, vocab_size=300)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     save_checkpoint(tmp_path / "sft", model, tok, {"step": 1})

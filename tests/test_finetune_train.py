@@ -4,6 +4,7 @@ A tiny GPT learns a handful of conversations through the real SFT entry point; g
 the SFT checkpoint then gives the answers and stops at <|assistant_end|>, and the eval CLI writes
 its base-vs-SFT table. Errors a user can cause give one line and a non-zero exit.
 """
+
 import json
 import os
 
@@ -39,16 +40,36 @@ def home(tmp_path_factory):
         model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
         save_checkpoint(root / "checkpoints" / "base" / "step_000010", model, tok, {"step": 10})
         data = root / "chat.jsonl"
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                         {"role": "assistant", "content": a}]}) + "\n"
-                                for q, a in CONVERSATIONS))
+        data.write_text(
+            "".join(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                for q, a in CONVERSATIONS
+            )
+        )
         yield root
 
 
 def run_sft(*extra: str) -> int:
-    return sft.main(["--data", str(os.environ["SCRATCHCHAT_HOME"]) + "/chat.jsonl", "--device-batch-size", "4",
-                     "--eval-every", "0", "--quick-eval-items", "0", "--matrix-lr", "0.04", "--embedding-lr", "0.3",
-                     "--unembedding-lr", "0.02", "--no-compile", *extra])
+    return sft.main(
+        [
+            "--data",
+            str(os.environ["SCRATCHCHAT_HOME"]) + "/chat.jsonl",
+            "--device-batch-size",
+            "4",
+            "--eval-every",
+            "0",
+            "--quick-eval-items",
+            "0",
+            "--matrix-lr",
+            "0.04",
+            "--embedding-lr",
+            "0.3",
+            "--unembedding-lr",
+            "0.02",
+            "--no-compile",
+            *extra,
+        ]
+    )
 
 
 def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypatch, capsys):
@@ -61,8 +82,7 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     model, tok, meta = load_checkpoint(path)
     assert meta["kind"] == "sft" and meta["from"] == str((home / "checkpoints" / "base" / "step_000010").resolve())
     for q, a in CONVERSATIONS:
-        out = greedy_decode(model, render_prompt(tok, [{"role": "user", "content": q}]), 10,
-                                      stop=assistant_end_id(tok))
+        out = greedy_decode(model, render_prompt(tok, [{"role": "user", "content": q}]), 10, stop=assistant_end_id(tok))
         assert out[-1] == assistant_end_id(tok) and tok.decode(out[:-1]) == a
     metrics = [json.loads(line) for line in (home / "checkpoints" / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if m["kind"] == "train"]
@@ -70,10 +90,16 @@ def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypat
     assert (home / "checkpoints" / "sft" / "loss.png").stat().st_size > 0
 
     # The eval CLI compares the SFT model with the base model it started from, and writes the table.
-    pq.write_table(pa.table({"question": ["What is 2 + 3?", "x?"], "answer": ["2 + 3 = 5\n#### 5", "#### 7"]}),
-                   home / "gsm8k.parquet")
-    assert chat_eval.main(["--limit", "2", "--show", "1", "--max-new-tokens", "8",
-                           "--benchmark", str(home / "gsm8k.parquet")]) == 0
+    pq.write_table(
+        pa.table({"question": ["What is 2 + 3?", "x?"], "answer": ["2 + 3 = 5\n#### 5", "#### 7"]}),
+        home / "gsm8k.parquet",
+    )
+    assert (
+        chat_eval.main(
+            ["--limit", "2", "--show", "1", "--max-new-tokens", "8", "--benchmark", str(home / "gsm8k.parquet")]
+        )
+        == 0
+    )
     report = (home / "report" / "chat_eval.md").read_text()
     assert "| task | n | chance | base | sft |" in report
     assert "| arithmetic | 2 |" in report and "| capital_mc | 2 |" in report
@@ -102,9 +128,22 @@ def test_bad_data_names_the_line_and_can_be_skipped(home, tmp_path, monkeypatch,
     bad = tmp_path / "bad.jsonl"
     lines = (home / "chat.jsonl").read_text().splitlines()
     bad.write_text("\n".join(lines[:2] + ['{"messages": [{"role": "wizard", "content": "x"}]}'] + lines[2:]) + "\n")
-    args = ["--from", str(home / "checkpoints" / "base" / "step_000010"), "--data", str(bad), "--max-steps", "1",
-            "--device-batch-size", "2", "--eval-every", "0", "--quick-eval-items", "0",
-            "--run-dir", str(tmp_path / "run")]
+    args = [
+        "--from",
+        str(home / "checkpoints" / "base" / "step_000010"),
+        "--data",
+        str(bad),
+        "--max-steps",
+        "1",
+        "--device-batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--quick-eval-items",
+        "0",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     assert sft.main(args) == 1
     err = capsys.readouterr().err
     assert err == f"error: {bad}:3: message 0 has unknown role 'wizard'; expected one of system, user, assistant\n"
@@ -122,22 +161,54 @@ def test_epochs_and_batch_do_not_grow_with_the_world_size(home, tmp_path):
     import sys
     from pathlib import Path
 
-    args = ["-m", "finetune", "--data", str(home / "chat.jsonl"), "--epochs", "40", "--eval-every", "0",
-            "--quick-eval-items", "0", "--device", "cpu"]
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    args = [
+        "-m",
+        "finetune",
+        "--data",
+        str(home / "chat.jsonl"),
+        "--epochs",
+        "40",
+        "--eval-every",
+        "0",
+        "--quick-eval-items",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    env = {
+        **os.environ,
+        "SCRATCHCHAT_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     plans = []
-    for launch, run_dir in ([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run",
-                                                        "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                                                        f"--master_port={port}"], "two"):
-        run = subprocess.run([*launch, *args, "--run-dir", str(tmp_path / run_dir)], env=env, capture_output=True,
-                             text=True, timeout=300)
+    for launch, run_dir in (
+        ([sys.executable], "one"),
+        (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+            ],
+            "two",
+        ),
+    ):
+        run = subprocess.run(
+            [*launch, *args, "--run-dir", str(tmp_path / run_dir)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-3000:]
-        plans.append(re.search(r"([\d,]+) tokens/step \((\d+) x (\d+) x \d+ x (\d+) devices\), up to (\d+) steps",
-                               run.stdout + run.stderr).groups())
+        plans.append(
+            re.search(
+                r"([\d,]+) tokens/step \((\d+) x (\d+) x \d+ x (\d+) devices\), up to (\d+) steps",
+                run.stdout + run.stderr,
+            ).groups()
+        )
     (one_tokens, *_, one_steps), (two_tokens, *_, two_steps) = plans
     assert one_tokens == two_tokens and one_steps == two_steps, plans
     assert plans[1][3] == "2" and int(plans[0][2]) == 2 * int(plans[1][2])  # half the rows per device on 2 ranks

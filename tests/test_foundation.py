@@ -1,4 +1,5 @@
 """The project's packaging: every pipeline package imports and declares what it is for."""
+
 import importlib
 
 import pytest

@@ -1,4 +1,5 @@
 """The GPT and its optimizers: shapes, causality, init loss, KV-cache equivalence, grouping, determinism."""
+
 import math
 
 import pytest
@@ -11,7 +12,6 @@ from pretrain.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
 TINY = dict(vocab_size=101, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def tiny_model(seed: int = 0, randomize: bool = True, **overrides) -> GPT:
@@ -28,7 +28,7 @@ def test_from_depth_shapes():
     c = GPTConfig.from_depth(20, 65536, 2048)
     assert (c.n_embd, c.n_head, c.head_dim, c.n_layer) == (1280, 10, 128, 20)
     embed = 2 * c.vocab_size * c.n_embd
-    per_layer = 4 * c.n_embd ** 2 + 8 * c.n_embd ** 2
+    per_layer = 4 * c.n_embd**2 + 8 * c.n_embd**2
     assert 540e6 < embed + c.n_layer * per_layer < 580e6
     for depth in range(1, 13):  # every depth gives whole, even head sizes
         c = GPTConfig.from_depth(depth, 1000, 64)
@@ -41,8 +41,9 @@ def test_from_depth_shapes():
 def test_param_and_flop_counts():
     model = tiny_model()
     c = model.config
-    expected = 2 * c.vocab_size * c.n_embd + c.n_layer * (c.n_embd * (c.n_embd + 2 * c.n_kv_head * c.head_dim)
-                                                         + c.n_embd ** 2 + 8 * c.n_embd ** 2)
+    expected = 2 * c.vocab_size * c.n_embd + c.n_layer * (
+        c.n_embd * (c.n_embd + 2 * c.n_kv_head * c.head_dim) + c.n_embd**2 + 8 * c.n_embd**2
+    )
     assert model.num_params() == expected
     assert model.flops_per_token() == 6 * (expected - c.vocab_size * c.n_embd) + 12 * 2 * 4 * 16 * 32
 
@@ -117,7 +118,7 @@ def test_kv_cache_matches_full_forward_for_ragged_batch():
     prompts = [4, 10, 2]
     padded = torch.zeros(3, max(prompts), dtype=torch.long)
     for i, s in enumerate(seqs):
-        padded[i, :prompts[i]] = s[:prompts[i]]
+        padded[i, : prompts[i]] = s[: prompts[i]]
     logits = model(padded, kv_cache=cache, lengths=prompts)  # one ragged prefill
     for i, p in enumerate(prompts):
         torch.testing.assert_close(logits[i, :p], full[i][:p], atol=1e-5, rtol=1e-5)
@@ -181,6 +182,7 @@ def test_sample_next_is_greedy_at_temperature_0_and_keeps_to_top_k_and_top_p():
 
     def drawn(**kw) -> set[int]:
         return set(sample_next(many, 1.0, generator=torch.Generator().manual_seed(1), **kw).tolist())
+
     assert drawn() == {0, 1, 2, 3}
     assert drawn(top_k=2) == {0, 1}
     assert drawn(top_p=0.7) == {0, 1}  # .64 falls short of .7, so the next token is kept too

@@ -4,6 +4,7 @@ Real gloo process groups on CPU (spawned processes, one thread each). Every rank
 would after DDP's all-reduce; the parameters and momentum buffers after a few steps must equal those of a single
 process bit for bit, on every rank, and each matrix must have been orthogonalised by exactly one rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         params = _params()
         opt = _run_muon(params)
         buffers = [opt.state[p]["momentum_buffer"] for p in params]
-        torch.save(dict(params=[p.detach() for p in params], buffers=buffers, orthogonalised=sum(orthogonalised)),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            dict(params=[p.detach() for p in params], buffers=buffers, orthogonalised=sum(orthogonalised)),
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """scripts/report.py's pieces: the FineWeb-Edu corpus (a manifest without char counts, a val split that is one
 big parquet shard), and the run's wall time and cost over every stage, nodes included."""
+
 import importlib.util
 import json
 import sys
@@ -85,8 +86,14 @@ def write_times(home: Path, times: dict[str, tuple[float, float]]) -> None:
 
 
 T0 = 1_700_000_000
-TIMES = {"pretrain": (T0 + 400, T0 + 4000), "setup": (T0, T0 + 100), "tokenizer": (T0 + 150, T0 + 300),
-         "download": (T0 + 100, T0 + 400), "corpus": (T0 + 100, T0 + 150), "eval": (T0 + 4000, T0 + 4100)}
+TIMES = {
+    "pretrain": (T0 + 400, T0 + 4000),
+    "setup": (T0, T0 + 100),
+    "tokenizer": (T0 + 150, T0 + 300),
+    "download": (T0 + 100, T0 + 400),
+    "corpus": (T0 + 100, T0 + 150),
+    "eval": (T0 + 4000, T0 + 4100),
+}
 
 
 def test_time_is_first_start_to_last_end_and_cost_counts_every_node(tmp_path):
@@ -117,8 +124,10 @@ def test_cli_takes_gpus_and_nodes_and_rejects_bad_values(tmp_path, capsys):
     assert err.startswith("error: --gpus must be >= 0 (or -1), --nodes >= 1") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("text, share", [("a b c d e f g", 0.0), ("the cat sat", 0.0), ("", 0.0),
-                                         ("x y z w " * 4, 9 / 13), ("a b c d a b c d e", 1 / 6)])
+@pytest.mark.parametrize(
+    "text, share",
+    [("a b c d e f g", 0.0), ("the cat sat", 0.0), ("", 0.0), ("x y z w " * 4, 9 / 13), ("a b c d a b c d e", 1 / 6)],
+)
 def test_repeated_ngrams(text, share):
     """The report's loop measure: the share of word 4-grams that repeat an earlier one in the same text."""
     assert report.repeated_ngrams(text) == pytest.approx(share)

@@ -4,6 +4,7 @@ client (max_retries=0) covers the happy paths, raw httpx every error status.
 
 `build_checkpoint` and `running_server` are imported by the other serve test modules.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,10 @@ def build_checkpoint(root: Path) -> Path:
     "Count" is trained without its <|assistant_end|>, so the model keeps counting: a long generation on demand."""
     texts = [t for pair in CONVERSATIONS for t in pair] * 3
     tok = Tokenizer.train(texts, 400)
-    rows = [render_conversation(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-            for q, a in CONVERSATIONS]
+    rows = [
+        render_conversation(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        for q, a in CONVERSATIONS
+    ]
     T = max(len(ids) for ids, _ in rows) - 1
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
@@ -53,14 +56,15 @@ def build_checkpoint(root: Path) -> Path:
         ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
         if CONVERSATIONS[i][0] == "Count":
             mask[-1] = False
-        x[i, :len(ids) - 1] = ids[:-1]
-        y[i, :len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, : len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only contend with the other processes on 2 cores
     try:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, n_layer=2, n_head=2, n_kv_head=1,
-                              n_embd=64))
+        model = GPT(
+            GPTConfig(vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         for _ in range(300):
             loss = model(x, y)
@@ -81,8 +85,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path | None, *args: str, env: dict | None = None, timeout: float = 60.0,
-                   log: Path | None = None, fd_limit: int | None = None):
+def running_server(
+    checkpoint: Path | None,
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 60.0,
+    log: Path | None = None,
+    fd_limit: int | None = None,
+):
     """`python -m serve` in a subprocess; yields (base_url, process) once /health says ok; stops it with SIGINT.
 
     Its output goes to `log`, or a temporary file (an unread pipe would fill up and freeze the server).
@@ -96,8 +106,15 @@ def running_server(checkpoint: Path | None, *args: str, env: dict | None = None,
     def limit_fds() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=limit_fds if fd_limit else None)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=limit_fds if fd_limit else None,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -157,6 +174,7 @@ def user(text: str) -> list[dict]:
 
 # ---------------------------------------------------------------- happy paths through the openai client
 
+
 def test_models_list_and_retrieve(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["scratchchat"]
@@ -176,8 +194,15 @@ def test_chat_non_stream_gives_the_memorised_answer_and_usage(client, tok):
 
 
 def test_chat_stream_chunks_follow_the_openai_wire_format(client, tok):
-    chunks = list(client.chat.completions.create(model="scratchchat", messages=user("Emoji"), temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="scratchchat",
+            messages=user("Emoji"),
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == EMOJI
@@ -189,8 +214,12 @@ def test_chat_stream_chunks_follow_the_openai_wire_format(client, tok):
 
 
 def test_raw_stream_is_sse_ending_with_done(server):
-    with httpx.stream("POST", server + "/v1/chat/completions", timeout=30,
-                      json={"messages": user("Say hi"), "stream": True, "temperature": 0}) as r:
+    with httpx.stream(
+        "POST",
+        server + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": user("Say hi"), "stream": True, "temperature": 0},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
@@ -207,19 +236,23 @@ def test_text_completions_stream_and_not(client, tok):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5
     assert r.usage.prompt_tokens == 1 + len(tok.encode("one two"))  # <|bos|> + the text
-    streamed = list(client.completions.create(model="scratchchat", prompt="one two", max_tokens=5, temperature=0,
-                                              stream=True))
+    streamed = list(
+        client.completions.create(model="scratchchat", prompt="one two", max_tokens=5, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
 
 
 def test_stop_sequence_cuts_the_answer(client):
     r = client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0, stop=["scratch"])
-    assert r.choices[0].message.content == HELLO[:HELLO.index("scratch")]
+    assert r.choices[0].message.content == HELLO[: HELLO.index("scratch")]
     assert r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0,
-                                                 stop="scratch", stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == HELLO[:HELLO.index("scratch")]
+    chunks = list(
+        client.chat.completions.create(
+            model="scratchchat", messages=user("Say hi"), temperature=0, stop="scratch", stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == HELLO[: HELLO.index("scratch")]
 
 
 def test_max_tokens_ends_with_length(client):
@@ -231,8 +264,14 @@ def test_max_tokens_ends_with_length(client):
 
 def test_seeded_sampling_is_reproducible(client):
     def sample(seed: int) -> str:
-        return client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=2.0,
-                                              top_p=1.0, seed=seed, max_tokens=20).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="scratchchat", messages=user("Say hi"), temperature=2.0, top_p=1.0, seed=seed, max_tokens=20
+            )
+            .choices[0]
+            .message.content
+        )
+
     assert sample(7) == sample(7)
     assert len({sample(s) for s in range(4)}) > 1  # temperature 2 over a 400-token vocab: seeds do differ
 
@@ -250,25 +289,40 @@ def test_page_and_openapi_are_served(server):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<script" in page.text and "http://" not in page.text and "https://" not in page.text  # no CDN
     spec = httpx.get(server + "/openapi.json").json()
-    assert set(spec["paths"]) == {"/", "/health", "/metrics", "/openapi.json", "/tokenize", "/v1/models",
-                                  "/v1/models/{model}", "/v1/chat/completions", "/v1/completions"}
+    assert set(spec["paths"]) == {
+        "/",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+        "/tokenize",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/v1/chat/completions",
+        "/v1/completions",
+    }
 
 
 def test_metrics_count_requests_tokens_and_ttft(server, client):
     client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0)
     text = httpx.get(server + "/metrics").text
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values['scratchchat_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
     assert values["scratchchat_generated_tokens_total"] >= len(HELLO) // 8
     assert values["scratchchat_time_to_first_token_seconds_count"] >= 1
-    assert values['scratchchat_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
-        values["scratchchat_time_to_first_token_seconds_count"]
+    assert (
+        values['scratchchat_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == values["scratchchat_time_to_first_token_seconds_count"]
+    )
     assert values["scratchchat_queue_depth"] == 0
     assert "# TYPE scratchchat_time_to_first_token_seconds histogram" in text
 
 
 # ---------------------------------------------------------------- errors, over raw HTTP
+
 
 def error_of(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
@@ -277,23 +331,26 @@ def error_of(r: httpx.Response, status: int) -> dict:
     return err
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),  # must end with / start at the user
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
-    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "x"}] * 65}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),  # must end with / start at the user
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_k": -1}, "top_k"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+        ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x"}] * 65}, "messages"),
+    ],
+)
 def test_invalid_chat_requests_are_400(server, body, param):
     err = error_of(httpx.post(server + "/v1/chat/completions", json=body), 400)
     assert err["param"] == param and err["type"] == "invalid_request_error"
@@ -310,8 +367,10 @@ def test_prompt_longer_than_the_context_is_400_with_both_lengths(server, tok):
 
 
 def test_bad_json_unknown_model_unknown_route_and_oversized_body(server):
-    error_of(httpx.post(server + "/v1/chat/completions", content=b"{not json",
-                        headers={"Content-Type": "application/json"}), 400)
+    error_of(
+        httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+        400,
+    )
     error_of(httpx.post(server + "/v1/chat/completions", json=[1, 2]), 400)
     err = error_of(httpx.post(server + "/v1/chat/completions", json={"model": "gpt-9", "messages": user("x")}), 404)
     assert err["code"] == "model_not_found" and "gpt-9" in err["message"]
@@ -319,14 +378,17 @@ def test_bad_json_unknown_model_unknown_route_and_oversized_body(server):
     error_of(httpx.get(server + "/v1/nothing-here"), 404)
     error_of(httpx.get(server + "/v1/chat/completions"), 405)
     big = json.dumps({"messages": user("x" * (2 << 20))}).encode()
-    err = error_of(httpx.post(server + "/v1/chat/completions", content=big,
-                              headers={"Content-Type": "application/json"}), 413)
+    err = error_of(
+        httpx.post(server + "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"}), 413
+    )
     assert err["code"] == "request_too_large"
 
 
 def test_cors_is_off_by_default(server):
-    r = httpx.options(server + "/v1/chat/completions",
-                      headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    r = httpx.options(
+        server + "/v1/chat/completions",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert "access-control-allow-origin" not in r.headers
     r = httpx.get(server + "/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
@@ -334,13 +396,16 @@ def test_cors_is_off_by_default(server):
 
 # ---------------------------------------------------------------- concurrency: disconnects and a responsive loop
 
+
 def _start_stream(url: str, max_tokens: int) -> tuple[socket.socket, bytes]:
     """Open a raw streaming request and read until the first data event arrives."""
     body = json.dumps({"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": max_tokens})
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)))
-    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    s.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
     got = b""
     while b"data: " not in got:
         got += s.recv(4096)
@@ -376,8 +441,11 @@ def test_health_stays_fast_while_generating(server):
 
     def generate() -> None:
         while not stop.is_set():
-            httpx.post(server + "/v1/chat/completions", timeout=60,
-                       json={"messages": user("Count"), "temperature": 0, "max_tokens": 200})
+            httpx.post(
+                server + "/v1/chat/completions",
+                timeout=60,
+                json={"messages": user("Count"), "temperature": 0, "max_tokens": 200},
+            )
 
     workers = [threading.Thread(target=generate) for _ in range(4)]
     for w in workers:
@@ -404,6 +472,7 @@ def test_health_stays_fast_while_generating(server):
 
 # ---------------------------------------------------------------- a server with auth, a tiny queue and CORS
 
+
 @pytest.fixture(scope="module")
 def strict_server(checkpoint):
     """No --checkpoint (the newest SFT one under $SCRATCHCHAT_HOME), an API key from the environment, one slot,
@@ -423,21 +492,33 @@ def test_api_key_queue_limit_and_cors(strict_server):
     error_of(httpx.get(url + "/v1/models"), 401)
     assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
     client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
-    assert client.chat.completions.create(model="scratchchat", messages=user("Say hi"),
-                                          temperature=0).choices[0].message.content == HELLO
+    assert (
+        client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0)
+        .choices[0]
+        .message.content
+        == HELLO
+    )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
 
-    r = httpx.options(url + "/v1/chat/completions",
-                      headers={"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"})
+    r = httpx.options(
+        url + "/v1/chat/completions", headers={"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"}
+    )
     assert r.headers["access-control-allow-origin"] == "http://ok.example"
 
     # One slot and one queue place: of a burst of long requests, one runs, one waits, the rest are turned away.
     long = {"messages": user("Count"), "temperature": 0, "max_tokens": 1000}
     results: list[httpx.Response] = []
-    burst = [threading.Thread(target=lambda: results.append(httpx.post(
-        url + "/v1/chat/completions", json=long, headers={"Authorization": "Bearer sesame"}, timeout=60)))
-        for _ in range(6)]
+    burst = [
+        threading.Thread(
+            target=lambda: results.append(
+                httpx.post(
+                    url + "/v1/chat/completions", json=long, headers={"Authorization": "Bearer sesame"}, timeout=60
+                )
+            )
+        )
+        for _ in range(6)
+    ]
     for t in burst:
         t.start()
     for t in burst:
@@ -455,9 +536,19 @@ def test_default_checkpoint_and_graceful_shutdown(strict_server):
     auth = {"Authorization": "Bearer sesame"}
     r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0}, headers=auth)
     assert r.json()["choices"][0]["message"]["content"] == HELLO
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, headers=auth,
-                      json={"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": SEQ_LEN,
-                            "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=30,
+        headers=auth,
+        json={
+            "messages": user("Count"),
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": SEQ_LEN,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         proc.send_signal(signal.SIGINT)
@@ -469,6 +560,7 @@ def test_default_checkpoint_and_graceful_shutdown(strict_server):
 
 
 # ---------------------------------------------------------------- loading, and the command line
+
 
 def test_health_is_503_until_the_model_is_loaded(checkpoint):
     """In-process: a real uvicorn server whose loader waits for a signal from the test."""
@@ -516,9 +608,11 @@ def serving(engine_factory):
     import uvicorn
 
     from serve.app import create_app
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine_factory), host="127.0.0.1", port=port,
-                                          log_level="critical"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine_factory), host="127.0.0.1", port=port, log_level="critical")
+    )
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -550,8 +644,9 @@ def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint)
     with serving(lambda: Engine(model, tok, max_batch=2)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.APIError, match="generation failed on the server"):
-            for _ in client.chat.completions.create(model="scratchchat", messages=user("Count"), stream=True,
-                                                    temperature=0):
+            for _ in client.chat.completions.create(
+                model="scratchchat", messages=user("Count"), stream=True, temperature=0
+            ):
                 pass
         calls.clear()
         r = httpx.post(url + "/v1/chat/completions", json={"messages": user("Count"), "temperature": 0}, timeout=30)
@@ -560,15 +655,18 @@ def test_a_forward_that_fails_mid_stream_ends_it_with_an_error_event(checkpoint)
 
 def test_cli_without_a_checkpoint_says_run_speedrun(tmp_path, monkeypatch, capsys):
     from serve.__main__ import main
+
     monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path))
     assert main([]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: no fine-tuned checkpoint under {tmp_path / 'checkpoints' / 'sft'}: "
-        "run bash speedrun.sh first (or pass --checkpoint PATH)"]
+        "run bash speedrun.sh first (or pass --checkpoint PATH)"
+    ]
 
 
 def test_cli_bad_paths_and_flags_are_one_line(tmp_path, capsys):
     from serve.__main__ import main
+
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err == f"error: no checkpoint directory at {tmp_path / 'missing'}\n"
     corrupt = tmp_path / "step_3"
@@ -584,31 +682,62 @@ def test_cli_bad_paths_and_flags_are_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the OpenAPI document, checked by schemathesis
 
+
 def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(server, tmp_path):
-    checks = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
-              "response_schema_conformance", "response_headers_conformance", "negative_data_rejection"]
-    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", server + "/openapi.json",
-                        "--checks", ",".join(checks), "--phases", "coverage,fuzzing", "--max-examples", "15",
-                        "--seed", "0", "--request-timeout", "20", "--no-color"],
-                       # cwd: schemathesis writes its cache there, not into the repo
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    checks = [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+        "response_headers_conformance",
+        "negative_data_rejection",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            server + "/openapi.json",
+            "--checks",
+            ",".join(checks),
+            "--phases",
+            "coverage,fuzzing",
+            "--max-examples",
+            "15",
+            "--seed",
+            "0",
+            "--request-timeout",
+            "20",
+            "--no-color",
+        ],
+        # cwd: schemathesis writes its cache there, not into the repo
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
     assert "No issues found" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--shutdown-grace", "nan"], "--shutdown-grace must be a finite number of seconds, got nan"),
-    (["--shutdown-grace", "inf"], "--shutdown-grace must be a finite number of seconds, got inf"),
-    (["--request-timeout", "nan"], "--request-timeout must be a finite number of seconds, got nan"),
-    (["--request-timeout", "0"], "--request-timeout must be more than 0, got 0.0"),
-    (["--max-stop", "-1"], "--max-stop must be at least 0, got -1"),
-    (["--retry-after", "-5"], "--retry-after must be at least 0, got -5"),
-    (["--max-connections", "0"], "--max-connections must be at least 1, got 0"),
-    (["--port", "http"], "argument --port: invalid int value: 'http'"),
-    (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shutdown-grace", "nan"], "--shutdown-grace must be a finite number of seconds, got nan"),
+        (["--shutdown-grace", "inf"], "--shutdown-grace must be a finite number of seconds, got inf"),
+        (["--request-timeout", "nan"], "--request-timeout must be a finite number of seconds, got nan"),
+        (["--request-timeout", "0"], "--request-timeout must be more than 0, got 0.0"),
+        (["--max-stop", "-1"], "--max-stop must be at least 0, got -1"),
+        (["--retry-after", "-5"], "--retry-after must be at least 0, got -5"),
+        (["--max-connections", "0"], "--max-connections must be at least 1, got 0"),
+        (["--port", "http"], "argument --port: invalid int value: 'http'"),
+        (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
+    ],
+)
 def test_cli_bad_numbers_are_one_line_exit_2(args, message, capsys):
     from serve.__main__ import parse_args
+
     with pytest.raises(SystemExit) as exit:
         parse_args(args)
     assert exit.value.code == 2 and capsys.readouterr().err == f"error: {message} (see --help)\n"
@@ -616,6 +745,7 @@ def test_cli_bad_numbers_are_one_line_exit_2(args, message, capsys):
 
 def test_cli_bad_device_is_one_line_exit_2(capsys):
     from serve.__main__ import parse_args
+
     with pytest.raises(SystemExit) as exit:
         parse_args(["--device", "tpu9"])
     err = capsys.readouterr().err
@@ -624,6 +754,7 @@ def test_cli_bad_device_is_one_line_exit_2(capsys):
 
 def test_cli_api_key_sources(tmp_path, monkeypatch, capsys):
     from serve.__main__ import parse_args
+
     monkeypatch.setenv("SCRATCHCHAT_API_KEY", "from-env")
     assert parse_args([]).api_key == "from-env"
     key_file = tmp_path / "key"

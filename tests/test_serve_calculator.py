@@ -6,6 +6,7 @@ After <|assistant_start|> (or after the "?" of a raw prompt) the script answers 
 <|tool_end|>", then copies whatever result block was fed to it and ends with " done" and <|assistant_end|>: the
 content must read "The sum is 5 done".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,12 +32,13 @@ class Scripted(torch.nn.Module):
 
     def __init__(self, tok: Tokenizer) -> None:
         super().__init__()
-        self.config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=256, n_layer=1, n_head=1, n_kv_head=1,
-                                n_embd=128)
+        self.config = GPTConfig(
+            vocab_size=tok.vocab_size, sequence_len=256, n_layer=1, n_head=1, n_kv_head=1, n_embd=128
+        )
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # the engine reads the device and dtype from parameters
         sp = tok.special_tokens
         self.tok, self.sp = tok, sp
-        self.plan = (tok.encode("The sum is ") + [sp["<|tool_start|>"]] + tok.encode("2 + 3") + [sp["<|tool_end|>"]])
+        self.plan = tok.encode("The sum is ") + [sp["<|tool_start|>"]] + tok.encode("2 + 3") + [sp["<|tool_end|>"]]
 
     def next_token(self, history: list[int]) -> int:
         sp = self.sp
@@ -49,7 +51,7 @@ class Scripted(torch.nn.Module):
         if sp["<|output_end|>"] not in answer:  # the engine should have fed the result block
             return sp["<|assistant_end|>"]
         end = answer.index(sp["<|output_end|>"])
-        result = answer[answer.index(sp["<|output_start|>"]) + 1:end]
+        result = answer[answer.index(sp["<|output_start|>"]) + 1 : end]
         tail = result + self.tok.encode(" done") + [sp["<|assistant_end|>"]]
         return tail[min(len(answer) - end - 1, len(tail) - 1)]
 
@@ -59,8 +61,8 @@ class Scripted(torch.nn.Module):
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b in range(B):
             p = int(kv_cache.pos[b])
-            kv_cache.k[0, b, p:p + T, 0, 0] = idx[b].float()
-            history = [int(x) for x in kv_cache.k[0, b, :p + lengths[b], 0, 0]]
+            kv_cache.k[0, b, p : p + T, 0, 0] = idx[b].float()
+            history = [int(x) for x in kv_cache.k[0, b, : p + lengths[b], 0, 0]]
             logits[b, lengths[b] - 1, self.next_token(history)] = 100.0
         kv_cache.pos += torch.tensor(lengths)
         return logits
@@ -74,6 +76,7 @@ def tok() -> Tokenizer:
 def collect(engine: Engine, ids: list[int], params: SamplingParams):
     async def main():
         return [c async for c in engine.submit(ids, params)]
+
     return asyncio.run(main())
 
 
@@ -90,8 +93,10 @@ def test_engine_feeds_the_result_and_reports_the_call(tok):
             logprobs = [lp for c in chunks for lp in c.logprobs]
             assert tok.decode([lp.token for lp in logprobs]) == CONTENT
             # Sampled: the call (start, expression, end), the copied result, the prose and <|assistant_end|>.
-            assert chunks[-1].completion_tokens == len(Scripted(tok).plan) + len(tok.encode("5")) + \
-                len(tok.encode(" done")) + 1
+            assert (
+                chunks[-1].completion_tokens
+                == len(Scripted(tok).plan) + len(tok.encode("5")) + len(tok.encode(" done")) + 1
+            )
             assert chunks[-1].finish_reason == "stop"
     finally:
         engine.shutdown(0)
@@ -106,17 +111,25 @@ def test_api_shows_calls_beside_the_content_streaming_and_not(tok):
         assert message.content == CONTENT
         assert message.model_extra["calculator_calls"] == [{"expression": "2 + 3", "result": "5", "offset": 11}]
 
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                          json={"messages": user("What is 2 + 3?"), "stream": True, "temperature": 0}) as s:
-            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines()
-                      if line.startswith("data: {")]
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            timeout=30,
+            json={"messages": user("What is 2 + 3?"), "stream": True, "temperature": 0},
+        ) as s:
+            deltas = [
+                json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines() if line.startswith("data: {")
+            ]
         content = [d.get("content") or "" for d in deltas]
         calls = [(i, d["calculator_calls"]) for i, d in enumerate(deltas) if "calculator_calls" in d]
         assert "".join(content) == CONTENT
         assert [c for _, c in calls] == [[{"index": 0, "expression": "2 + 3", "result": "5", "offset": 11}]]
-        assert len("".join(content[:calls[0][0]])) <= 11  # the call comes in order, before the text after it
-        assert list(client.chat.completions.create(model="scratchchat", messages=user("What is 2 + 3?"),
-                                                   temperature=0, stream=True))  # the client takes the chunks
+        assert len("".join(content[: calls[0][0]])) <= 11  # the call comes in order, before the text after it
+        assert list(
+            client.chat.completions.create(
+                model="scratchchat", messages=user("What is 2 + 3?"), temperature=0, stream=True
+            )
+        )  # the client takes the chunks
 
         # A raw prompt follows the same protocol: the result shows only in calculator_calls.
         r = client.completions.create(model="scratchchat", prompt="What is 2 + 3?", temperature=0, max_tokens=30)
@@ -129,19 +142,27 @@ def test_a_history_with_calls_renders_them_and_reuses_the_cached_call(tok):
     so the next turn's prompt finds the whole call, result included, in the prefix cache."""
     question = user("What is 2 + 3?")
     with serving(lambda: Engine(Scripted(tok), tok, max_batch=2, prefix_cache_bytes=1 << 20)) as url:
+
         def ask(messages):
             r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "temperature": 0}, timeout=30)
             assert r.status_code == 200, r.text
             return r.json()
+
         first = ask(question)["choices"][0]["message"]
         history = question + [first] + user("And again?")
         assert first["calculator_calls"] == [{"expression": "2 + 3", "result": "5", "offset": 11}]
         ids = httpx.post(url + "/tokenize", json={"messages": history}).json()["tokens"]
         assert ids == render_prompt(tok, history)
         sp = tok.special_tokens
-        call = [sp["<|tool_start|>"], *tok.encode("2 + 3"), sp["<|tool_end|>"], sp["<|output_start|>"],
-                *tok.encode("5"), sp["<|output_end|>"]]
-        assert any(ids[i:i + len(call)] == call for i in range(len(ids)))
+        call = [
+            sp["<|tool_start|>"],
+            *tok.encode("2 + 3"),
+            sp["<|tool_end|>"],
+            sp["<|output_start|>"],
+            *tok.encode("5"),
+            sp["<|output_end|>"],
+        ]
+        assert any(ids[i : i + len(call)] == call for i in range(len(ids)))
         second = ask(history)
         assert second["choices"][0]["message"]["content"] == CONTENT
         cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]

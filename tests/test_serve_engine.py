@@ -3,6 +3,7 @@
 References: greedy_decode of tests/test_finetune_eval.py (a plain full-forward loop, no cache) for greedy output,
 and the same request run alone for seeded sampling; the tokenizer's own decode for streamed text.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,9 @@ def tok() -> Tokenizer:
 def random_model(tok, sequence_len: int) -> GPT:
     """Random weights (non-zero everywhere, so outputs vary) — the engine must match the model, whatever it says."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=sequence_len, n_layer=2, n_head=4, n_kv_head=2,
-                      n_embd=64))
+    m = GPT(
+        GPTConfig(vocab_size=tok.vocab_size, sequence_len=sequence_len, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -47,6 +49,7 @@ def prompt(tok, text: str) -> list[int]:
 
 def run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str, int]]:
     """Submit all requests at once; (text, finish_reason, completion_tokens) of each, streamed chunks joined."""
+
     async def one(ids, params):
         parts, last = [], None
         async for chunk in engine.submit(ids, params):
@@ -56,6 +59,7 @@ def run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> lis
 
     async def main():
         return await asyncio.gather(*(one(ids, p) for ids, p in requests))
+
     return asyncio.run(main())
 
 
@@ -99,8 +103,11 @@ def test_generation_stops_at_the_end_of_the_context(engine, model, tok):
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, tok):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=1234)
     alone = run(engine, [(prompt(tok, "fox"), params)])[0]
-    crowd = run(engine, [(prompt(tok, p), SamplingParams(max_tokens=20, temperature=1.5, seed=i))
-                         for i, p in enumerate(PROMPTS[:2])] + [(prompt(tok, "fox"), params)])[-1]
+    crowd = run(
+        engine,
+        [(prompt(tok, p), SamplingParams(max_tokens=20, temperature=1.5, seed=i)) for i, p in enumerate(PROMPTS[:2])]
+        + [(prompt(tok, "fox"), params)],
+    )[-1]
     assert alone == crowd
     other = run(engine, [(prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=99))])[0]
     assert other != alone  # a different seed changes the sample (40 chances for a random model to differ)
@@ -109,8 +116,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine, tok):
 def test_top_k_1_and_tiny_top_p_are_greedy(engine, model, tok):
     ids = prompt(tok, "dog")
     want = reference(model, tok, ids, 10)
-    for params in (SamplingParams(max_tokens=10, temperature=1.7, top_k=1, seed=3),
-                   SamplingParams(max_tokens=10, temperature=1.7, top_p=1e-9, seed=4)):
+    for params in (
+        SamplingParams(max_tokens=10, temperature=1.7, top_k=1, seed=3),
+        SamplingParams(max_tokens=10, temperature=1.7, top_p=1e-9, seed=4),
+    ):
         assert run(engine, [(ids, params)])[0] == want
 
 
@@ -120,16 +129,19 @@ def test_stop_sequences_cut_output_across_token_boundaries(engine, model, tok):
     assert len(full) > 6
     stop = full[3:6]  # three characters that may straddle tokens
     text, reason, _ = run(engine, [(ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop, "\x00never")))])[0]
-    assert text == full[:full.index(stop)] and reason == "stop"
+    assert text == full[: full.index(stop)] and reason == "stop"
 
 
-@pytest.mark.parametrize("text, stops, want", [
-    ("hello wor", ("world",), ("hello ", "wor", False)),
-    ("hello world!", ("world",), ("hello ", "", True)),
-    ("abc", ("x", "bcd"), ("a", "bc", False)),
-    ("abc", (), ("abc", "", False)),
-    ("aXbY", ("Y", "X"), ("a", "", True)),  # the earliest stop wins, whatever its order in the list
-])
+@pytest.mark.parametrize(
+    "text, stops, want",
+    [
+        ("hello wor", ("world",), ("hello ", "wor", False)),
+        ("hello world!", ("world",), ("hello ", "", True)),
+        ("abc", ("x", "bcd"), ("a", "bc", False)),
+        ("abc", (), ("abc", "", False)),
+        ("aXbY", ("Y", "X"), ("a", "", True)),  # the earliest stop wins, whatever its order in the list
+    ],
+)
 def test_stop_split(text, stops, want):
     assert _stop_split(text, stops) == want
 
@@ -142,6 +154,7 @@ def test_streamed_text_never_splits_a_character(engine, model, tok):
     async def main():
         async for c in engine.submit(ids, SamplingParams(max_tokens=30, temperature=0)):
             chunks.append(c.text)
+
     asyncio.run(main())
     assert "".join(chunks) == reference(model, tok, ids, 30)[0]
     for c in chunks:
@@ -227,8 +240,10 @@ def test_a_degenerate_temperature_leaves_its_neighbours_untouched(engine, tok):
     seeded = (prompt(tok, "fox"), SamplingParams(max_tokens=12, temperature=1.0, seed=1234))
     alone = run(engine, [seeded])[0]
     tiny = SamplingParams(max_tokens=12, temperature=1e-38, seed=1)
-    got = run(engine, [seeded, (prompt(tok, "dog"), tiny), (prompt(tok, "a"), SamplingParams(max_tokens=12,
-                                                                                          temperature=5e-324))])
+    got = run(
+        engine,
+        [seeded, (prompt(tok, "dog"), tiny), (prompt(tok, "a"), SamplingParams(max_tokens=12, temperature=5e-324))],
+    )
     assert got[0] == alone
     greedy = run(engine, [(prompt(tok, text), SamplingParams(max_tokens=12, temperature=0)) for text in ("dog", "a")])
     assert got[1:] == greedy  # a temperature this small is greedy
@@ -236,6 +251,7 @@ def test_a_degenerate_temperature_leaves_its_neighbours_untouched(engine, tok):
 
 def test_a_row_whose_sampling_fails_ends_alone(engine, tok, monkeypatch, capsys):
     import serve.engine
+
     sample = serve.engine.sample_next
 
     def fails_at_temperature_09(logits, temperature=0.0, *args):

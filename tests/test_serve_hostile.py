@@ -5,6 +5,7 @@ leave while queued, slow and idle sockets, big tokenizations, unique-word /token
 name that cannot be encoded, cross-site "simple" POSTs, a foreign Host, an upload cut short, and a shutdown
 with requests still queued. After all of them /metrics must count no 5xx.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ HEADER_TIMEOUT = BODY_TIMEOUT = 1.0
 
 def no_5xx(url: str) -> None:
     """No 5xx counted, except /health's 503s while the model loaded (what running_server polled for)."""
-    lines = [line for line in httpx.get(url + "/metrics").text.splitlines()
-             if line.startswith("scratchchat_requests_total{") and 'route="/health",status="503"' not in line]
+    lines = [
+        line
+        for line in httpx.get(url + "/metrics").text.splitlines()
+        if line.startswith("scratchchat_requests_total{") and 'route="/health",status="503"' not in line
+    ]
     assert lines and not [line for line in lines if 'status="5' in line], lines
 
 
@@ -50,19 +54,28 @@ def raw(url: str) -> socket.socket:
     return s
 
 
-def post(s: socket.socket, path: str, body: bytes, content_type: str = "application/json", host: str = "127.0.0.1",
-         ) -> tuple[int, dict]:
+def post(
+    s: socket.socket,
+    path: str,
+    body: bytes,
+    content_type: str = "application/json",
+    host: str = "127.0.0.1",
+) -> tuple[int, dict]:
     """One request on a kept-alive socket; (status, JSON body)."""
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(65536)
         assert chunk, "the server closed the connection"
         head += chunk
     head, _, rest = head.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
     while len(rest) < length:
         rest += s.recv(65536)
     return int(head.split()[1]), json.loads(rest)
@@ -84,6 +97,7 @@ def closed_within(s: socket.socket, seconds: float) -> float:
 
 # ---------------------------------------------------------------- one request hurting another
 
+
 def stream_deltas(url: str, body: dict) -> tuple[list[str], list[float]]:
     """The content deltas of a streamed chat completion, and the gaps between them."""
     deltas, times = [], []
@@ -102,9 +116,18 @@ def test_a_degenerate_temperature_leaves_a_seeded_neighbour_byte_identical(serve
     seeded = {"messages": user("Count"), "temperature": 1.0, "seed": 5, "max_tokens": 60}
     alone, _ = stream_deltas(url, seeded)
     results = []
-    neighbours = [threading.Thread(target=lambda: results.append(httpx.post(
-        url + "/v1/chat/completions", timeout=60,
-        json={"messages": user("Count"), "temperature": 1e-38, "max_tokens": 1000}))) for _ in range(3)]
+    neighbours = [
+        threading.Thread(
+            target=lambda: results.append(
+                httpx.post(
+                    url + "/v1/chat/completions",
+                    timeout=60,
+                    json={"messages": user("Count"), "temperature": 1e-38, "max_tokens": 1000},
+                )
+            )
+        )
+        for _ in range(3)
+    ]
     for t in neighbours:
         t.start()
     wait_for(lambda: health(url)["active"] == 3)  # they hold rows of the batch the stream joins
@@ -184,10 +207,11 @@ def test_calculator_call_text_counts_toward_the_limits_before_tokenizing(server)
     """A history's calculator calls are tokenized too: their text cannot slip past the character limits."""
     url, _ = server
     big = "".join(random.choices(string.ascii_lowercase, k=120_000))
-    history = [{"role": "user", "content": "hi"},
-               {"role": "assistant", "content": "ok", "calculator_calls": [{"expression": big, "result": big,
-                                                                           "offset": 0}]},
-               {"role": "user", "content": "and?"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok", "calculator_calls": [{"expression": big, "result": big, "offset": 0}]},
+        {"role": "user", "content": "and?"},
+    ]
     err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": history}, timeout=30), 400)
     assert err["param"] == "messages" and "in total" in err["message"]
     history[1]["calculator_calls"][0]["result"] = "1"
@@ -196,6 +220,7 @@ def test_calculator_call_text_counts_toward_the_limits_before_tokenizing(server)
 
 
 # ---------------------------------------------------------------- slow, idle and broken connections
+
 
 def test_idle_and_slowloris_sockets_are_closed_within_the_header_timeout(server):
     url, _ = server
@@ -213,8 +238,10 @@ def test_a_trickled_body_gets_408_within_the_body_timeout(server):
     url, _ = server
     s = raw(url)
     body = json.dumps({"text": "x" * 50}).encode()
-    s.sendall(f"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n".encode())
+    s.sendall(
+        f"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
     t0 = time.monotonic()
     got = b""
     s.settimeout(0.3)
@@ -234,16 +261,20 @@ def test_a_trickled_body_gets_408_within_the_body_timeout(server):
 
 def count(url: str, route: str, status: int) -> int:
     key = f'scratchchat_requests_total{{route="{route}",status="{status}"}}'
-    return next((int(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()
-                 if line.startswith(key + " ")), 0)
+    return next(
+        (int(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(key + " ")),
+        0,
+    )
 
 
 def test_an_upload_cut_short_is_not_a_server_error(server):
     url, _ = server
     before = count(url, "/v1/chat/completions", 499)
     s = raw(url)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 5000\r\n\r\n{\"messages\": [")
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 5000\r\n\r\n{"messages": ['
+    )
     time.sleep(0.2)
     s.close()
     wait_for(lambda: count(url, "/v1/chat/completions", 499) == before + 1)  # "client closed", not a 500
@@ -251,6 +282,7 @@ def test_an_upload_cut_short_is_not_a_server_error(server):
 
 
 # ---------------------------------------------------------------- bad input: 4xx, and the connection survives
+
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
 def test_bad_input_is_4xx_and_the_connection_survives(server, path):
@@ -286,6 +318,7 @@ def test_a_foreign_host_is_refused(server):
 
 # ---------------------------------------------------------------- one slot: clients leaving while queued, shutdown
 
+
 @pytest.fixture(scope="module")
 def one_slot(checkpoint):
     with running_server(checkpoint, "--max-batch", "1", "--max-queue", "3", "--shutdown-grace", "30") as (url, proc):
@@ -306,8 +339,11 @@ def wait_for(predicate, seconds: float = 10) -> None:
 def send_chat(url: str, body: dict) -> socket.socket:
     s = raw(url)
     data = json.dumps(body).encode()
-    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    s.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return s
 
 
@@ -339,8 +375,11 @@ def test_a_request_queued_at_shutdown_gets_503(one_slot):
     url, proc = one_slot
     holder, _ = _start_stream(url, max_tokens=SEQ_LEN)
     results = []
-    queued = threading.Thread(target=lambda: results.append(httpx.post(
-        url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0}, timeout=30)))
+    queued = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(url + "/v1/chat/completions", json={"messages": user("Say hi"), "temperature": 0}, timeout=30)
+        )
+    )
     queued.start()
     wait_for(lambda: health(url)["queued"] == 1)
     proc.send_signal(signal.SIGTERM)
@@ -352,6 +391,7 @@ def test_a_request_queued_at_shutdown_gets_503(one_slot):
 
 # ---------------------------------------------------------------- out of file descriptors
 
+
 @pytest.mark.parametrize("max_connections", [128, 20])
 def test_a_low_file_limit_and_many_idle_sockets_leave_health_answering(checkpoint, tmp_path, max_connections):
     """100 idle sockets against a server started with a soft limit of 40 open files. It used to run out, write
@@ -359,8 +399,9 @@ def test_a_low_file_limit_and_many_idle_sockets_leave_health_answering(checkpoin
     the soft limit to the hard one, closes connections beyond --max-connections at once, and idle ones after the
     header timeout."""
     log = tmp_path / "serve.log"
-    with running_server(checkpoint, "--header-timeout", "1", "--max-connections", str(max_connections),
-                        log=log, fd_limit=40) as (url, _):
+    with running_server(
+        checkpoint, "--header-timeout", "1", "--max-connections", str(max_connections), log=log, fd_limit=40
+    ) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         sockets = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
         t0 = time.monotonic()

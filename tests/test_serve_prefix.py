@@ -4,6 +4,7 @@ instead of prefilling them again, and nothing it outputs may change.
 Reference: the same conversation through an engine without the cache, token for token (greedy and seeded sampling,
 requests alone and batched together); over HTTP, a server started with --prefix-cache-mb 0.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,29 +36,46 @@ def model(tok) -> GPT:
 
 def engine(model, tok, cache_mb: int) -> Engine:
     # Every special token ends an answer, so no calculator call steers these random answers.
-    return Engine(model, tok, max_batch=4, seed=0, stop_ids=set(tok.special_tokens.values()),
-                  prefix_cache_bytes=cache_mb << 20)
+    return Engine(
+        model, tok, max_batch=4, seed=0, stop_ids=set(tok.special_tokens.values()), prefix_cache_bytes=cache_mb << 20
+    )
 
 
 def generate(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str, int]]:
     """Submit together; each answer's token ids (from logprobs), finish reason and cached prompt tokens."""
+
     async def one(ids):
         chunks = [c async for c in eng.submit(ids, params)]
         return [lp.token for c in chunks for lp in c.logprobs], chunks[-1].finish_reason, chunks[-1].cached_tokens
 
     async def main():
         return await asyncio.gather(*(one(ids) for ids in prompts))
+
     return asyncio.run(main())
 
 
 def next_turn(tok, ids: list[int], answer: list[int], text: str) -> list[int]:
     sp = tok.special_tokens
-    return ids + answer + [sp["<|assistant_end|>"], sp["<|user_start|>"], *tok.encode(text), sp["<|user_end|>"],
-                           sp["<|assistant_start|>"]]
+    return (
+        ids
+        + answer
+        + [
+            sp["<|assistant_end|>"],
+            sp["<|user_start|>"],
+            *tok.encode(text),
+            sp["<|user_end|>"],
+            sp["<|assistant_start|>"],
+        ]
+    )
 
 
-@pytest.mark.parametrize("params", [SamplingParams(max_tokens=12, temperature=0, logprobs=0),
-                                    SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=7, logprobs=0)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, temperature=0, logprobs=0),
+        SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=7, logprobs=0),
+    ],
+)
 def test_cached_and_uncached_engines_give_the_same_tokens(model, tok, params):
     cached, plain = engine(model, tok, 64), engine(model, tok, 0)
     try:
@@ -94,8 +112,7 @@ def test_lru_eviction_within_the_byte_limit_and_extension():
     k, v = cache.take(2, 4)  # ...taken: now the most recently used
     assert k.shape == (1, 4, 1, 4) and v.shape == (1, 4, 1, 4)
     cache.store([5, 6, 7, 8], kv(4), kv(4))  # 11 positions > 10: the least recently used ([7, 8, 9]) goes
-    assert cache.bytes <= 32 * 10 and [t.tolist() for t, _, _ in cache.entries.values()] == [[1, 2, 3, 4],
-                                                                                              [5, 6, 7, 8]]
+    assert cache.bytes <= 32 * 10 and [t.tolist() for t, _, _ in cache.entries.values()] == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert cache.lookup([1, 2, 3, 4])[0] == 3  # the prompt's last token is always prefilled: it picks the next one
     cache.store(list(range(20)), kv(20), kv(20))  # larger than the whole cache: not kept, nothing evicted
     assert len(cache.entries) == 2
@@ -111,10 +128,13 @@ def test_a_chat_resent_with_a_new_turn_reuses_its_prefix_over_http(checkpoint):
     answers = {}
     for flags in ((), ("--prefix-cache-mb", "0")):
         with running_server(checkpoint, *flags) as (url, _):
+
             def ask(messages):
-                r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "temperature": 0},
-                               timeout=60).json()
+                r = httpx.post(
+                    url + "/v1/chat/completions", json={"messages": messages, "temperature": 0}, timeout=60
+                ).json()
                 return r["choices"][0]["message"]["content"], r["usage"]["prompt_tokens_details"]["cached_tokens"]
+
             first, _ = ask(user("Say hi"))
             answers[flags] = (first, *ask(second))
             metrics = httpx.get(url + "/metrics").text
@@ -129,6 +149,7 @@ def test_a_chat_resent_with_a_new_turn_reuses_its_prefix_over_http(checkpoint):
 
 def test_prefix_cache_flag_must_not_be_negative(capsys):
     from serve.__main__ import parse_args
+
     assert parse_args(["--prefix-cache-mb", "0"]).prefix_cache_mb == 0
     with pytest.raises(SystemExit) as e:
         parse_args(["--prefix-cache-mb", "-1"])

@@ -4,6 +4,7 @@ memorising checkpoint of test_serve.py.
 References: the model itself (a plain forward over prompt + answer, log-softmax) for the log-probabilities, and
 the same request sent alone with seed + i for sample i of n.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,15 @@ def loaded(checkpoint):
 def model_logprobs(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """log p(answer[t] | prompt, answer[:t]) from one full forward: what the server must report."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1]
+        logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1 : -1]
     return torch.log_softmax(logits.float(), -1)
 
 
 def test_chat_logprobs_are_the_models_and_parse_with_the_openai_client(client, loaded):
     model, tok = loaded
-    r = client.chat.completions.create(model="scratchchat", messages=user("Say hi"), temperature=0, logprobs=True,
-                                       top_logprobs=3)
+    r = client.chat.completions.create(
+        model="scratchchat", messages=user("Say hi"), temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert r.choices[0].message.content == HELLO
     assert "".join(t.token for t in content) == HELLO  # one entry per text token; <|assistant_end|> is not text
@@ -57,8 +59,9 @@ def test_chat_logprobs_are_the_models_and_parse_with_the_openai_client(client, l
 
 def test_chat_logprobs_stream_in_the_chunks_of_their_text(client):
     def entries(stream: bool):
-        r = client.chat.completions.create(model="scratchchat", messages=user("Emoji"), temperature=0, logprobs=True,
-                                           top_logprobs=2, stream=stream)
+        r = client.chat.completions.create(
+            model="scratchchat", messages=user("Emoji"), temperature=0, logprobs=True, top_logprobs=2, stream=stream
+        )
         if not stream:
             return r.choices[0].message.content, [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
         text, out = "", []
@@ -68,6 +71,7 @@ def test_chat_logprobs_stream_in_the_chunks_of_their_text(client):
                 out += [(t.token, t.logprob) for t in c.choices[0].logprobs.content]
                 assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
         return text, out
+
     assert entries(True) == entries(False)
 
 
@@ -80,18 +84,19 @@ def test_logprobs_false_or_absent_gives_null(client):
 
 def test_completions_logprobs_in_the_legacy_shape(client, loaded):
     model, tok = loaded
-    r = client.completions.create(model="scratchchat", prompt="one two three", max_tokens=6, temperature=0,
-                                  logprobs=2)
+    r = client.completions.create(model="scratchchat", prompt="one two three", max_tokens=6, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(p) for top, p in zip(lp.top_logprobs,
-                                                                                         lp.token_logprobs))
+    assert all(
+        len(top) <= 2 and max(top.values()) == pytest.approx(p) for top, p in zip(lp.top_logprobs, lp.token_logprobs)
+    )
     ids = tok.encode(r.choices[0].text)
     want = model_logprobs(model, [tok.bos_id] + tok.encode("one two three"), ids)
     assert lp.token_logprobs == pytest.approx([float(row[i]) for row, i in zip(want, ids)], abs=1e-4)
-    streamed = client.completions.create(model="scratchchat", prompt="one two three", max_tokens=6, temperature=0,
-                                         logprobs=0, stream=True)
+    streamed = client.completions.create(
+        model="scratchchat", prompt="one two three", max_tokens=6, temperature=0, logprobs=0, stream=True
+    )
     tokens, offsets = [], []
     for c in streamed:
         if c.choices and c.choices[0].logprobs:
@@ -105,24 +110,40 @@ def test_n_samples_each_equal_their_seed_alone_and_share_one_prefill(client, ser
     messages = user("Count")
 
     def prefilled() -> int:
-        line = next(x for x in httpx.get(server + "/metrics").text.splitlines()
-                    if x.startswith("scratchchat_prompt_tokens_total"))
+        line = next(
+            x
+            for x in httpx.get(server + "/metrics").text.splitlines()
+            if x.startswith("scratchchat_prompt_tokens_total")
+        )
         return int(line.split()[-1])
 
     before = prefilled()
-    r = client.chat.completions.create(model="scratchchat", messages=messages, temperature=2.0, seed=41, n=3,
-                                       max_tokens=12)
+    r = client.chat.completions.create(
+        model="scratchchat", messages=messages, temperature=2.0, seed=41, n=3, max_tokens=12
+    )
     assert prefilled() - before == r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens  # once, not 3x
     assert [c.index for c in r.choices] == [0, 1, 2]
-    alone = [client.chat.completions.create(model="scratchchat", messages=messages, temperature=2.0, seed=41 + i,
-                                            max_tokens=12) for i in range(3)]
+    alone = [
+        client.chat.completions.create(
+            model="scratchchat", messages=messages, temperature=2.0, seed=41 + i, max_tokens=12
+        )
+        for i in range(3)
+    ]
     assert [c.message.content for c in r.choices] == [a.choices[0].message.content for a in alone]
     assert len({c.message.content for c in r.choices}) > 1  # temperature 2: three different samples
     assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
 
     texts, finishes = ["", "", ""], [None] * 3
-    for c in client.chat.completions.create(model="scratchchat", messages=messages, temperature=2.0, seed=41, n=3,
-                                            max_tokens=12, stream=True, stream_options={"include_usage": True}):
+    for c in client.chat.completions.create(
+        model="scratchchat",
+        messages=messages,
+        temperature=2.0,
+        seed=41,
+        n=3,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         for choice in c.choices:
             texts[choice.index] += choice.delta.content or ""
             finishes[choice.index] = choice.finish_reason or finishes[choice.index]
@@ -136,17 +157,20 @@ def test_n_on_text_completions(client):
     assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text  # greedy: the same
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
-    ("/v1/completions", {"logprobs": 6}, "logprobs"),
-    ("/v1/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"n": 0}, "n"),
-    ("/v1/chat/completions", {"n": 9}, "n"),
-    ("/v1/completions", {"n": 9}, "n"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"n": 0}, "n"),
+        ("/v1/chat/completions", {"n": 9}, "n"),
+        ("/v1/completions", {"n": 9}, "n"),
+    ],
+)
 def test_bad_logprobs_and_n_are_400_with_param(server, path, body, param):
     base = {"messages": user("Say hi")} if "chat" in path else {"prompt": "hi"}
     err = error_of(httpx.post(server + path, json={**base, **body}, timeout=30), 400)
@@ -156,8 +180,7 @@ def test_bad_logprobs_and_n_are_400_with_param(server, path, body, param):
 
 def test_n_above_the_batch_is_400(checkpoint):
     with running_server(checkpoint, "--max-batch", "2") as (url, _):
-        err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "n": 3}, timeout=30),
-                       400)
+        err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "n": 3}, timeout=30), 400)
         assert err["param"] == "n" and "--max-batch" in err["message"]
 
 
@@ -165,8 +188,10 @@ def test_a_client_leaving_an_n_stream_frees_all_its_slots(server):
     body = json.dumps({"messages": user("Count"), "stream": True, "temperature": 0, "max_tokens": 4000, "n": 6})
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        s.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
         got = b""
         while got.count(b"data: ") < 8:  # six role chunks, then text
             got += s.recv(4096)

@@ -7,6 +7,7 @@ Chromium is driven over the DevTools protocol through a pipe (--remote-debugging
 NUL on fds 3 and 4), so no websocket library or Playwright is needed. Needs Debian's `chromium` (scripts/test.sh
 installs it).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,27 @@ class Browser:
             os.dup2(read_end, 3)
             os.dup2(write_end, 4)
 
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile_dir}", "--remote-debugging-pipe", "about:blank"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile_dir}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         assert CHROMIUM, "needs Debian's chromium (scripts/test.sh installs it)"
-        self.proc = subprocess.Popen([CHROMIUM, *flags], preexec_fn=wire_fds, close_fds=False,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *flags],
+            preexec_fn=wire_fds,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buffer = b""
@@ -73,8 +89,9 @@ class Browser:
 
     def js(self, expression: str):
         """Evaluate in the page (promises awaited) and return the value."""
-        result = self.call("Runtime.evaluate", self.session, expression=expression, awaitPromise=True,
-                           returnByValue=True)
+        result = self.call(
+            "Runtime.evaluate", self.session, expression=expression, awaitPromise=True, returnByValue=True
+        )
         if "exceptionDetails" in result:
             raise AssertionError(f"page error in {expression!r}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -109,8 +126,10 @@ def browser(tmp_path_factory):
 
 def open_page(browser: Browser, url: str) -> Browser:
     browser.call("Page.navigate", browser.session, url=url + "/")
-    browser.wait_for(f"location.href === {json.dumps(url + '/')} && document.readyState === 'complete' "
-                     "&& !!document.getElementById('send')")
+    browser.wait_for(
+        f"location.href === {json.dumps(url + '/')} && document.readyState === 'complete' "
+        "&& !!document.getElementById('send')"
+    )
     browser.url = url
     return browser
 
@@ -148,8 +167,10 @@ def say(page: Browser, text: str) -> None:
         document.getElementById('input').value = {json.dumps(text)};
         document.getElementById('send').click();
     }})()""")
-    page.wait_for("document.querySelector('#log .msg.assistant:last-of-type')?.dataset.done === 'true' "
-                  "&& !document.getElementById('send').disabled")
+    page.wait_for(
+        "document.querySelector('#log .msg.assistant:last-of-type')?.dataset.done === 'true' "
+        "&& !document.getElementById('send').disabled"
+    )
 
 
 def last_bubble(page: Browser, what: str):
@@ -186,11 +207,14 @@ def test_answer_streams_in_and_stop_ends_it_midway(page):
     stopped = last_bubble(page, "textContent")
     time.sleep(0.3)
     assert last_bubble(page, "textContent") == stopped  # nothing more arrives
-    assert COUNT.startswith(stopped[:len(COUNT)])
+    assert COUNT.startswith(stopped[: len(COUNT)])
     assert page.js("document.getElementById('stop').disabled") is True
     assert page.js("document.getElementById('send').disabled") is False
-    full = httpx.post(page.url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Count"}], "temperature": 0, "max_tokens": 4000}).json()
+    full = httpx.post(
+        page.url + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "Count"}], "temperature": 0, "max_tokens": 4000},
+    ).json()
     assert len(stopped) < len(full["choices"][0]["message"]["content"])
     assert httpx.get(page.url + "/health").json()["active"] == 0  # the server freed the slot too
     # The partial answer is kept as the assistant's turn, so the conversation can go on.
@@ -202,9 +226,17 @@ def test_probabilities_colour_each_token_and_hover_shows_the_alternatives(page):
     send(page, "Say hi")
     page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
     # The same request through the API: the page shows exactly its tokens, coloured by their probabilities.
-    reference = httpx.post(page.url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Say hi"}], "temperature": 0, "max_tokens": 64,
-        "logprobs": True, "top_logprobs": 5}).json()["choices"][0]["logprobs"]["content"]
+    reference = httpx.post(
+        page.url + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "temperature": 0,
+            "max_tokens": 64,
+            "logprobs": True,
+            "top_logprobs": 5,
+        },
+    ).json()["choices"][0]["logprobs"]["content"]
     spans = page.js("""[...document.querySelectorAll('#log .assistant .tok')].map(
         (s) => [s.textContent, getComputedStyle(s).backgroundColor])""")
     assert [text for text, _ in spans] == [t["token"] for t in reference]
@@ -213,12 +245,16 @@ def test_probabilities_colour_each_token_and_hover_shows_the_alternatives(page):
     assert len({colour for _, colour in spans}) > 1 or all(t["logprob"] > -0.01 for t in reference)
 
     # Hover the second token: a tooltip lists its 5 likeliest alternatives, the chosen (greedy: first) marked.
-    box = page.js("(() => { const r = document.querySelectorAll('#log .tok')[1].getBoundingClientRect(); "
-                  "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+    box = page.js(
+        "(() => { const r = document.querySelectorAll('#log .tok')[1].getBoundingClientRect(); "
+        "return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+    )
     page.call("Input.dispatchMouseEvent", page.session, type="mouseMoved", x=box[0], y=box[1])
     page.wait_for("getComputedStyle(document.getElementById('tip')).display === 'block'")
-    rows = page.js("[...document.querySelectorAll('#tip tr')].map((r) => [r.className, r.cells[0].textContent, "
-                   "r.cells[1].textContent])")
+    rows = page.js(
+        "[...document.querySelectorAll('#tip tr')].map((r) => [r.className, r.cells[0].textContent, "
+        "r.cells[1].textContent])"
+    )
     top = reference[1]["top_logprobs"]
     assert [token for _, token, _ in rows] == [json.dumps(t["token"], ensure_ascii=False) for t in top]
     assert len(rows) == 5 and rows[0][0] == "chosen" and rows[0][1] == json.dumps(reference[1]["token"])
@@ -237,9 +273,19 @@ def test_probability_view_joins_characters_split_across_tokens(page):
     page.js("document.getElementById('show-probs').checked = true")
     send(page, "Emoji")
     page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
-    tokens = [t["token"] for t in httpx.post(page.url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Emoji"}], "temperature": 0, "max_tokens": 64,
-        "logprobs": True}).json()["choices"][0]["logprobs"]["content"]]
+    tokens = [
+        t["token"]
+        for t in httpx.post(
+            page.url + "/v1/chat/completions",
+            timeout=60,
+            json={
+                "messages": [{"role": "user", "content": "Emoji"}],
+                "temperature": 0,
+                "max_tokens": 64,
+                "logprobs": True,
+            },
+        ).json()["choices"][0]["logprobs"]["content"]
+    ]
     assert any("\ufffd" in t for t in tokens)  # some token ends inside a character: the API shows U+FFFD there
     spans = page.js("[...document.querySelectorAll('#log .assistant .tok')].map((s) => s.textContent)")
     assert len(spans) == len(tokens) and "".join(spans) == EMOJI  # the page shows each character whole
@@ -256,14 +302,19 @@ def test_calculator_call_shows_as_a_box_and_goes_back_with_the_history(browser, 
     send(page, "[calc] add 23 and 45")
     page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
     assert page.js("[...document.querySelectorAll('#log .calc')].map((b) => b.textContent)") == [
-        "calculator: 23+45 = 68"]
+        "calculator: 23+45 = 68"
+    ]
     # The box sits where the model made the call, between the prose before and after it.
     assert last_bubble(page, "textContent") == (
-        CALC_TEXT[:CALC[0]["offset"]] + "calculator: 23+45 = 68" + CALC_TEXT[CALC[0]["offset"]:])
+        CALC_TEXT[: CALC[0]["offset"]] + "calculator: 23+45 = 68" + CALC_TEXT[CALC[0]["offset"] :]
+    )
     assert page.js("getComputedStyle(document.querySelector('#log .calc')).borderStyle") == "solid"
     say(page, "thanks")
-    assert fake_server.requests[-1]["messages"][1] == {"role": "assistant", "content": CALC_TEXT,
-                                                       "calculator_calls": CALC}
+    assert fake_server.requests[-1]["messages"][1] == {
+        "role": "assistant",
+        "content": CALC_TEXT,
+        "calculator_calls": CALC,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -287,16 +338,24 @@ def test_long_chat_leaves_out_the_oldest_turns_and_says_so(browser, small_contex
     assert page.js("document.querySelectorAll('#log .error').length") == 0  # every question got its answer
     assert page.js("messages.length") == 16  # the page keeps the whole chat
     trim = page.js("messages.trim")
-    notices = page.js("[...document.querySelectorAll('#log .notice')].filter((n) => !n.hidden)"
-                      ".map((n) => n.textContent)")
+    notices = page.js(
+        "[...document.querySelectorAll('#log .notice')].filter((n) => !n.hidden).map((n) => n.textContent)"
+    )
     turns = f"{trim} turn{'s' * (trim != 1)}"
     assert trim > 0 and notices[-1] == f"earlier messages not sent: {turns} trimmed to fit the model's context"
     # What the last request held: with every turn the server refuses it; trimmed as the page sent it, it fits.
     asked = {"temperature": 0, "max_tokens": 4}
-    everything = httpx.post(small_context_server + "/v1/chat/completions", timeout=60,
-                            json={**asked, "messages": page.js("messages.slice(0, -1)")})
+    everything = httpx.post(
+        small_context_server + "/v1/chat/completions",
+        timeout=60,
+        json={**asked, "messages": page.js("messages.slice(0, -1)")},
+    )
     assert everything.status_code == 400 and everything.json()["error"]["code"] == "context_length_exceeded"
     sent = page.js("sendable(messages.slice(0, -1), messages.trim)")
     assert sent[-1] == {"role": "user", "content": "question eight"} and len(sent) == 15 - 2 * trim
-    assert httpx.post(small_context_server + "/v1/chat/completions", timeout=60,
-                      json={**asked, "messages": sent}).status_code == 200
+    assert (
+        httpx.post(
+            small_context_server + "/v1/chat/completions", timeout=60, json={**asked, "messages": sent}
+        ).status_code
+        == 200
+    )

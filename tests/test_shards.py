@@ -1,4 +1,5 @@
 """Token shards: the on-disk format, its error checks, and the loader's shuffled windows, resume and rank split."""
+
 import json
 import struct
 
@@ -15,7 +16,7 @@ def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):
     stream = rng.integers(0, vocab, size=sum(sizes))
     at = 0
     for i, n in enumerate(sizes):
-        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at:at + n], vocab_size=vocab)
+        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at : at + n], vocab_size=vocab)
         at += n
     return stream
 
@@ -67,7 +68,7 @@ def unique_dir(tmp_path, sizes, split="train"):
     stream = np.random.default_rng(1).permutation(sum(sizes))
     at = 0
     for i, n in enumerate(sizes):
-        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at:at + n], vocab_size=len(stream))
+        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at : at + n], vocab_size=len(stream))
         at += n
     return stream
 
@@ -86,8 +87,8 @@ def test_loader_rows_are_shifted_windows_of_the_stream_across_shards(tmp_path):
         x, y = next(loader)
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, 4)
         for row, w in enumerate(window_ids(stream, 4, x)):
-            assert x[row].tolist() == stream[4 * w:4 * w + 4].tolist()
-            assert y[row].tolist() == stream[4 * w + 1:4 * w + 5].tolist()
+            assert x[row].tolist() == stream[4 * w : 4 * w + 4].tolist()
+            assert y[row].tolist() == stream[4 * w + 1 : 4 * w + 5].tolist()
             seen.add(w)
     assert loader.epoch == 2
     assert {9, 10} <= seen  # stream offsets 36 and 40: across the 37|5|0|61 shard boundaries
@@ -146,8 +147,10 @@ def test_a_batch_mixes_the_stream(tmp_path):
 def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
     make_dir(tmp_path, [50, 50, 50])
     for rank in range(2):
+
         def new(rank=rank):
             return TokenLoader(tmp_path, "train", batch_size=3, seq_len=5, rank=rank, world_size=2)
+
         uninterrupted = new()
         reference = [next(uninterrupted) for _ in range(13)]  # several epochs of 4 steps
 
@@ -213,6 +216,7 @@ def test_loader_errors(tmp_path):
 
 
 # ---- python -m pretrain.data tokenize: corpus parquet -> shards, end to end with the real tokenizer ----
+
 
 def test_tokenize_end_to_end(tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq

@@ -1,6 +1,7 @@
 """End-to-end: `bash speedrun.sh --quick` on a fresh $SCRATCHCHAT_HOME builds every stage's output and the report
 card; a rerun skips every stage and rewrites nothing; an interrupted pretraining resumes from its checkpoint; a
 failing stage or a bad flag stops with one clear line. The slowest test in the suite (one quick run, ~2 min)."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,30 @@ from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("corpus", "tokenizer", "tokens", "pretrain", "sft", "eval", "report")
-SECTIONS = ("## Environment", "## Tokenizer", "## Data", "## Pretraining", "## Supervised fine-tuning",
-            "## Chat evaluation", "## Base model continuations", "## Sample conversations", "## Time")
+SECTIONS = (
+    "## Environment",
+    "## Tokenizer",
+    "## Data",
+    "## Pretraining",
+    "## Supervised fine-tuning",
+    "## Chat evaluation",
+    "## Base model continuations",
+    "## Sample conversations",
+    "## Time",
+)
 
 
 def speedrun(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "SCRATCHCHAT_NO_SETUP": "1",
-           # the suite's own python (and its venv's scripts) first, as a user's activated venv would be
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(["bash", str(ROOT / "speedrun.sh"), *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "SCRATCHCHAT_HOME": str(home),
+        "SCRATCHCHAT_NO_SETUP": "1",
+        # the suite's own python (and its venv's scripts) first, as a user's activated venv would be
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "speedrun.sh"), *args], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def snapshot(home: Path) -> dict[str, tuple[int, int]]:
@@ -145,10 +160,15 @@ def test_failing_stage_names_the_stage_and_its_log(tmp_path):
     assert not (home / "speedrun" / "tokenizer.done").exists() and not (home / "logs" / "tokens.log").exists()
 
 
-@pytest.mark.parametrize("args, message", [(["--depth", "two"], "error: --depth needs a whole number"),
-                                           (["--depth"], "error: --depth needs a whole number"),
-                                           (["--corpus", "mine"], "error: --corpus is default or fineweb-edu"),
-                                           (["--fast"], "error: unknown flag --fast")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depth", "two"], "error: --depth needs a whole number"),
+        (["--depth"], "error: --depth needs a whole number"),
+        (["--corpus", "mine"], "error: --corpus is default or fineweb-edu"),
+        (["--fast"], "error: unknown flag --fast"),
+    ],
+)
 def test_bad_flag_is_one_clear_line(tmp_path, args, message):
     run = speedrun(tmp_path / "home", "--quick", *args)
     assert run.returncode == 2
@@ -170,8 +190,12 @@ def test_gpus_that_torch_cannot_use_stop_the_run(tmp_path):
     # nvidia-smi lists a GPU, but this torch (a CPU build here; on a node, a CUDA build too new for the driver)
     # sees none: the speedrun must not quietly train on the CPU for hours.
     fake = fake_bin(tmp_path, **{"nvidia-smi": 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"'})
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path / "home"), "SCRATCHCHAT_NO_SETUP": "1",
-           "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "SCRATCHCHAT_HOME": str(tmp_path / "home"),
+        "SCRATCHCHAT_NO_SETUP": "1",
+        "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("SCRATCHCHAT_DEVICE", None)
     run = subprocess.run(["bash", str(ROOT / "speedrun.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stdout[-2000:]
@@ -186,9 +210,12 @@ def test_setup_refuses_a_python_older_than_3_11(tmp_path):
     fake = fake_bin(tmp_path, python3='[ "$1" = --version ] && echo "Python 3.10.12" && exit 0; exit 1')
     (fake / "dirname").symlink_to(shutil.which("dirname"))
     env = {"PATH": str(fake), "SCRATCHCHAT_VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
-    run = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "setup.sh")], env=env, capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [shutil.which("bash"), str(ROOT / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 2
-    assert run.stderr.strip() == ("error: scratchchat needs Python 3.11 or newer; found Python 3.10.12. Install one "
-                                  "(e.g. apt install python3.11 python3.11-venv) and run again.")
+    assert run.stderr.strip() == (
+        "error: scratchchat needs Python 3.11 or newer; found Python 3.10.12. Install one "
+        "(e.g. apt install python3.11 python3.11-venv) and run again."
+    )
     assert not (tmp_path / "venv").exists()

@@ -3,6 +3,7 @@ torchrun's ranks on gloo. FineWeb-Edu, SmolTalk and the benchmarks come from a l
 files the test writes. One run uses 2 ranks on one node and is SIGKILLed during pretraining, then resumed; two
 more run two "nodes" on this machine (two speedrun invocations, NNODES=2), with node-local homes and with one
 shared home. The plan is --quick sized: depth 2, 30 steps of 2048 tokens (gradient accumulation 2 on 2 ranks)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ from pretrain.download import FINEWEB_LAST_SHARD, fineweb_shard_name
 from pretrain.report import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the river city water light history people north small stone music garden winter market school bridge "
-         "language mountain island farmer story ancient quiet machine forest harbor").split()
+WORDS = (
+    "the river city water light history people north small stone music garden winter market school bridge "
+    "language mountain island farmer story ancient quiet machine forest harbor"
+).split()
 FINEWEB = [fineweb_shard_name(i) for i in (0, 1, FINEWEB_LAST_SHARD)]
 SMOLTALK = "train-00000-of-00004.parquet"
 BENCHMARKS = ("mmlu.parquet", "arc-challenge.parquet", "arc-easy.parquet", "gsm8k.parquet")
@@ -41,25 +44,39 @@ def parquet(columns: dict) -> bytes:
 
 
 def web_text(rng: random.Random, docs: int) -> list[str]:
-    return [" ".join(" ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "."
-                     for _ in range(rng.randint(3, 8))) for _ in range(docs)]
+    return [
+        " ".join(
+            " ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "." for _ in range(rng.randint(3, 8))
+        )
+        for _ in range(docs)
+    ]
 
 
 @pytest.fixture(scope="module")
 def mirror():
     rng = random.Random(0)
     files = {name: parquet({"text": web_text(rng, 250)}) for name in FINEWEB}
-    chats = [[{"role": "user", "content": f"Tell me about the {w}."},
-              {"role": "assistant", "content": f"The {w} is a fine thing to talk about."}] for w in WORDS]
+    chats = [
+        [
+            {"role": "user", "content": f"Tell me about the {w}."},
+            {"role": "assistant", "content": f"The {w} is a fine thing to talk about."},
+        ]
+        for w in WORDS
+    ]
     files[SMOLTALK] = parquet({"messages": chats})
     files["mmlu.parquet"] = parquet(
         {"question": ["Which is a colour?"] * 8, "choices": [["red", "run", "up", "so"]] * 8, "answer": [0] * 8}
     )
-    arc = {"id": [f"q{i}" for i in range(8)], "question": ["What melts ice?"] * 8, "answerKey": ["A"] * 8,
-           "choices": [{"label": ["A", "B", "C"], "text": ["heat", "cold", "dark"]}] * 8}
+    arc = {
+        "id": [f"q{i}" for i in range(8)],
+        "question": ["What melts ice?"] * 8,
+        "answerKey": ["A"] * 8,
+        "choices": [{"label": ["A", "B", "C"], "text": ["heat", "cold", "dark"]}] * 8,
+    }
     files["arc-challenge.parquet"] = files["arc-easy.parquet"] = parquet(arc)
-    files["gsm8k.parquet"] = parquet({"question": ["Tom has 2 apples and gets 3 more. How many?"] * 8,
-                                      "answer": ["2 + 3 = 5\n#### 5"] * 8})
+    files["gsm8k.parquet"] = parquet(
+        {"question": ["Tom has 2 apples and gets 3 more. How many?"] * 8, "answer": ["2 + 3 = 5\n#### 5"] * 8}
+    )
     server = Server(files)
     yield server
     server.close()
@@ -72,16 +89,28 @@ def free_port() -> int:
 
 
 def start(home: Path, mirror, *args: str, port: int, node: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "SCRATCHCHAT_NO_SETUP": "1", "SCRATCHCHAT_DEVICE": "cpu",
-           "SCRATCHCHAT_FINEWEB_URL": mirror.url, "SCRATCHCHAT_BENCHMARK_URL": mirror.url,
-           "SCRATCHCHAT_SMOLTALK_URL": mirror.url + "/train-{i:05d}-of-{n:05d}.parquet",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "SCRATCHCHAT_HOME": str(home),
+        "SCRATCHCHAT_NO_SETUP": "1",
+        "SCRATCHCHAT_DEVICE": "cpu",
+        "SCRATCHCHAT_FINEWEB_URL": mirror.url,
+        "SCRATCHCHAT_BENCHMARK_URL": mirror.url,
+        "SCRATCHCHAT_SMOLTALK_URL": mirror.url + "/train-{i:05d}-of-{n:05d}.parquet",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     if node is not None:
         env.update(NNODES="2", NODE_RANK=str(node))
     log = open(home.parent / f"{home.name}-node{node or 0}.out", "a")
-    return subprocess.Popen(["bash", str(ROOT / "speedrun.sh"), "--quick", "--shards", "2", "--vocab-size", "512",
-                             *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(ROOT / "speedrun.sh"), "--quick", "--shards", "2", "--vocab-size", "512", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_at_checkpoint(procs: list[subprocess.Popen], homes: list[Path], step: int = 20) -> None:
@@ -132,14 +161,39 @@ def test_gpu_plan_on_two_cpu_ranks_survives_sigkill(tmp_path, mirror):
     assert latest_checkpoint(root=home / "checkpoints" / "sft") is not None
 
     # One process with the same total batch (4 micro-batches of 4 rows) sees the same data and loss.
-    single = subprocess.run([sys.executable, "-m", "pretrain", "--corpus", "fineweb-edu", "--depth", "2",
-                             "--max-steps", "3", "--device-batch-size", "4", "--sequence-len", "128",
-                             "--total-batch-tokens", "2048", "--run-dir", str(tmp_path / "single"), "--device", "cpu"],
-                            env={**os.environ, "SCRATCHCHAT_HOME": str(home)}, capture_output=True, text=True,
-                            timeout=300)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--corpus",
+            "fineweb-edu",
+            "--depth",
+            "2",
+            "--max-steps",
+            "3",
+            "--device-batch-size",
+            "4",
+            "--sequence-len",
+            "128",
+            "--total-batch-tokens",
+            "2048",
+            "--run-dir",
+            str(tmp_path / "single"),
+            "--device",
+            "cpu",
+        ],
+        env={**os.environ, "SCRATCHCHAT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    loss = {r["step"]: r["loss"] for r in read_metrics(home / "checkpoints" / "base" / "metrics.jsonl")
-            if r["kind"] == "train"}
+    loss = {
+        r["step"]: r["loss"]
+        for r in read_metrics(home / "checkpoints" / "base" / "metrics.jsonl")
+        if r["kind"] == "train"
+    }
     one = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if r["kind"] == "train"}
     assert one[1] == pytest.approx(loss[1], rel=1e-5)
     assert [one[s] for s in (2, 3)] == pytest.approx([loss[s] for s in (2, 3)], rel=2e-3)
@@ -158,8 +212,10 @@ def test_gpu_plan_on_two_cpu_ranks_survives_sigkill(tmp_path, mirror):
     again = start(home, mirror, "--gpus", "2", port=free_port())
     finish([again], [home])
     out = (tmp_path / "home-node0.out").read_text()
-    assert all(f"== {name}: done earlier, skipping" in out.rsplit("speedrun: plan=", 1)[1]
-               for name in ("corpus", "tokenizer", "tokens", "pretrain", "sft", "eval", "report"))
+    assert all(
+        f"== {name}: done earlier, skipping" in out.rsplit("speedrun: plan=", 1)[1]
+        for name in ("corpus", "tokenizer", "tokens", "pretrain", "sft", "eval", "report")
+    )
     assert not gets(mirror) and times == {p.name: p.read_text() for p in (home / "speedrun").glob("*.time")}
 
 
@@ -170,8 +226,9 @@ def test_two_nodes_on_one_machine(tmp_path, mirror, layout):
         h.mkdir(exist_ok=True)
     mirror.log.clear()
     port = free_port()
-    kill_at_checkpoint([start(h, mirror, "--gpus", "1", port=port, node=n) for n, h in enumerate(homes)],
-                       list(set(homes)))
+    kill_at_checkpoint(
+        [start(h, mirror, "--gpus", "1", port=port, node=n) for n, h in enumerate(homes)], list(set(homes))
+    )
     port = free_port()
     finish([start(h, mirror, "--gpus", "1", port=port, node=n) for n, h in enumerate(homes)], homes)
 

@@ -29,13 +29,13 @@ EXACTNESS_BYTES = int(os.environ.get("SCRATCHCHAT_EXACTNESS_BYTES", "60000"))
 PROSE = [
     "The quick brown fox jumps over the lazy dog. ",
     "It's a truth universally acknowledged; I'D say they've WE'LL he's. ",
-    "Dr. Smith (b. 1956) wrote: \"Don't panic!\" — and left… ",
+    'Dr. Smith (b. 1956) wrote: "Don\'t panic!" — and left… ',
     "Café naïve résumé façade coöperate Ångström. ",
 ]
 CODE = [
     "def f(x: int) -> int:\n    return x ** 2  # square\n\n",
     "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\r\n}\n",
-    "<div class=\"x\">&nbsp;</div>\n{\"key\": [1, 2.5e-3, null]}\n",
+    '<div class="x">&nbsp;</div>\n{"key": [1, 2.5e-3, null]}\n',
     "    \n        \n\t\t  x = y//z; s = 'it''s'\n",
 ]
 NUMBERS = ["3.14159265358979", "1,234,567.89", "0x1F600", "2024-01-31T12:00:00Z", "١٢٣٤٥", "Ⅻ ½ ²³ ①"]
@@ -51,8 +51,28 @@ SCRIPTS = [
     "שלום עולם. ",
 ]
 EMOJI = ["😀", "👩‍👩‍👧‍👦", "🇫🇷🇯🇵", "👍🏽", "❤️", "🧑‍💻", "🫠"]
-ODD = ["\u00a0", "\u200b", "\u200d", "\u2028", "\u0085", "\ufeff", "\ufffd", "\ue000", "\ufffe", "\x00",
-       "\x1b[31m", "e\u0301", "\U0010ffff", "\U0001d400", "ǅ", "ﬁ", "İ", "ß", "\r\n", "\t"]
+ODD = [
+    "\u00a0",
+    "\u200b",
+    "\u200d",
+    "\u2028",
+    "\u0085",
+    "\ufeff",
+    "\ufffd",
+    "\ue000",
+    "\ufffe",
+    "\x00",
+    "\x1b[31m",
+    "e\u0301",
+    "\U0010ffff",
+    "\U0001d400",
+    "ǅ",
+    "ﬁ",
+    "İ",
+    "ß",
+    "\r\n",
+    "\t",
+]
 SURROGATES = ["\ud800", "\udfff", "\ud83d\ude00", "a\udc00b"]
 SPACES = [" " * n for n in (1, 2, 3, 7, 70, 300)] + ["\n" * 5, " \n \n", "\t \t  ", "\r\n" * 4, " " * 129 + "x"]
 
@@ -399,8 +419,9 @@ def test_from_tiktoken_loads_o200k_harmony_like_tiktoken(monkeypatch):
     ranks = {o200k.token_bytes(i): i for i in range(len(o200k._tokens))}
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: ranks)
     harmony = openai_public.o200k_harmony()
-    ref = tiktoken.Encoding(harmony["name"], pat_str=harmony["pat_str"], mergeable_ranks=ranks,
-                            special_tokens=harmony["special_tokens"])
+    ref = tiktoken.Encoding(
+        harmony["name"], pat_str=harmony["pat_str"], mergeable_ranks=ranks, special_tokens=harmony["special_tokens"]
+    )
     specials = harmony["special_tokens"]
     assert specials["<|endofprompt|>"] == specials["<|reserved_200018|>"] == 200018  # the case at hand
 

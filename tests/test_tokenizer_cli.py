@@ -112,12 +112,17 @@ def test_encode_reads_stdin_in_a_real_process(corpus, tmp_path):
     out = tmp_path / "tok.json"
     train = subprocess.run(
         [sys.executable, "-m", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "280", "--out", str(out)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert train.returncode == 0, train.stderr
     enc = subprocess.run(
         [sys.executable, "-m", "tokenizer", "encode", "--tokenizer", str(out)],
-        input="héllo\n", capture_output=True, text=True, timeout=60,
+        input="héllo\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert enc.returncode == 0 and list(map(int, enc.stdout.split())) == Tokenizer.load(out).encode("héllo\n")
 

@@ -1,4 +1,5 @@
 """The training loop and `python -m pretrain`: exact resume after SIGKILL, DDP with gloo, masks, bpb, CLI errors."""
+
 import json
 import math
 import os
@@ -23,11 +24,12 @@ from pretrain.train import SyntheticLoader, TrainConfig, accumulation, evaluate_
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("Water is a chemical substance. The capital of France is Paris, a city on the Seine. "
-        "In the beginning God created the heaven and the earth. The history of Rome spans many centuries. ")
+TEXT = (
+    "Water is a chemical substance. The capital of France is Paris, a city on the Seine. "
+    "In the beginning God created the heaven and the earth. The history of Rome spans many centuries. "
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +41,47 @@ def corpus(tmp_path_factory):
     ids = np.array(([tok.bos_id] + tok.encode(TEXT)) * 60, dtype=np.int64)
     tokens = root / "tokens"
     write_shard(tokens / "train_00000.bin", ids[: len(ids) // 2], tok.vocab_size)
-    write_shard(tokens / "train_00001.bin", ids[len(ids) // 2:], tok.vocab_size)
+    write_shard(tokens / "train_00001.bin", ids[len(ids) // 2 :], tok.vocab_size)
     write_shard(tokens / "val_00000.bin", ids[:2000], tok.vocab_size)
     (tokens / "manifest.json").write_text(json.dumps({"tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size}))
     return root, tok
 
 
 def cli_args(corpus_root, run_dir, *extra):
-    return ["--tokens-dir", str(corpus_root / "tokens"), "--tokenizer", str(corpus_root / "tokenizer.json"),
-            "--depth", "1", "--sequence-len", "32", "--device-batch-size", "4", "--device", "cpu",
-            "--run-dir", str(run_dir), "--eval-every", "10", "--eval-batches", "2", *extra]
+    return [
+        "--tokens-dir",
+        str(corpus_root / "tokens"),
+        "--tokenizer",
+        str(corpus_root / "tokenizer.json"),
+        "--depth",
+        "1",
+        "--sequence-len",
+        "32",
+        "--device-batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(run_dir),
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        *extra,
+    ]
 
 
 def run_cli(args, home, **kw):
     env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def train_losses(run_dir):
@@ -118,9 +145,23 @@ def torchrun(script: Path, nproc: int, out: Path, env: dict) -> subprocess.Compl
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(out)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            str(script),
+            str(out),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
@@ -128,8 +169,14 @@ def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr
     ddp = torchrun(script, 2, tmp_path / "ddp", env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -156,8 +203,16 @@ def test_world_size_that_does_not_divide_the_batch_rounds_it(tmp_path):
     assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in w)
 
 
-@pytest.mark.parametrize("total, micro, want", [(-1, 192, (1, 192)), (256, 192, (1, 192)), (524288, 65536, (8, 524288)),
-                                                (524288, 2 * 8 * 32 * 2048, (1, 1048576)), (1000, 300, (3, 900))])
+@pytest.mark.parametrize(
+    "total, micro, want",
+    [
+        (-1, 192, (1, 192)),
+        (256, 192, (1, 192)),
+        (524288, 65536, (8, 524288)),
+        (524288, 2 * 8 * 32 * 2048, (1, 1048576)),
+        (1000, 300, (3, 900)),
+    ],
+)
 def test_accumulation_takes_the_nearest_multiple(total, micro, want):
     assert accumulation(total, micro) == want
 
@@ -176,9 +231,14 @@ def test_loss_mask_batches(tmp_path):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=64, sequence_len=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        train(model, TrainConfig(max_steps=3, eval_every=0, device="cpu"), MaskedBatches(mask_value),
-              run_dir=tmp_path / f"m{mask_value}")
+        train(
+            model,
+            TrainConfig(max_steps=3, eval_every=0, device="cpu"),
+            MaskedBatches(mask_value),
+            run_dir=tmp_path / f"m{mask_value}",
+        )
         return before, model.state_dict()
+
     before, after = run(0.0)  # nothing to learn from: not a single weight moves
     assert all(torch.equal(before[k], after[k]) for k in before)
     before, after = run(1.0)
@@ -246,9 +306,15 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=128, sequence_len=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
         loader = SyntheticLoader(128, 4, 32, seed=0)
-        result = train(model, TrainConfig(max_steps=8, eval_every=0, save_every=-1, device="cpu", dtype=dtype),
-                       loader, run_dir=tmp_path / dtype, val_batches=lambda: loader.iter_val(2))
+        result = train(
+            model,
+            TrainConfig(max_steps=8, eval_every=0, save_every=-1, device="cpu", dtype=dtype),
+            loader,
+            run_dir=tmp_path / dtype,
+            val_batches=lambda: loader.iter_val(2),
+        )
         return train_losses(tmp_path / dtype), result["val_loss"]
+
     (fp32, val32), (bf16, val16) = losses("fp32"), losses("bf16")
     assert sorted(fp32) == sorted(bf16) == list(range(1, 9))
     for step in fp32:
@@ -260,6 +326,7 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path):
 
 def test_dtype_flag_picks_the_autocast(monkeypatch):
     from pretrain import train as train_module
+
     cpu = torch.device("cpu")
     for native in (True, False):  # auto on CPU follows the bf16 matmul instructions
         monkeypatch.setattr(train_module, "cpu_has_bf16_matmul", lambda native=native: native)

@@ -1,4 +1,5 @@
 """The chat app driven with Textual's Pilot against the fake server: what is on screen and in the store."""
+
 from __future__ import annotations
 
 import asyncio
@@ -77,8 +78,9 @@ async def say(pilot, text: str, wait: bool = True, type_it: bool = False) -> Non
         app.prompt.insert(text)
     await press_now(pilot, "enter")
     if wait:
-        await until(pilot, lambda: app.chat.id and len(app.store.messages(app.chat.id)) == before + 2
-                    and not app._generating)
+        await until(
+            pilot, lambda: app.chat.id and len(app.store.messages(app.chat.id)) == before + 2 and not app._generating
+        )
         await pilot.pause()
 
 
@@ -95,7 +97,9 @@ async def test_prompt_streams_answer_with_usage_and_persists(app, server):
         assert meta.startswith(f"{n} tokens · prompt 7 · ") and meta.endswith(" tok/s")
         stored = app.store.messages(app.chat.id)
         assert [(m.role, m.content, m.status) for m in stored] == [
-            ("user", "hello", "done"), ("assistant", answer_for("hello"), "done")]
+            ("user", "hello", "done"),
+            ("assistant", answer_for("hello"), "done"),
+        ]
         assert stored[1].completion_tokens == n and stored[1].tokens_per_s > 0
         assert app.store.get_chat(app.chat.id).title == "hello" == app.title
         assert server.requests[-1]["model"] == MODEL and server.requests[-1]["stream"] is True
@@ -121,12 +125,15 @@ async def test_multiline_prompt_and_history_recall(app, server):
         assert app.prompt.text == ""
 
 
-@pytest.mark.parametrize("prompt, error, partial", [
-    ("[500] please", "server error 500: the fake server failed with 500 on purpose", False),
-    ("[drop] please", "the connection dropped mid-answer", True),
-    ("[badjson] please", "server sent invalid JSON", True),
-    ("[stall] please", "the server timed out", True),
-])
+@pytest.mark.parametrize(
+    "prompt, error, partial",
+    [
+        ("[500] please", "server error 500: the fake server failed with 500 on purpose", False),
+        ("[drop] please", "the connection dropped mid-answer", True),
+        ("[badjson] please", "server sent invalid JSON", True),
+        ("[stall] please", "the server timed out", True),
+    ],
+)
 async def test_server_failures_show_in_conversation_and_app_keeps_working(app, prompt, error, partial):
     app.http.timeout = httpx.Timeout(1.0)  # so [stall] times out quickly
     async with app.run_test(size=SIZE) as pilot:
@@ -173,17 +180,31 @@ async def test_regenerate_and_edit_resend(app, server):
         await pilot.pause()
         assert server.requests[-1]["messages"] == server.requests[-2]["messages"]  # same history, new answer
         assert [(m.role, m.content) for m in app.store.messages(app.chat.id)] == [
-            ("user", "one"), ("assistant", answer_for("one")), ("user", "two"), ("assistant", answer_for("two"))]
+            ("user", "one"),
+            ("assistant", answer_for("one")),
+            ("user", "two"),
+            ("assistant", answer_for("two")),
+        ]
         assert len(views_text(app)) == 4
 
         await pilot.press("ctrl+t")
         assert app.prompt.text == "two" and "editing" in app.prompt.border_title
         await pilot.press("backspace", "backspace", "backspace", *"three", "enter")
-        await until(pilot, lambda: not app._generating and len(app.store.messages(app.chat.id)) == 4
-                    and app.store.messages(app.chat.id)[-1].status == "done")
+        await until(
+            pilot,
+            lambda: (
+                not app._generating
+                and len(app.store.messages(app.chat.id)) == 4
+                and app.store.messages(app.chat.id)[-1].status == "done"
+            ),
+        )
         await pilot.pause()
         assert [(m.role, m.content) for m in app.store.messages(app.chat.id)] == [
-            ("user", "one"), ("assistant", answer_for("one")), ("user", "three"), ("assistant", answer_for("three"))]
+            ("user", "one"),
+            ("assistant", answer_for("one")),
+            ("user", "three"),
+            ("assistant", answer_for("three")),
+        ]
         assert [t for _, t, _ in views_text(app)] == ["one", answer_for("one"), "three", answer_for("three")]
 
 
@@ -372,8 +393,11 @@ async def test_calculator_call_shows_inline_and_goes_back_with_the_history(app, 
         stored = app.store.messages(app.chat.id)[-1]
         assert (stored.content, stored.calculator_calls) == (CALC_TEXT, CALC)  # the content stays prose
         await say(pilot, "thanks")
-        assert server.requests[-1]["messages"][1] == {"role": "assistant", "content": CALC_TEXT,
-                                                      "calculator_calls": CALC}
+        assert server.requests[-1]["messages"][1] == {
+            "role": "assistant",
+            "content": CALC_TEXT,
+            "calculator_calls": CALC,
+        }
         chat = app.chat
         await pilot.press("ctrl+n")
         await app.show_chat(chat)  # from history, as when the chat is opened again
@@ -403,14 +427,21 @@ async def test_long_chat_leaves_out_the_oldest_turns_to_fit_the_context(tmp_path
             assert str(marker.render()) == "⋯ earlier messages not sent: 1 turn trimmed to fit the model's context"
             await say(pilot, "four")  # starts from the last trim: one 400, then 2 turns left out
             assert [len(r["messages"]) for r in small.requests[4:]] == [6, 4]
-            assert small.requests[-1]["messages"] == [system, {"role": "user", "content": "three"},
-                                                      {"role": "assistant", "content": answer_for("three")},
-                                                      {"role": "user", "content": "four"}]
+            assert small.requests[-1]["messages"] == [
+                system,
+                {"role": "user", "content": "three"},
+                {"role": "assistant", "content": answer_for("three")},
+                {"role": "user", "content": "four"},
+            ]
             markers = [str(m.render()) for m in app.query(".trimmed").results(Static) if m.display]
             assert [m.split(": ")[1][:7] for m in markers] == ["1 turn ", "2 turns"]
             assert views_text(app)[-1][1] == answer_for("four")
             assert [m.content for m in store.messages(app.chat.id) if m.role == "user"] == [
-                "one", "two", "three", "four"]
+                "one",
+                "two",
+                "three",
+                "four",
+            ]
             assert [m.trimmed for m in store.messages(app.chat.id) if m.role == "assistant"] == [0, 0, 1, 2]
             # When even the newest message alone does not fit, the server's error is what the user sees.
             small.context_messages = 1

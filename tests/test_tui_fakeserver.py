@@ -11,6 +11,7 @@ The other tui tests import `FakeServer` from here. The last user message picks t
 `context_messages`, when set, plays a model with a small context: a request with more messages than that gets
 400 context_length_exceeded. It serves serve/static/index.html at / too, so the web page can be tested against it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,13 @@ def tokens_of(text: str) -> list[str]:
 
 
 def chunk(delta: dict, finish: str | None = None) -> str:
-    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(body)}\n\n"
 
 
@@ -73,8 +79,13 @@ class FakeServer:
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        app = Starlette(routes=[Route("/v1/models", self.models),
-                                Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/", self.page)])
+        app = Starlette(
+            routes=[
+                Route("/v1/models", self.models),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/", self.page),
+            ]
+        )
         self.server = uvicorn.Server(
             uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off")
         )
@@ -94,8 +105,16 @@ class FakeServer:
 
     def _denied(self, request: Request) -> JSONResponse | None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return JSONResponse({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                                           "code": "invalid_api_key"}}, status_code=401)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Incorrect API key provided",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+                status_code=401,
+            )
         return None
 
     async def page(self, request: Request) -> HTMLResponse:
@@ -103,8 +122,14 @@ class FakeServer:
 
     async def models(self, request: Request) -> JSONResponse:
         return self._denied(request) or JSONResponse(
-            {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "test"},
-                                        {"id": "other-model", "object": "model", "created": 0, "owned_by": "test"}]})
+            {
+                "object": "list",
+                "data": [
+                    {"id": MODEL, "object": "model", "created": 0, "owned_by": "test"},
+                    {"id": "other-model", "object": "model", "created": 0, "owned_by": "test"},
+                ],
+            }
+        )
 
     async def chat(self, request: Request):
         if denied := self._denied(request):
@@ -114,12 +139,29 @@ class FakeServer:
         prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
         for code in (400, 500):
             if f"[{code}]" in prompt:
-                return JSONResponse({"error": {"message": f"the fake server failed with {code} on purpose",
-                                               "type": "server_error", "param": None, "code": None}}, status_code=code)
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": f"the fake server failed with {code} on purpose",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                    status_code=code,
+                )
         if self.context_messages is not None and len(body["messages"]) > self.context_messages:
-            return JSONResponse({"error": {"message": f"{len(body['messages'])} messages do not fit the fake context",
-                                           "type": "invalid_request_error", "param": "messages",
-                                           "code": "context_length_exceeded"}}, status_code=400)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"{len(body['messages'])} messages do not fit the fake context",
+                        "type": "invalid_request_error",
+                        "param": "messages",
+                        "code": "context_length_exceeded",
+                    }
+                },
+                status_code=400,
+            )
         pieces = tokens_of(answer_for(prompt))
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(pieces)}
@@ -167,8 +209,14 @@ class FakeServer:
         yield chunk({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
-            last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
-                    "choices": [], "usage": usage}
+            last = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": MODEL,
+                "choices": [],
+                "usage": usage,
+            }
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -195,8 +243,9 @@ def openai_reference(url: str, prompt: str) -> tuple[str, str | None, tuple[int,
 
     client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
     text, finish, usage = "", None, None
-    for c in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                            stream=True, stream_options={"include_usage": True}):
+    for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True, stream_options={"include_usage": True}
+    ):
         for choice in c.choices:
             text += choice.delta.content or ""
             finish = choice.finish_reason or finish
@@ -229,13 +278,16 @@ def test_models_match_openai_client(server):
     assert asyncio.run(ours()) == ref == [MODEL, "other-model"]
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("[500] boom", "server error 500: the fake server failed with 500 on purpose"),
-    ("[400] bad", "server error 400: the fake server failed with 400 on purpose"),
-    ("[drop] x", "the connection dropped mid-answer"),
-    ("[badjson] x", "server sent invalid JSON: '{this is not json'"),
-    ("[errchunk] x", "server error: the fake server failed mid-stream"),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("[500] boom", "server error 500: the fake server failed with 500 on purpose"),
+        ("[400] bad", "server error 400: the fake server failed with 400 on purpose"),
+        ("[drop] x", "the connection dropped mid-answer"),
+        ("[badjson] x", "server sent invalid JSON: '{this is not json'"),
+        ("[errchunk] x", "server error: the fake server failed mid-stream"),
+    ],
+)
 def test_failures_become_one_clear_error(server, prompt, expected):
     got: list = []
 
@@ -298,7 +350,7 @@ def test_calculator_call_arrives_between_the_text_where_it_happened(server):
     items = [i for i in asyncio.run(collect(server.url, "[calc] add")) if isinstance(i, str | CalculatorCall)]
     call = next(i for i in items if isinstance(i, CalculatorCall))
     assert call == CalculatorCall(**CALC[0])
-    assert "".join(items[:items.index(call)]) == CALC_TEXT[:call.offset]
+    assert "".join(items[: items.index(call)]) == CALC_TEXT[: call.offset]
     assert "".join(i for i in items if isinstance(i, str)) == CALC_TEXT
 
 

@@ -1,4 +1,5 @@
 """The chat app against the real `python -m serve` with a tiny checkpoint that memorised its answers."""
+
 from __future__ import annotations
 
 import asyncio

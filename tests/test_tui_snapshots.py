@@ -5,6 +5,7 @@ ones, the server is the fake one (only its model name is shown) or a port nothin
 and cursors do not blink. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
 after checking the new pictures (snapshot_report.html).
 """
+
 from __future__ import annotations
 
 import asyncio

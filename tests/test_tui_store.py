@@ -1,4 +1,5 @@
 """The SQLite chat store and the `python -m tui` command line: behaviour on real files."""
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,23 @@ def test_chats_messages_and_order(store):
     b = store.create_chat("second")
     store.add_message(a.id, "user", "hi a")  # touching a makes it the most recent
     assert [c.title for c in store.list_chats()] == ["first", "second"]
-    assert store.get_chat(a.id) == a.__class__(id=a.id, title="first", created=1000.0, updated=1020.0,
-                                               system_prompt="sys", temperature=0.1, max_tokens=9, model="m")
+    assert store.get_chat(a.id) == a.__class__(
+        id=a.id,
+        title="first",
+        created=1000.0,
+        updated=1020.0,
+        system_prompt="sys",
+        temperature=0.1,
+        max_tokens=9,
+        model="m",
+    )
     answer = store.add_message(a.id, "assistant", "", status="streaming")
     answer.content, answer.status, answer.completion_tokens, answer.tokens_per_s = "hello", "done", 2, 4.0
     store.update_message(answer)
     assert [(m.role, m.content, m.status, m.completion_tokens) for m in store.messages(a.id)] == [
-        ("user", "hi a", "done", None), ("assistant", "hello", "done", 2)]
+        ("user", "hi a", "done", None),
+        ("assistant", "hello", "done", 2),
+    ]
     assert store.messages(b.id) == []
     assert store.message_counts() == {a.id: 2}
     store.update_chat(b.id, title="renamed", temperature=1.5)
@@ -89,8 +100,10 @@ def test_recover_marks_the_answers_of_a_killed_process_interrupted(tmp_path):
         writer.wait()
     again = Store(path)
     assert again.recover() == 1
-    assert [(m.content, m.status) for m in again.messages(chat_id)] == [("half an ans", "interrupted"),
-                                                                     ("whole", "done")]
+    assert [(m.content, m.status) for m in again.messages(chat_id)] == [
+        ("half an ans", "interrupted"),
+        ("whole", "done"),
+    ]
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert list((tmp_path / "chats.db-owners").iterdir()) == [again._owners / again.owner]  # no litter
     again.close()
@@ -111,12 +124,14 @@ def test_a_second_instance_in_one_process_leaves_a_live_answer_alone(tmp_path):
 
 def test_a_store_from_before_owners_is_migrated_and_recovered(tmp_path):
     import sqlite3
+
     path = tmp_path / "chats.db"
     old = sqlite3.connect(path)
     old.executescript(SCHEMA_WITHOUT_OWNER)
     old.execute("INSERT INTO chats (title, created, updated) VALUES ('c', 1, 1)")
-    old.execute("INSERT INTO messages (chat_id, role, content, status, created) VALUES (1, 'assistant', 'x', "
-                "'streaming', 1)")
+    old.execute(
+        "INSERT INTO messages (chat_id, role, content, status, created) VALUES (1, 'assistant', 'x', 'streaming', 1)"
+    )
     old.commit()
     old.close()
     s = Store(path)
@@ -142,7 +157,10 @@ def test_files_are_private(tmp_path):
     s = Store(path)
     s.create_chat("secret")
     assert {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.is_file()} == {
-        "chats.db": 0o600, "chats.db-wal": 0o600, "chats.db-shm": 0o600}
+        "chats.db": 0o600,
+        "chats.db-wal": 0o600,
+        "chats.db-shm": 0o600,
+    }
     assert path.parent.stat().st_mode & 0o777 == 0o700
     s.close()
     old = tmp_path / "old.db"  # made world-readable by an older version
@@ -154,6 +172,7 @@ def test_files_are_private(tmp_path):
 
 def test_a_write_blocked_by_another_program_is_a_store_error(tmp_path):
     import sqlite3
+
     path = tmp_path / "chats.db"
     s = Store(path, busy_timeout=0.2)
     chat = s.create_chat("c")
@@ -190,7 +209,9 @@ def test_exports(store):
     data = json.loads(store.export_json(chat.id))
     assert data["chat"]["title"] == "Exported" and data["chat"]["system_prompt"] == "Be kind."
     assert [(m["role"], m["content"], m["status"]) for m in data["messages"]] == [
-        ("user", "question?", "done"), ("assistant", "partial", "error")]
+        ("user", "question?", "done"),
+        ("assistant", "partial", "error"),
+    ]
     with pytest.raises(ValueError, match="no chat with id 999"):
         store.export_json(999)
 
@@ -225,16 +246,20 @@ def test_default_path_follows_xdg(monkeypatch, tmp_path):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tui", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--url", "localhost:8000"], "error: --url must start with http:// or https://, got 'localhost:8000'"),
-    (["--timeout", "0"], "error: --timeout and --retry must be positive"),
-    (["--temperature", "3"], "error: --temperature must be between 0 and 2"),
-    (["--max-tokens", "many"], "error: argument --max-tokens: invalid int value: 'many'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--url", "localhost:8000"], "error: --url must start with http:// or https://, got 'localhost:8000'"),
+        (["--timeout", "0"], "error: --timeout and --retry must be positive"),
+        (["--temperature", "3"], "error: --temperature must be between 0 and 2"),
+        (["--max-tokens", "many"], "error: argument --max-tokens: invalid int value: 'many'"),
+    ],
+)
 def test_cli_rejects_bad_flags_in_one_line(args, message):
     r = run_cli(*args)
     assert r.returncode == 2 and r.stdout == ""
@@ -252,8 +277,10 @@ def test_cli_corrupt_store_is_one_line_exit_1(tmp_path):
 
 
 def test_cli_help_names_env_vars_and_defaults():
-    r = run_cli("--help", env={"PATH": "/usr/bin:/bin", "SCRATCHCHAT_URL": "http://example:1/v1",
-                               "SCRATCHCHAT_API_KEY": "sk-secret"})
+    r = run_cli(
+        "--help",
+        env={"PATH": "/usr/bin:/bin", "SCRATCHCHAT_URL": "http://example:1/v1", "SCRATCHCHAT_API_KEY": "sk-secret"},
+    )
     assert r.returncode == 0
     assert "SCRATCHCHAT_URL" in r.stdout and "http://example:1/v1" in r.stdout
     assert "sk-secret" not in r.stdout  # never print the key

@@ -1,5 +1,6 @@
 """The real `python -m tui` in a real terminal (tmux): type a prompt, read the answer off the
 screen, and kill the process mid-answer to check the store survives."""
+
 from __future__ import annotations
 
 import fcntl
@@ -59,8 +60,11 @@ class Tmux:
 def tui_command(url: str, db: Path) -> str:
     env = {"PYTHONPATH": str(ROOT), "SCRATCHCHAT_URL": url, "TERM": "xterm-256color", "COLORTERM": "truecolor"}
     # `env` execs python, so the pane's pid is the app's pid.
-    return "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + \
-        f" {shlex.quote(sys.executable)} -m tui --db {shlex.quote(str(db))}"
+    return (
+        "env "
+        + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        + f" {shlex.quote(sys.executable)} -m tui --db {shlex.quote(str(db))}"
+    )
 
 
 @pytest.fixture
@@ -140,7 +144,7 @@ async def test_kill_mid_stream_leaves_a_sound_store(server, tmp_path):
 
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    (content, status), = con.execute("SELECT content, status FROM messages WHERE role='assistant'").fetchall()
+    ((content, status),) = con.execute("SELECT content, status FROM messages WHERE role='assistant'").fetchall()
     con.close()
     full = answer_for(prompt)
     assert status == "streaming" and content and full.startswith(content) and content != full

@@ -1,8 +1,8 @@
 """tokenizer: byte-level BPE written from scratch (train, encode/decode, special tokens, file formats).
 
-    from tokenizer import Tokenizer
-    tok = Tokenizer.train(texts, vocab_size=8192)
-    ids = tok.encode("hello"); tok.decode(ids)
+from tokenizer import Tokenizer
+tok = Tokenizer.train(texts, vocab_size=8192)
+ids = tok.encode("hello"); tok.decode(ids)
 """
 
 from tokenizer.bpe import (

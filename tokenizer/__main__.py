@@ -1,8 +1,8 @@
 """`python -m tokenizer`: train a BPE tokenizer, encode text with it, and measure its compression.
 
-  python -m tokenizer train --input corpus/ --vocab-size 8192   # -> $SCRATCHCHAT_HOME/tokenizer/tokenizer.json
-  echo "hello" | python -m tokenizer encode                     # ids, one line
-  python -m tokenizer stats --input held_out.txt                # bytes per token, vs GPT-2 / cl100k
+python -m tokenizer train --input corpus/ --vocab-size 8192   # -> $SCRATCHCHAT_HOME/tokenizer/tokenizer.json
+echo "hello" | python -m tokenizer encode                     # ids, one line
+python -m tokenizer stats --input held_out.txt                # bytes per token, vs GPT-2 / cl100k
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # every error a user can cause is raised as ValueError with a readable message
     return run_cli(lambda: run(config(**args)), (ValueError,))
+
 
 if __name__ == "__main__":
     sys.exit(main())

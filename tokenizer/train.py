@@ -47,7 +47,7 @@ def count_chunks(texts: Iterable[str], pattern: str, workers: int | None = None)
     second = next(batches, None)
     if workers <= 1 or second is None or multiprocessing.current_process().daemon:
         counts = _count_batch(pattern, first)
-        for batch in ([] if second is None else chain([second], batches)):
+        for batch in [] if second is None else chain([second], batches):
             counts.update(_count_batch(pattern, batch))
         return counts
     counts: Counter[str] = Counter()
@@ -76,9 +76,7 @@ def _utf8(chunk: str) -> bytes:
 # ---- the definition ----------------------------------------------------------------------------
 
 
-def naive_merges(
-    chunk_counts: Mapping[str, int], n_merges: int
-) -> tuple[list[bytes], list[tuple[int, int]]]:
+def naive_merges(chunk_counts: Mapping[str, int], n_merges: int) -> tuple[list[bytes], list[tuple[int, int]]]:
     """BPE training as defined, written plainly (minbpe's algorithm); learn_merges gives the same result.
 
     Each chunk starts as its UTF-8 bytes (ids 0..255). Repeat: count every adjacent pair of ids over

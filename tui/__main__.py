@@ -1,4 +1,5 @@
 """`python -m tui [--url URL] [--api-key KEY] [--model NAME] ...`: start the chat client."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ def parse_args(argv: list[str] | None = None):
         shown = (
             "" if f.name == "api_key" or default == "" or "default" in f.metadata["help"] else f" (default: {default})"
         )
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            help=f.metadata["help"] + shown)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f.metadata["help"] + shown
+        )
     args = parser.parse_args(argv)
     config = Config(**vars(args))
     if not config.url.startswith(("http://", "https://")):

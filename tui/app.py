@@ -4,6 +4,7 @@ One main screen (conversation + prompt), plus modal screens for help, settings, 
 list and small dialogs. All network work runs in Textual workers so the UI never waits on
 the server; every answer is written to the store while it streams.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,15 +46,20 @@ DEFAULT_URL = "http://127.0.0.1:8000/v1"
 class Config:
     """Client settings; each field is a `python -m tui` flag."""
 
-    url: str = field(default_factory=lambda: os.environ.get("SCRATCHCHAT_URL", DEFAULT_URL),
-                      metadata={"help": "server base URL (env SCRATCHCHAT_URL)"})
-    api_key: str = field(default_factory=lambda: os.environ.get("SCRATCHCHAT_API_KEY", ""),
-                         metadata={"help": "bearer token sent to the server (env SCRATCHCHAT_API_KEY)"})
+    url: str = field(
+        default_factory=lambda: os.environ.get("SCRATCHCHAT_URL", DEFAULT_URL),
+        metadata={"help": "server base URL (env SCRATCHCHAT_URL)"},
+    )
+    api_key: str = field(
+        default_factory=lambda: os.environ.get("SCRATCHCHAT_API_KEY", ""),
+        metadata={"help": "bearer token sent to the server (env SCRATCHCHAT_API_KEY)"},
+    )
     model: str = field(default="", metadata={"help": "model for new chats (default: the server's first model)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for new chats"})
     max_tokens: int = field(default=512, metadata={"help": "answer length limit for new chats"})
-    db: Path = field(default_factory=default_db_path,
-                     metadata={"help": "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)"})
+    db: Path = field(
+        default_factory=default_db_path, metadata={"help": "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)"}
+    )
     timeout: float = field(
         default=60.0, metadata={"help": "seconds to wait for the server to connect or send the next token"}
     )
@@ -192,7 +198,9 @@ class HelpScreen(ModalScreen[None]):
             yield Static(
                 "Copying uses the terminal's clipboard (OSC 52); some terminals need it switched on.\n"
                 "Chats are saved while they stream (the store: see --db in python -m tui --help).",
-                markup=False, classes="hint")
+                markup=False,
+                classes="hint",
+            )
             yield Static("Esc closes", classes="hint")
 
 
@@ -285,12 +293,14 @@ class SettingsScreen(ModalScreen[dict | None]):
         if max_tokens < 1:
             error.update("max tokens must be at least 1")
             return
-        self.dismiss({
-            "system_prompt": self.query_one("#system_prompt", TextArea).text,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "model": self.query_one("#model", Input).value.strip(),
-        })
+        self.dismiss(
+            {
+                "system_prompt": self.query_one("#system_prompt", TextArea).text,
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+                "model": self.query_one("#model", Input).value.strip(),
+            }
+        )
 
     @on(Button.Pressed)
     def pressed(self, event: Button.Pressed) -> None:
@@ -471,8 +481,15 @@ class ChatApp(App[None]):
 
     def _fresh_chat(self) -> Chat:
         """An unsaved chat; it is written to the store with its first message."""
-        return Chat(id=0, title="New chat", created=0.0, updated=0.0, model=self.config.model,
-                    temperature=self.config.temperature, max_tokens=self.config.max_tokens)
+        return Chat(
+            id=0,
+            title="New chat",
+            created=0.0,
+            updated=0.0,
+            model=self.config.model,
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+        )
 
     # layout
 
@@ -542,11 +559,15 @@ class ChatApp(App[None]):
                 self.sub_title = "○ no server"
                 retry = f"Retrying every {self.config.retry:g} s…"
                 if str(exc).startswith("cannot reach"):
-                    banner.update(f"No server answering at {self.config.url}.\n"
-                                  f"Start one with: python -m serve   (or pass --url). {retry}")
+                    banner.update(
+                        f"No server answering at {self.config.url}.\n"
+                        f"Start one with: python -m serve   (or pass --url). {retry}"
+                    )
                 else:
-                    banner.update(f"The server at {self.config.url} answered with an error: {exc}\n"
-                                  f"Check --url and --api-key. {retry}")
+                    banner.update(
+                        f"The server at {self.config.url} answered with an error: {exc}\n"
+                        f"Check --url and --api-key. {retry}"
+                    )
                 banner.add_class("down")
             await asyncio.sleep(self.config.retry)
         self.server_ok = True
@@ -571,8 +592,13 @@ class ChatApp(App[None]):
             if not self.chat.id:
                 c = self.chat
                 title = text.strip().splitlines()[0][:48]
-                self.chat = self.store.create_chat(title=title, system_prompt=c.system_prompt,
-                                                   temperature=c.temperature, max_tokens=c.max_tokens, model=c.model)
+                self.chat = self.store.create_chat(
+                    title=title,
+                    system_prompt=c.system_prompt,
+                    temperature=c.temperature,
+                    max_tokens=c.max_tokens,
+                    model=c.model,
+                )
                 self.title = self.chat.title
             message = self.store.add_message(self.chat.id, "user", text)
         except StoreError as exc:  # another program holds the chat file: say so, and keep the prompt to resend
@@ -611,8 +637,12 @@ class ChatApp(App[None]):
         c = self.chat
         messages = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
         messages += [m for turn in turns[trim:] for m in turn]
-        return {"model": c.model or self.default_model or "default", "messages": messages,
-                "temperature": c.temperature, "max_tokens": c.max_tokens}
+        return {
+            "model": c.model or self.default_model or "default",
+            "messages": messages,
+            "temperature": c.temperature,
+            "max_tokens": c.max_tokens,
+        }
 
     @work(exclusive=True, group="generate")
     async def generate(self) -> None:
@@ -681,7 +711,8 @@ class ChatApp(App[None]):
                     last_save = time.monotonic()
             elif isinstance(item, CalculatorCall):
                 message.calculator_calls.append(
-                    {"expression": item.expression, "result": item.result, "offset": item.offset})
+                    {"expression": item.expression, "result": item.result, "offset": item.offset}
+                )
                 await stream.write(calculator_markdown(item.expression, item.result))
             elif isinstance(item, Usage):
                 message.prompt_tokens, message.completion_tokens = item.prompt_tokens, item.completion_tokens

@@ -4,6 +4,7 @@ Only two calls are needed: list the models, and stream a chat completion. Retrie
 (httpx never retries a request) so the UI decides what a failure means; every failure
 surfaces as one `ServerError` whose message is fit to show to a person.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ lock any more, and leaves alone the live answers of another open instance.
 
 The files hold private conversations: they are readable by their owner only (0600).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -101,7 +102,7 @@ def with_calculator_calls(content: str, calls: list[dict]) -> str:
     """Markdown of an answer with each calculator call shown where it happened, as `calculator: 23+45 = 68`."""
     out, at = [], 0
     for c in sorted(calls, key=lambda c: c["offset"]):
-        out += [content[at:c["offset"]], calculator_markdown(c["expression"], c["result"])]
+        out += [content[at : c["offset"]], calculator_markdown(c["expression"], c["result"])]
         at = max(at, c["offset"])
     return "".join(out) + content[at:]
 
@@ -173,8 +174,9 @@ class Store:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:  # "database is locked": another program holds it too long
-            raise StoreError(f"cannot write the chat store at {self.path}: {exc} (another program is writing "
-                             "it; try again)") from None
+            raise StoreError(
+                f"cannot write the chat store at {self.path}: {exc} (another program is writing it; try again)"
+            ) from None
         return self.db
 
     def _alive(self, owner: str) -> bool:
@@ -201,8 +203,12 @@ class Store:
         owners = [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM messages WHERE status='streaming'")]
         dead = [o for o in owners if not self._alive(o)]
         with self._tx() as db:
-            return sum(db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming' AND owner=?",
-                                  (o,)).rowcount for o in dead)
+            return sum(
+                db.execute(
+                    "UPDATE messages SET status='interrupted' WHERE status='streaming' AND owner=?", (o,)
+                ).rowcount
+                for o in dead
+            )
 
     # chats
 
@@ -262,14 +268,23 @@ class Store:
             db.execute(
                 "UPDATE messages SET content=?, status=?, error=?, prompt_tokens=?, completion_tokens=?,"
                 " tokens_per_s=?, calculator_calls=?, trimmed=? WHERE id=?",
-                (message.content, message.status, message.error, message.prompt_tokens,
-                 message.completion_tokens, message.tokens_per_s, json.dumps(message.calculator_calls),
-                 message.trimmed, message.id),
+                (
+                    message.content,
+                    message.status,
+                    message.error,
+                    message.prompt_tokens,
+                    message.completion_tokens,
+                    message.tokens_per_s,
+                    json.dumps(message.calculator_calls),
+                    message.trimmed,
+                    message.id,
+                ),
             )
 
     def messages(self, chat_id: int) -> list[Message]:
-        rows = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id=? ORDER BY id",
-                               (chat_id,)).fetchall()
+        rows = self.db.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id=? ORDER BY id", (chat_id,)
+        ).fetchall()
         return [Message(**{**dict(r), "calculator_calls": json.loads(r["calculator_calls"])}) for r in rows]
 
     def delete_messages_from(self, chat_id: int, message_id: int) -> None:
@@ -292,7 +307,8 @@ class Store:
             raise ValueError(f"no chat with id {chat_id}")
         return json.dumps(
             {"chat": asdict(chat), "messages": [asdict(m) for m in self.messages(chat_id)]},
-            indent=2, ensure_ascii=False,
+            indent=2,
+            ensure_ascii=False,
         )
 
     def export_markdown(self, chat_id: int) -> str:
