@@ -48,24 +48,17 @@ def answer_text(tok, generated: list[int], show_calls: bool = False) -> str:
     results left out (the prose is what gets scored), or shown as [calculator: expression = result]."""
     end = assistant_end_id(tok)
     generated = generated[: generated.index(end)] if end in generated else generated
-    start, stop, out_start, out_end = (tok.special_tokens.get(name) for name in TOOL_TOKENS)
-    text, piece = "", []
-    call: dict[int, list[int]] | None = None  # inside a call: its expression (start) and result (out_start) tokens
-    part = start
+    tool, text, prose, skip = ToolUse(tok), "", [], 0
     for t in generated:
-        if t == start:
-            text, piece, call, part = text + tok.decode(piece), [], {start: [], out_start: []}, start
-        elif call is None:
-            piece.append(t)
-        elif t == out_end:
+        if skip:  # the result block the decoder fed in after a call
+            skip -= 1
+        elif exchange := tool.after(t):
+            text, prose, skip = text + tok.decode(prose), [], len(exchange.forced)
             if show_calls:
-                text += f"[calculator: {tok.decode(call[start])} = {tok.decode(call[out_start])}]"
-            call = None
-        elif t in (stop, out_start):
-            part = out_start
-        else:
-            call[part].append(t)
-    return text + tok.decode(piece)
+                text += f"[calculator: {exchange.expression} = {exchange.result}]"
+        elif tool.call is None:  # not inside a call
+            prose.append(t)
+    return text + tok.decode(prose)
 
 
 def letter_ids(tok, n: int) -> list[int]:

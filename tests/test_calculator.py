@@ -152,6 +152,7 @@ def test_a_call_renders_learned_and_its_result_masked(tok):
     assert mask[start:] == [1] * len(body + call) + [0] * len(result) + [1] * (len(rest) + 1)
     # What the decoder produced reads back as the prose alone.
     assert answer_text(tok, ids[start:]) == "It is 68."
+    assert answer_text(tok, ids[start:], show_calls=True) == "It is [calculator: 23+45 = 68]68."
 
 
 @pytest.mark.parametrize(
