@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -82,19 +82,9 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (
-        ("H100", 989e12),
-        ("H200", 989e12),
-        ("GH200", 989e12),
-        ("A100", 312e12),
-        ("L40S", 362e12),
-        ("A10G", 125e12),
-        ("L4", 121e12),
-        ("4090", 165e12),
-    ):
-        if key in name:
-            return flops
-    return None
+    # The first name part that matches: "H200" covers GH200 too, and L40S comes before L4.
+    tflops = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121, "4090": 165}
+    return next((t * 1e12 for key, t in tflops.items() if key in name), None)
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -122,6 +112,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 # ----------------------------------------------------------------------------- data without a corpus
 
 
+@dataclass
 class SyntheticLoader:
     """Seeded token batches for a bare machine: each row repeats a random snippet of skewed (low ids common)
     tokens, so a model has something to learn at once (the unigram) and later (copying).
@@ -129,19 +120,17 @@ class SyntheticLoader:
     Batch i of a run is the same on any number of ranks (rank r of w takes batch index*w + r), and its
     position is one integer, so resume and DDP behave as with real shards."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.index = 0
+    vocab_size: int
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: str | torch.device = "cpu"
+    index: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
 
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
@@ -274,7 +263,8 @@ def _resume_point(run_dir: Path, dist: Dist) -> Path:
 
 
 def _batch_parts(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return (batch[0], batch[1], batch[2]) if len(batch) == 3 else (batch[0], batch[1], None)
+    x, y, *mask = batch
+    return x, y, mask[0] if mask else None
 
 
 def train(
@@ -325,14 +315,8 @@ class _Run:
     def __init__(
         self, model: GPT, cfg: TrainConfig, batches, run_dir: Path, tokenizer, dist: Dist, meta: dict | None
     ) -> None:
-        self.model, self.cfg, self.batches, self.run_dir, self.tokenizer, self.dist = (
-            model,
-            cfg,
-            batches,
-            run_dir,
-            tokenizer,
-            dist,
-        )
+        self.model, self.cfg, self.batches, self.run_dir = model, cfg, batches, run_dir
+        self.tokenizer, self.dist = tokenizer, dist
         self.meta, self.device, self.metrics_path = meta or {}, dist.device, run_dir / "metrics.jsonl"
         self.say = tqdm.write if dist.is_main else (lambda *a, **k: None)
         if self.device.type == "cuda":
@@ -479,11 +463,8 @@ class _Run:
     def optimizer_step(self) -> None:
         cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
-        set_schedule(
-            self.optimizers,
-            lr_multiplier(self.progress(), cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
-            self.step,
-        )
+        lr_mult = lr_multiplier(self.progress(), cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        set_schedule(self.optimizers, lr_mult, self.step)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             # Only the last micro-batch all-reduces the gradients; no_sync() is a fresh context every time.
