@@ -105,15 +105,14 @@ def save_checkpoint(
             with open(f, "rb+") as file:
                 os.fsync(file.fileno())
         fsync_dir(tmp)
+        old = None
         if dir.exists():  # re-saving a step: move the old one aside first so the rename below cannot fail
             old = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".old-{dir.name}-"))
             os.replace(dir, old / dir.name)  # a crash from here to the next rename: prune_checkpoints puts it back
-            os.replace(tmp, dir)
-            fsync_dir(dir.parent)
+        os.replace(tmp, dir)
+        fsync_dir(dir.parent)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dir)
-            fsync_dir(dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

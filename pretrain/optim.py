@@ -52,21 +52,6 @@ def _orthogonalise(G: torch.Tensor, steps: int) -> torch.Tensor:
     return newton_schulz(G, steps)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size under torchrun; (0, 1) for a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather_async(out: torch.Tensor, block: torch.Tensor):
-    """Start gathering every rank's equal-sized `block` into `out` (rank order along dim 0); returns a handle to
-    wait on. torch 2.13 renamed all_gather_into_tensor to all_gather_single and made the old name warn; 2.11 has
-    only the old name. Both work on gloo (CPU) and NCCL."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, block, async_op=True)
-
-
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalised; only for 2-D weight matrices.
 
@@ -96,7 +81,9 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        rank, world = _rank_and_world()
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        )
         pending = []  # (group, params, updates, all-gather handle, its block): applied once every gather has started
         for group in self.param_groups:
             momentum = group["momentum"]
@@ -133,8 +120,10 @@ class Muon(torch.optim.Optimizer):
                         pad = torch.zeros(share - len(mine), rows, cols, dtype=dtype, device=device)
                         block = pad if updates is None else torch.cat([updates, pad])
                     updates = torch.empty(world * share, rows, cols, dtype=dtype, device=device)
-                    # Asynchronous, so the next shape's Newton-Schulz overlaps this gather.
-                    handle = _all_gather_async(updates, block)
+                    # Asynchronous, so the next shape's Newton-Schulz overlaps this gather. torch 2.13 renamed
+                    # all_gather_into_tensor to all_gather_single (the old name warns); 2.11 has only the old one.
+                    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+                    handle = gather(updates, block, async_op=True)
                 pending.append((group, params, updates, handle, block))  # block: alive until its gather is done
         for group, params, updates, handle, _ in pending:
             if handle is not None:
@@ -154,20 +143,17 @@ def build_optimizers(
     matrix_lr: float = 0.02,
     embedding_lr: float = 0.2,
     unembedding_lr: float = 0.004,
-    scalar_lr: float = 0.004,
     weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.8, 0.95),
-    model_dim: int | None = None,
 ) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] over the model with every trainable parameter in exactly one group.
 
     Groups: embeddings (nn.Embedding weights), the unembedding (`model.lm_head`), scalars/vectors (any < 2-D
-    parameter), and the hidden matrices (every other 2-D parameter, for Muon). AdamW learning rates are scaled
-    by (model_dim / 768) ** -0.5 as in nanochat, so the defaults transfer across widths. Each group keeps its
-    `initial_lr`, which the schedule multiplies.
+    parameter, lr 0.004), and the hidden matrices (every other 2-D parameter, for Muon). AdamW
+    learning rates are scaled by (n_embd / 768) ** -0.5 as in nanochat, so the defaults transfer across widths.
+    Each group keeps its `initial_lr`, which the schedule multiplies.
     """
     embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = {id(p) for p in model.lm_head.parameters()} if hasattr(model, "lm_head") else set()
+    head = {id(p) for p in model.lm_head.parameters()}
     groups: dict[str, list[nn.Parameter]] = {"embedding": [], "unembedding": [], "scalar": [], "matrix": []}
     for p in model.parameters():
         if not p.requires_grad:
@@ -176,16 +162,14 @@ def build_optimizers(
             "embedding" if id(p) in embed else "unembedding" if id(p) in head else "matrix" if p.ndim == 2 else "scalar"
         )
         groups[kind].append(p)
-    if model_dim is None:
-        model_dim = model.config.n_embd
-    scale = (model_dim / 768) ** -0.5
+    scale = (model.config.n_embd / 768) ** -0.5
     adam_groups = [
         dict(params=groups[k], lr=lr * scale, name=k)
-        for k, lr in (("embedding", embedding_lr), ("unembedding", unembedding_lr), ("scalar", scalar_lr))
+        for k, lr in (("embedding", embedding_lr), ("unembedding", unembedding_lr), ("scalar", 0.004))
         if groups[k]
     ]
     fused = all(p.is_cuda for g in adam_groups for p in g["params"])
-    adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay, fused=fused or None)
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused or None)
     muon = Muon(groups["matrix"], lr=matrix_lr, weight_decay=weight_decay)
     muon.param_groups[0]["name"] = "matrix"
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
@@ -208,15 +192,12 @@ def lr_multiplier(
     return 1.0
 
 
-def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
-    """Muon's momentum ramps up over the first steps: early gradients change fast, later ones average well."""
-    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    return (1 - frac) * start + frac * end
-
-
 def set_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, step: int) -> None:
+    """Every group's lr at `lr_mult` of its initial one. Muon's momentum ramps from 0.85 to 0.95 over the first
+    300 steps: early gradients change fast, later ones average well."""
+    frac = min(step / 300, 1.0)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step)
+                group["momentum"] = (1 - frac) * 0.85 + frac * 0.95
