@@ -47,8 +47,6 @@ from common.cli import flag
 from finetune.chat import ChatFormatError, render_prompt
 from serve import openapi
 from serve.engine import (
-    MAX_N,
-    MAX_TOP_LOGPROBS,
     CalculatorCall,
     Chunk,
     Engine,
@@ -95,18 +93,14 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-def error_response(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    # ASCII JSON: a message quoting what the client sent (a model name holding a lone surrogate) always encodes.
-    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
+    def response(self) -> Response:
+        # ASCII JSON: a message quoting what the client sent (a model name holding a lone surrogate) always encodes.
+        return Response(
+            json.dumps(self.body()), status_code=self.status, headers=self.headers, media_type="application/json"
+        )
 
 
 class State:
@@ -171,29 +165,85 @@ async def read_json(request: Request, limits: Limits) -> dict:
     return data
 
 
-def _number(data: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    value = data.get(name)
-    if value is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int if integer else (int, float))
-        or (isinstance(value, float) and not math.isfinite(value))
-    ):
-        raise APIError(400, f"'{name}' must be {kind}", param=name)
-    if not lo <= value <= hi:
-        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
-    return value
+@dataclass(frozen=True)
+class Param:
+    """A number or boolean request field, written once: the handlers validate with it and the OpenAPI document
+    describes it. `hi` None: no fixed maximum (the server's flags or the model set it per request)."""
+
+    type: str  # JSON Schema's "integer", "number" or "boolean"
+    lo: int | None = None
+    hi: int | None = None
+    description: str | None = None
+
+    def read(self, data: dict, name: str, default=None, hi: int | None = None):
+        """data[name] checked (`hi`: the maximum of this server), or `default` when it is absent or null."""
+        value = data.get(name)
+        if value is None:
+            return default
+        if self.type == "boolean":
+            if not isinstance(value, bool):
+                raise APIError(400, f"'{name}' must be true or false", param=name)
+            return value
+        integer = self.type == "integer"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if integer else (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}", param=name)
+        hi = self.hi if hi is None else hi
+        if not self.lo <= value <= hi:
+            raise APIError(400, f"'{name}' must be between {self.lo} and {hi}, got {value}", param=name)
+        return value
 
 
-def _bool(data: dict, name: str, default: bool = False) -> bool:
-    value = data.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be true or false", param=name)
-    return value
+# The number and boolean fields of each completion route (top_k is our extension; the penalties are accepted only
+# at 0). max_completion_tokens is read on both routes, as max_tokens's newer name, but described for chat only.
+SAMPLING = {
+    "n": Param(
+        "integer",
+        1,
+        8,
+        "Samples of the prompt (at most --max-batch), sharing one prefill; sample i draws with seed + i.",
+    ),
+    "max_tokens": Param(
+        "integer", 1, description="Most tokens to generate (server limit: --max-tokens); the context may end it sooner."
+    ),
+    "temperature": Param("number", 0, 2, "0 = greedy."),
+    "top_p": Param("number", 0, 1),
+    "top_k": Param("integer", 0, description="0 = off."),
+    "seed": Param("integer", -(2**63), 2**63 - 1),
+    "truncate_prompt_tokens": Param(
+        "integer",
+        1,
+        description="Opt-in truncation (vLLM's field; without it a prompt longer than the context is a 400): chat "
+        "drops the oldest user/assistant pairs, keeping the system message and the last user message, until the "
+        "prompt is at most this many tokens (`truncated_messages` says how many went); a raw prompt keeps <|bos|> "
+        "and its last N-1 tokens (`truncated_prompt_tokens` says how many went). Less than the model's context.",
+    ),
+    "stream": Param("boolean"),
+    "presence_penalty": Param("number", -2, 2, "Only 0 is supported."),
+    "frequency_penalty": Param("number", -2, 2, "Only 0 is supported."),
+}
+CHAT = {
+    **SAMPLING,
+    "max_completion_tokens": Param("integer", 1),
+    "logprobs": Param(
+        "boolean",
+        description="Log-probabilities of the answer's tokens: the model's log-softmax at temperature 1, before "
+        "top_k/top_p.",
+    ),
+    "top_logprobs": Param("integer", 0, 20, "Likeliest alternatives per token; needs logprobs: true."),
+}
+TEXT = {
+    **SAMPLING,
+    "logprobs": Param("integer", 0, 5, "Log-probabilities of the tokens and this many alternatives each."),
+}
+
+
+def read(name: str, data: dict, default=None, hi: int | None = None, params: dict = CHAT):
+    """A field of `params` (the chat table unless told), checked by its Param."""
+    return params[name].read(data, name, default, hi)
 
 
 def sampling_params(
@@ -201,7 +251,7 @@ def sampling_params(
 ) -> SamplingParams:
     """Validate the OpenAI sampling fields shared by both completion routes (`logprobs`: each route's own field,
     already checked)."""
-    n = _number(data, "n", 1, 1, MAX_N, integer=True)
+    n = read("n", data, 1)
     if n > eng.max_batch:
         raise APIError(
             400,
@@ -209,11 +259,11 @@ def sampling_params(
             param="n",
         )
     for unsupported in ("presence_penalty", "frequency_penalty"):
-        if _number(data, unsupported, 0, -2, 2) != 0:
+        if read(unsupported, data, 0) != 0:
             raise APIError(400, f"'{unsupported}' is not supported; leave it at 0", param=unsupported)
-    max_tokens = _number(data, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
+    max_tokens = read("max_completion_tokens", data, None, limits.max_tokens)
     if max_tokens is None:
-        max_tokens = _number(data, "max_tokens", default_max_tokens, 1, limits.max_tokens, integer=True)
+        max_tokens = read("max_tokens", data, default_max_tokens, limits.max_tokens)
     stop = data.get("stop")
     if stop is None:
         stop = []
@@ -227,10 +277,10 @@ def sampling_params(
         )
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(_number(data, "temperature", 1.0, 0, 2)),
-        top_k=_number(data, "top_k", 0, 0, eng.tokenizer.vocab_size, integer=True),
-        top_p=float(_number(data, "top_p", 1.0, 0, 1)) or 1e-9,  # top_p 0 keeps only the most likely token
-        seed=_number(data, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        temperature=float(read("temperature", data, 1.0)),
+        top_k=read("top_k", data, 0, eng.tokenizer.vocab_size),
+        top_p=float(read("top_p", data, 1.0)) or 1e-9,  # top_p 0 keeps only the most likely token
+        seed=read("seed", data),
         stop=tuple(stop),
         n=n,
         logprobs=logprobs,
@@ -239,16 +289,11 @@ def sampling_params(
 
 def chat_logprobs(data: dict) -> int | None:
     """Chat's `logprobs` (bool) and `top_logprobs` (0..20, only with logprobs) as the engine's one number."""
-    want = _bool(data, "logprobs")
-    top = _number(data, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    want = read("logprobs", data, False)
+    top = read("top_logprobs", data)
     if top is not None and not want:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return (top or 0) if want else None
-
-
-def truncation(data: dict, eng: Engine) -> int | None:
-    """vLLM's `truncate_prompt_tokens`: the most prompt tokens to keep (the handlers say which), or None: strict."""
-    return _number(data, "truncate_prompt_tokens", None, 1, eng.max_context - 1, integer=True)
 
 
 def chat_messages(data: dict, limits: Limits) -> list[dict[str, str]]:
@@ -308,28 +353,28 @@ def text_chars(message: dict) -> int:
     )
 
 
+def too_long(message: str, param: str) -> APIError:
+    return APIError(400, message, param=param, code="context_length_exceeded")
+
+
 def check_text_can_fit(chars: int, eng: Engine, param: str) -> None:
     """Refuse, without tokenizing it, text that needs more tokens than the context holds, however it is tokenized:
     it could never be a prompt, and tokenizing it costs time (the GIL) and memory (the tokenizer's chunk cache)."""
     at_least = -(-chars // eng.max_token_chars)
     if at_least >= eng.max_context:
-        raise APIError(
-            400,
+        raise too_long(
             f"the prompt has {chars} characters, so at least {at_least} tokens, but the model's "
             f"context is {eng.max_context} tokens: shorten it",
-            param=param,
-            code="context_length_exceeded",
+            param,
         )
 
 
 def check_prompt_fits(n_tokens: int, context: int, param: str) -> None:
     if n_tokens >= context:
-        raise APIError(
-            400,
+        raise too_long(
             f"the prompt is {n_tokens} tokens long but the model's context is {context} tokens "
             f"(and at least one must be left to answer): shorten it",
-            param=param,
-            code="context_length_exceeded",
+            param,
         )
 
 
@@ -394,7 +439,7 @@ def include_usage(data: dict) -> bool:
         return False
     if not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    return _bool(opts, "include_usage")
+    return Param("boolean").read(opts, "include_usage", False)
 
 
 async def tokenize_off_loop(state: State, fn: Callable, *args):
@@ -428,12 +473,10 @@ async def chat_prompt(
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
     if limit is not None and len(ids) > limit:
-        raise APIError(
-            400,
+        raise too_long(
             f"the system message and the last user message alone are {len(ids)} tokens, more than "
             f"truncate_prompt_tokens ({limit})",
-            param="truncate_prompt_tokens",
-            code="context_length_exceeded",
+            "truncate_prompt_tokens",
         )
     return ids, dropped
 
@@ -494,7 +537,7 @@ async def respond(
     """Shared by chat and text completions: stream SSE chunks or collect one JSON answer. `extra`: our extension
     fields, repeated at the top level of the answer and of every chunk."""
     state = state_of(request)
-    stream = _bool(data, "stream")
+    stream = read("stream", data, False)
     reply = Reply(kind, state.model_name, include_usage(data), eng.tokenizer, extra or {}, params.logprobs is not None)
     gen = start(state, eng, prompt, params)
     it = aiter(gen)
@@ -538,9 +581,7 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
         while c is not None:
             s = samples[c.index]
             if c.finish_reason == "error":  # an error event, as OpenAI's streams send (its client raises)
-                yield _sse(
-                    {"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": None}}
-                )
+                yield _sse(APIError(500, GENERATION_FAILED, type="server_error").body())
                 yield "data: [DONE]\n\n"
                 return
             if c.text or c.logprobs:
@@ -586,7 +627,7 @@ async def chat_completions(request: Request) -> Response:
     state, data, eng = await completion_request(request)
     messages = chat_messages(data, state.limits)
     params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng, chat_logprobs(data))
-    limit = truncation(data, eng)
+    limit = read("truncate_prompt_tokens", data, None, eng.max_context - 1)  # vLLM's: the most prompt tokens to keep
     prompt, dropped = await chat_prompt(state, eng, messages, limit)
     check_prompt_fits(len(prompt), eng.max_context, "messages")
     return await respond(
@@ -605,9 +646,9 @@ async def completions(request: Request) -> Response:
     for unsupported in ("echo", "suffix"):
         if data.get(unsupported) not in (None, False):
             raise APIError(400, f"'{unsupported}' is not supported", param=unsupported)
-    logprobs = _number(data, "logprobs", None, 0, 5, integer=True)  # the legacy field: alternatives per token
+    logprobs = read("logprobs", data, params=TEXT)  # the legacy field: alternatives per token
     params = sampling_params(data, state.limits, 16, eng, logprobs)
-    limit = truncation(data, eng)
+    limit = read("truncate_prompt_tokens", data, None, eng.max_context - 1)
     if limit is None:
         check_text_can_fit(len(prompt), eng, "prompt")
     # A document starts with <|bos|>, as in training; truncation keeps it and the last limit - 1 tokens after it.
@@ -674,7 +715,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi_document(request: Request) -> Response:
-    return JSONResponse(openapi.schema(state_of(request).model_name, ENDPOINTS))
+    return JSONResponse(openapi.schema(state_of(request).model_name, ENDPOINTS, CHAT, TEXT))
 
 
 async def index(request: Request) -> Response:
@@ -710,7 +751,7 @@ COUNTED_PATHS = frozenset(path for _, path, _, _ in ENDPOINTS if "{" not in path
 
 
 async def on_api_error(request: Request, exc: APIError) -> Response:
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    return exc.response()
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -719,13 +760,12 @@ async def on_http_error(request: Request, exc: HTTPException) -> Response:
         405: f"method {request.method} is not allowed on {request.url.path}",
     }
     message = messages.get(exc.status_code, exc.detail)
-    return error_response(
-        exc.status_code, message, code={404: "not_found"}.get(exc.status_code), headers=dict(exc.headers or {})
-    )
+    code = {404: "not_found"}.get(exc.status_code)
+    return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
-    return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
 
 @contextlib.asynccontextmanager
@@ -825,13 +865,9 @@ class _HostCheck:
         if scope["type"] == "http":
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
             if host and not self.host_ok(host):
-                name = ascii(host)
-                response = error_response(
-                    400,
-                    f"this server does not answer to the Host {name}: start it with --allowed-host NAME to add a name",
-                    code="invalid_host",
-                )
-                return await response(scope, receive, send)
+                message = f"this server does not answer to the Host {ascii(host)}: start it with --allowed-host NAME"
+                error = APIError(400, message + " to add a name", code="invalid_host")
+                return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
