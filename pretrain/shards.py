@@ -13,19 +13,18 @@ checkpoint stores so a resumed run continues on exactly the same batches.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.files import atomic_path
+
 MAGIC = b"SCTOKENS"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")  # little-endian on every platform, 32 bytes
-HEADER_SIZE = HEADER.size
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 MANIFEST = "manifest.json"
 
@@ -40,10 +39,8 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = None) -> Path:
-    """Write `tokens` (1-D ints) as a shard, atomically (temp file + rename).
-
-    The dtype follows `vocab_size` when given (so every shard of a corpus agrees), else the largest id.
-    """
+    """Write `tokens` (1-D ints) as a shard, atomically. The dtype follows `vocab_size` when given (so every
+    shard of a corpus agrees), else the largest id."""
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -54,17 +51,9 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = N
     dtype = dtype_for_vocab(vocab_size if vocab_size is not None else hi + 1)
     if lo < 0 or hi > np.iinfo(dtype).max or (vocab_size is not None and hi >= vocab_size):
         raise ShardError(f"token ids must lie in [0, {vocab_size or np.iinfo(dtype).max + 1}), got [{lo}, {hi}]")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size))
-            f.write(tokens.astype(dtype, copy=False).tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; artifacts are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size))
+        f.write(tokens.astype(dtype, copy=False).tobytes())
     return path
 
 
@@ -74,11 +63,11 @@ def read_header(path: str | Path) -> tuple[np.dtype, int]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            raw = f.read(HEADER_SIZE)
+            raw = f.read(HEADER.size)
     except OSError as e:
         raise ShardError(f"cannot read shard {path}: {e.strerror or e}") from None
-    if len(raw) < HEADER_SIZE:
-        raise ShardError(f"{path} is not a token shard (only {size} bytes, header needs {HEADER_SIZE})")
+    if len(raw) < HEADER.size:
+        raise ShardError(f"{path} is not a token shard (only {size} bytes, header needs {HEADER.size})")
     magic, version, itemsize, count = HEADER.unpack(raw)
     if magic != MAGIC:
         raise ShardError(f"{path} is not a token shard (bad magic {magic!r})")
@@ -86,7 +75,7 @@ def read_header(path: str | Path) -> tuple[np.dtype, int]:
         raise ShardError(f"{path} has shard format version {version}, this code reads version {VERSION}")
     if itemsize not in DTYPES:
         raise ShardError(f"{path} has unknown dtype code {itemsize}")
-    expected = HEADER_SIZE + count * itemsize
+    expected = HEADER.size + count * itemsize
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
         raise ShardError(f"{path} is {what}: {size} bytes, header promises {expected}; re-run tokenize")
@@ -98,12 +87,7 @@ def read_shard(path: str | Path) -> np.ndarray:
     dtype, count = read_header(path)
     if count == 0:  # np.memmap refuses empty maps
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
-
-
-def shard_paths(token_dir: str | Path, split: str) -> list[Path]:
-    """The split's shards in stream order (names are zero-padded, so sorting is numeric)."""
-    return sorted(Path(token_dir).glob(f"{split}_*.bin"))
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
 
 
 def load_manifest(token_dir: str | Path) -> dict:
@@ -145,7 +129,7 @@ class TokenLoader:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        self.paths = shard_paths(token_dir, split)
+        self.paths = sorted(Path(token_dir).glob(f"{split}_*.bin"))  # zero-padded names: the stream's order
         if not self.paths:
             raise ShardError(f"no {split}_*.bin shards in {token_dir}; run python -m pretrain.data tokenize first")
         self.shards = [read_shard(p) for p in self.paths]
@@ -192,11 +176,14 @@ class TokenLoader:
 
     def _rows(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
-        buf = torch.from_numpy(np.stack([self._tokens(int(w) * T, T + 1) for w in windows]))
+        buf = self._to_device(np.stack([self._tokens(int(w) * T, T + 1) for w in windows]))
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # the loss views targets flat
+
+    def _to_device(self, tokens: np.ndarray) -> torch.Tensor:
+        buf = torch.from_numpy(tokens)
         if self.pin:  # page-locked memory lets the host->GPU copy overlap with compute
             buf = buf.pin_memory()
-        buf = buf.to(self.device, non_blocking=self.pin)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # the loss views targets flat
+        return buf.to(self.device, non_blocking=self.pin)
 
     def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One deterministic pass from the start of the stream (no wrap), independent of the train position.
@@ -225,13 +212,8 @@ class TokenLoader:
         return out.astype(np.int64)
 
     def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = torch.from_numpy(self._tokens(start, self.window + 1))
-        if self.pin:
-            buf = buf.pin_memory()
-        buf = buf.to(self.device, non_blocking=self.pin)
-        x = buf[:-1].view(self.batch_size, self.seq_len)
-        y = buf[1:].view(self.batch_size, self.seq_len)
-        return x, y
+        buf = self._to_device(self._tokens(start, self.window + 1))
+        return buf[:-1].view(self.batch_size, self.seq_len), buf[1:].view(self.batch_size, self.seq_len)
 
     def state_dict(self) -> dict:
         """The next batch's position: epoch and windows used of its shuffled order (json-able, equal on every rank)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.shards import HEADER_SIZE, ShardError, TokenLoader, load_manifest, read_header, read_shard, write_shard
+from pretrain.shards import HEADER, ShardError, TokenLoader, load_manifest, read_header, read_shard, write_shard
 
 
 def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):
@@ -27,7 +27,7 @@ def test_round_trip_picks_dtype_from_vocab(tmp_path, vocab, dtype):
     path = write_shard(tmp_path / "train_00000.bin", tokens, vocab_size=vocab)
     back = read_shard(path)
     assert back.dtype == dtype and back.tolist() == tokens.tolist()
-    assert path.stat().st_size == HEADER_SIZE + len(tokens) * np.dtype(dtype).itemsize
+    assert path.stat().st_size == HEADER.size + len(tokens) * np.dtype(dtype).itemsize
     assert read_header(path) == (np.dtype(dtype), len(tokens))
 
 
