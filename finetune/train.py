@@ -68,25 +68,25 @@ def load_conversations(cfg: SFTConfig, seed: int, dist: Dist | None = None) -> t
             mix, counts = chat_data.default_mix(seed, cfg.mix_scale)
             convs += mix
             notes.append("default mix (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
-        elif source == "smoltalk":
+            continue
+        files = [source]
+        if source == "smoltalk":
             if dist.fs_main:  # one process per filesystem downloads; the others then find the files complete
                 chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
             fs_barrier(dist)
             files = chat_data.download_smoltalk(n_files=cfg.smoltalk_files)
-            got, skipped = chat_data.load_user_data(files, cfg.skip_bad)
-            convs += got
-            notes.append(f"smoltalk {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
-        else:
-            got, skipped = chat_data.load_user_data([source], cfg.skip_bad)
-            convs += got
-            notes.append(f"{source} {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
+        got, skipped = chat_data.load_user_data(files, cfg.skip_bad)
+        convs += got
+        notes.append(f"{source} {len(got)}" + (f" ({skipped} bad skipped)" if skipped else ""))
     if not convs:
         raise chat_data.DataError("--data names no conversations")
     return convs, "; ".join(notes)
 
 
 def quick_eval(tok, n: int, seed: int, say):
-    """An `evaluate` hook for the training loop: accuracy on n held-out items of a few tasks."""
+    """An `evaluate` hook for the training loop: accuracy on n held-out items of a few tasks (None when n is 0)."""
+    if n <= 0:
+        return None
     items = {t: tasks.generate(t, "eval", n, seed) for t in QUICK_EVAL_TASKS}
 
     def run(model) -> dict:
@@ -169,8 +169,6 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
             _, step_tokens = accumulation(tcfg.total_batch_tokens, tcfg.device_batch_size * seq_len * dist.world_size)
             tcfg.max_steps = max(1, round(scfg.epochs * rows * seq_len / step_tokens))
         val_loader = packed(val_examples) if val_examples else None
-        val_batches = (lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None
-        evaluate = quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say) if scfg.quick_eval_items > 0 else None
         run_dir = Path(scfg.run_dir) if scfg.run_dir else checkpoints_dir("sft")
         meta = {
             "kind": "sft",
@@ -187,8 +185,8 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
             loader,
             run_dir=run_dir,
             tokenizer=tok,
-            val_batches=val_batches,
-            evaluate=evaluate,
+            val_batches=(lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None,
+            evaluate=quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say),
             dist=dist,
             meta=meta,
             prompts=(),
