@@ -29,6 +29,7 @@ from textual.widgets.option_list import Option
 
 from .client import CalculatorCall, Finish, ServerError, Usage, list_models, make_http, stream_chat
 from .store import (
+    CHAT_SETTINGS,
     Chat,
     Message,
     Store,
@@ -170,19 +171,26 @@ class PromptInput(TextArea):
         self._recall = len(self.prompts)
 
 
-KEYS = [
+PROMPT_KEYS = [
     ("Enter", "send the prompt"),
     ("ctrl+j, shift+enter", "new line in the prompt"),
     ("↑ / ↓", "previous / next prompt (on the first / last line)"),
-    ("Esc", "stop generating; the partial answer is kept"),
-    ("ctrl+r", "regenerate the last answer"),
-    ("ctrl+t", "edit and resend your last message"),
-    ("ctrl+o", "copy the last answer to the clipboard"),
-    ("ctrl+b", "copy a code block (press again for the one before)"),
-    ("ctrl+n", "new chat"),
-    ("ctrl+l", "chats: open, rename, delete, export .md / .json"),
-    ("ctrl+s", "settings: system prompt, temperature, tokens, model"),
-    ("F1", "this help"),
+]
+# The conversation's keys: (key, action, footer label, help). The app's bindings and the help (F1) both come from here.
+CHAT_KEYS = [
+    ("escape", "stop", "Stop", "stop generating; the partial answer is kept"),
+    ("ctrl+r", "regenerate", "Regen", "regenerate the last answer"),
+    ("ctrl+t", "edit_last", "Edit", "edit and resend your last message"),
+    ("ctrl+o", "copy_answer", "Copy", "copy the last answer to the clipboard"),
+    ("ctrl+b", "copy_code", "Code", "copy a code block (press again for the one before)"),
+    ("ctrl+n", "new_chat", "New", "new chat"),
+    ("ctrl+l", "chats", "Chats", "chats: open, rename, delete, export .md / .json"),
+    ("ctrl+s", "settings", "Settings", "settings: system prompt, temperature, tokens, model"),
+    ("f1", "help", "Help", "this help"),
+]
+KEYS = [
+    *PROMPT_KEYS,
+    *(({"escape": "Esc", "f1": "F1"}.get(key, key), does) for key, _, _, does in CHAT_KEYS),
     ("ctrl+q", "quit"),
 ]
 
@@ -439,32 +447,13 @@ class ChatApp(App[None]):
     #chats { height: 1fr; }
     """
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Regen"),
-        Binding("ctrl+t", "edit_last", "Edit"),
-        Binding("ctrl+o", "copy_answer", "Copy"),
-        Binding("ctrl+b", "copy_code", "Code"),
-        Binding("ctrl+n", "new_chat", "New"),
-        Binding("ctrl+l", "chats", "Chats"),
-        Binding("ctrl+s", "settings", "Settings"),
-        Binding("f1", "help", "Help"),
+        *(Binding(key, action, label) for key, action, label, _ in CHAT_KEYS),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),  # in the help; the footer keeps to 80 columns
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The chat keys act on the conversation, so only while it is the screen on top.
-        chat_keys = {
-            "stop",
-            "regenerate",
-            "edit_last",
-            "copy_answer",
-            "copy_code",
-            "new_chat",
-            "chats",
-            "settings",
-            "help",
-        }
-        return action not in chat_keys or len(self.screen_stack) == 1
+        return action not in {a for _, a, _, _ in CHAT_KEYS} or len(self.screen_stack) == 1
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         super().__init__()
@@ -481,15 +470,8 @@ class ChatApp(App[None]):
 
     def _fresh_chat(self) -> Chat:
         """An unsaved chat; it is written to the store with its first message."""
-        return Chat(
-            id=0,
-            title="New chat",
-            created=0.0,
-            updated=0.0,
-            model=self.config.model,
-            temperature=self.config.temperature,
-            max_tokens=self.config.max_tokens,
-        )
+        c = self.config
+        return Chat(model=c.model, temperature=c.temperature, max_tokens=c.max_tokens)
 
     # layout
 
@@ -540,6 +522,12 @@ class ChatApp(App[None]):
         if self.server_ok:
             self.sub_title = f"● {self.chat.model or self.default_model or 'connected'}"
 
+    def _busy(self) -> bool:
+        """Whether an answer is streaming, which a new request must wait for; says so if it is."""
+        if self._generating:
+            self.notify("still answering — press Esc to stop it first", severity="warning")
+        return self._generating
+
     @property
     def default_model(self) -> str:
         return self.config.model or (self.models[0] if self.models else "")
@@ -578,8 +566,7 @@ class ChatApp(App[None]):
 
     @on(PromptInput.Submitted)
     async def send(self, event: PromptInput.Submitted) -> None:
-        if self._generating:
-            self.notify("still answering — press Esc to stop it first", severity="warning")
+        if self._busy():
             return
         text = event.text.strip("\n")
         self.prompt.remember(text)
@@ -590,15 +577,8 @@ class ChatApp(App[None]):
                 await self._drop_from(self.editing)
                 self.editing = None
             if not self.chat.id:
-                c = self.chat
-                title = text.strip().splitlines()[0][:48]
-                self.chat = self.store.create_chat(
-                    title=title,
-                    system_prompt=c.system_prompt,
-                    temperature=c.temperature,
-                    max_tokens=c.max_tokens,
-                    model=c.model,
-                )
+                settings = {k: getattr(self.chat, k) for k in CHAT_SETTINGS}
+                self.chat = self.store.create_chat(text.strip().splitlines()[0][:48], **settings)
                 self.title = self.chat.title
             message = self.store.add_message(self.chat.id, "user", text)
         except StoreError as exc:  # another program holds the chat file: say so, and keep the prompt to resend
@@ -731,8 +711,7 @@ class ChatApp(App[None]):
             self.prompt.border_title = None
 
     async def action_regenerate(self) -> None:
-        if self._generating:
-            self.notify("still answering — press Esc to stop it first", severity="warning")
+        if self._busy():
             return
         messages = self.store.messages(self.chat.id) if self.chat.id else []
         if not messages:
@@ -744,8 +723,7 @@ class ChatApp(App[None]):
         self.generate()
 
     def action_edit_last(self) -> None:
-        if self._generating:
-            self.notify("still answering — press Esc to stop it first", severity="warning")
+        if self._busy():
             return
         users = [m for m in self.store.messages(self.chat.id) if m.role == "user"] if self.chat.id else []
         if not users:

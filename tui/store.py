@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -62,20 +63,18 @@ CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 # An answer's calculator_calls are the server's [{expression, result, offset}] (JSON), sent back with the history;
 # trimmed is how many of the oldest turns were left out of its request to fit the model's context.
 
-# Columns added after the first release, with how to add them to an older store.
-ADDED_COLUMNS = {
-    "owner": "TEXT NOT NULL DEFAULT ''",
-    "calculator_calls": "TEXT NOT NULL DEFAULT '[]'",
-    "trimmed": "INTEGER NOT NULL DEFAULT 0",
-}
+# Columns of messages added after the first release: an older store gains them, defined as in SCHEMA.
+ADDED_COLUMNS = ("owner", "calculator_calls", "trimmed")
+# What a chat's settings screen changes (and a new chat copies from the unsaved one).
+CHAT_SETTINGS = ("system_prompt", "temperature", "max_tokens", "model")
 
 
 @dataclass
 class Chat:
-    id: int
-    title: str
-    created: float
-    updated: float
+    id: int = 0  # 0: not in the store yet
+    title: str = "New chat"
+    created: float = 0.0
+    updated: float = 0.0
     system_prompt: str = ""
     temperature: float = 0.7
     max_tokens: int = 512
@@ -152,8 +151,9 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
             have = {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}
-            for name, kind in ADDED_COLUMNS.items():  # an older store gains the columns it lacks
+            for name in ADDED_COLUMNS:
                 if name not in have:
+                    kind = re.search(rf"^\s*{name} (.*?),?$", SCHEMA, re.MULTILINE).group(1)
                     self.db.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
             if fcntl is not None:
                 self._owners.mkdir(mode=0o700, exist_ok=True)
@@ -214,7 +214,7 @@ class Store:
 
     def create_chat(self, title: str = "New chat", **settings) -> Chat:
         now = self.clock()
-        chat = Chat(id=0, title=title, created=now, updated=now, **settings)
+        chat = Chat(title=title, created=now, updated=now, **settings)
         fields = {k: v for k, v in asdict(chat).items() if k != "id"}
         with self._tx() as db:
             cur = db.execute(
@@ -238,13 +238,16 @@ class Store:
         return dict(self.db.execute("SELECT chat_id, COUNT(*) FROM messages GROUP BY chat_id").fetchall())
 
     def update_chat(self, chat_id: int, **fields) -> None:
-        """Change title or settings (system_prompt, temperature, max_tokens, model)."""
-        allowed = {"title", "system_prompt", "temperature", "max_tokens", "model"}
+        """Change the title or settings."""
+        allowed = {"title", *CHAT_SETTINGS}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"can only update {sorted(allowed)}, got {sorted(fields)}")
-        sets = ", ".join(f"{k}=?" for k in fields)
+        self._update("chats", chat_id, fields)
+
+    def _update(self, table: str, row_id: int, values: dict) -> None:
+        sets = ", ".join(f"{k}=?" for k in values)
         with self._tx() as db:
-            db.execute(f"UPDATE chats SET {sets} WHERE id=?", (*fields.values(), chat_id))
+            db.execute(f"UPDATE {table} SET {sets} WHERE id=?", (*values.values(), row_id))
 
     def delete_chat(self, chat_id: int) -> None:
         with self._tx() as db:
@@ -263,23 +266,10 @@ class Store:
         return Message(id=cur.lastrowid, chat_id=chat_id, role=role, content=content, status=status, created=now)
 
     def update_message(self, message: Message) -> None:
-        """Write the message's content, status, error and usage in one transaction."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE messages SET content=?, status=?, error=?, prompt_tokens=?, completion_tokens=?,"
-                " tokens_per_s=?, calculator_calls=?, trimmed=? WHERE id=?",
-                (
-                    message.content,
-                    message.status,
-                    message.error,
-                    message.prompt_tokens,
-                    message.completion_tokens,
-                    message.tokens_per_s,
-                    json.dumps(message.calculator_calls),
-                    message.trimmed,
-                    message.id,
-                ),
-            )
+        """Write all that an answer's stream changes (content, status, error, usage...) in one transaction."""
+        fixed = ("id", "chat_id", "role", "created")
+        values = {k: v for k, v in asdict(message).items() if k not in fixed}
+        self._update("messages", message.id, {**values, "calculator_calls": json.dumps(message.calculator_calls)})
 
     def messages(self, chat_id: int) -> list[Message]:
         rows = self.db.execute(
@@ -301,20 +291,20 @@ class Store:
 
     # export
 
-    def export_json(self, chat_id: int) -> str:
-        chat = self.get_chat(chat_id)
-        if chat is None:
+    def _existing_chat(self, chat_id: int) -> Chat:
+        if (chat := self.get_chat(chat_id)) is None:
             raise ValueError(f"no chat with id {chat_id}")
+        return chat
+
+    def export_json(self, chat_id: int) -> str:
         return json.dumps(
-            {"chat": asdict(chat), "messages": [asdict(m) for m in self.messages(chat_id)]},
+            {"chat": asdict(self._existing_chat(chat_id)), "messages": [asdict(m) for m in self.messages(chat_id)]},
             indent=2,
             ensure_ascii=False,
         )
 
     def export_markdown(self, chat_id: int) -> str:
-        chat = self.get_chat(chat_id)
-        if chat is None:
-            raise ValueError(f"no chat with id {chat_id}")
+        chat = self._existing_chat(chat_id)
         lines = [f"# {chat.title}", ""]
         if chat.model:
             lines += [f"*model: {chat.model}, temperature {chat.temperature}, max tokens {chat.max_tokens}*", ""]
