@@ -545,17 +545,12 @@ class ChatApp(App[None]):
             except ServerError as exc:
                 self.server_ok = False
                 self.sub_title = "○ no server"
-                retry = f"Retrying every {self.config.retry:g} s…"
+                url = self.config.url
                 if str(exc).startswith("cannot reach"):
-                    banner.update(
-                        f"No server answering at {self.config.url}.\n"
-                        f"Start one with: python -m serve   (or pass --url). {retry}"
-                    )
+                    problem = f"No server answering at {url}.\nStart one with: python -m serve   (or pass --url)."
                 else:
-                    banner.update(
-                        f"The server at {self.config.url} answered with an error: {exc}\n"
-                        f"Check --url and --api-key. {retry}"
-                    )
+                    problem = f"The server at {url} answered with an error: {exc}\nCheck --url and --api-key."
+                banner.update(f"{problem} Retrying every {self.config.retry:g} s…")
                 banner.add_class("down")
             await asyncio.sleep(self.config.retry)
         self.server_ok = True
