@@ -148,25 +148,8 @@ def words() -> tuple[str, ...]:
 
 # --- generators: each draws one Item from rng ----------------------------------------------------
 
-NAMES = [
-    "Anna",
-    "Ben",
-    "Chen",
-    "Dana",
-    "Emil",
-    "Fatima",
-    "Gus",
-    "Hana",
-    "Ivan",
-    "Jo",
-    "Kofi",
-    "Lena",
-    "Mia",
-    "Noor",
-    "Omar",
-    "Priya",
-]
-THINGS = ["apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "stamps", "shells", "cards"]
+NAMES = "Anna Ben Chen Dana Emil Fatima Gus Hana Ivan Jo Kofi Lena Mia Noor Omar Priya".split()
+THINGS = "apples books coins pencils stickers marbles cookies stamps shells cards".split()
 
 
 def gen_arithmetic(rng: random.Random) -> Item:
@@ -221,14 +204,8 @@ def gen_word_problem(rng: random.Random) -> Item:
 
 def gen_largest_mc(rng: random.Random) -> Item:
     nums = rng.sample(range(1, 100), 4)
-    best = max(nums)
-    return Item(
-        "largest_mc",
-        ",".join(map(str, sorted(nums))),
-        "Which number is the largest?",
-        LETTERS[nums.index(best)],
-        tuple(map(str, nums)),
-    )
+    key, best = ",".join(map(str, sorted(nums))), LETTERS[nums.index(max(nums))]
+    return Item("largest_mc", key, "Which number is the largest?", best, tuple(map(str, nums)))
 
 
 def _with_capital() -> list[Country]:
@@ -247,26 +224,16 @@ def gen_capital_mc(rng: random.Random) -> Item:
     others = sorted({o.capital for o in pool} - {c.capital})
     choices = rng.sample(others, 3) + [c.capital]
     rng.shuffle(choices)
-    return Item(
-        "capital_mc",
-        c.name,
-        f"Which city is the capital of {c.name}?",
-        LETTERS[choices.index(c.capital)],
-        tuple(choices),
-    )
+    question = f"Which city is the capital of {c.name}?"
+    return Item("capital_mc", c.name, question, LETTERS[choices.index(c.capital)], tuple(choices))
 
 
 def gen_country_fact(rng: random.Random) -> Item:
     """Training-only facts (population, location); keyed by country so held-out countries stay unseen."""
     c = rng.choice([c for c in countries() if c.population or c.location])
     if c.population and (not c.location or rng.random() < 0.5):
-        return Item(
-            "country_fact",
-            c.name,
-            f"What is the population of {c.name}?",
-            c.population,
-            reply=f"The population of {c.name} is about {c.population}.",
-        )
+        reply = f"The population of {c.name} is about {c.population}."
+        return Item("country_fact", c.name, f"What is the population of {c.name}?", c.population, reply=reply)
     return Item("country_fact", c.name, f"Where is {c.name}?", c.location, reply=f"{c.name} is in {c.location}.")
 
 
