@@ -354,13 +354,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def manifest_is_current(out_dir: Path, config: dict) -> dict | None:
-    """The existing manifest when it was built from the same config and its files are intact, else None."""
+def previous_manifest(out_dir: Path) -> dict | None:
+    """The manifest.json already in `out_dir` (a corpus or a token directory), or None when there is none."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        return json.loads((out_dir / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("config") != config:
+
+
+def manifest_is_current(out_dir: Path, config: dict) -> dict | None:
+    """The existing manifest when it was built from the same config and its files are intact, else None."""
+    manifest = previous_manifest(out_dir)
+    if manifest is None or manifest.get("config") != config:
         return None
     for name, info in manifest.get("files", {}).items():
         path = out_dir / name

@@ -12,20 +12,18 @@ Every command is a no-op when its output is already up to date.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import Parser, add_flags, run_cli
+from common.cli import Parser, add_flags, flag, run_cli
 from common.files import write_json_atomic
 from common.paths import data_dir, tokenizer_path, tokens_dir
 from pretrain.corpus import (
@@ -36,6 +34,7 @@ from pretrain.corpus import (
     default_sources,
     file_sha256,
     load_corpus_manifest,
+    previous_manifest,
     user_source,
 )
 from pretrain.download import FINEWEB_LAST_SHARD, DownloadError, download, fineweb_shard_name, fineweb_url
@@ -45,7 +44,7 @@ from pretrain.shards import ShardError, dtype_for_vocab, read_header, write_shar
 TOKENS_FORMAT = 1
 
 
-def _summary(manifest: dict, out: Path) -> str:
+def _summary(manifest: dict) -> str:
     lines = [f"{'source':<14}{'docs':>9}{'chars':>14}  origin"]
     for s in manifest["sources"]:
         lines.append(f"{s['name']:<14}{s['docs']:>9,}{s['chars']:>14,}  {s['origin']}")
@@ -95,14 +94,14 @@ def fineweb_corpus(
     download([fineweb_url(i, base_url) for i in indices], out_dir, workers, retries, backoff, progress=progress)
     import pyarrow.parquet as pq
 
-    files = {}
+    files, previous = {}, (previous_manifest(out_dir) or {}).get("files", {})
     for i in indices:
         path = out_dir / fineweb_shard_name(i)
         try:
             docs = pq.ParquetFile(path).metadata.num_rows
         except Exception as e:  # pyarrow's errors for a corrupt file vary
             raise CorpusError(f"{path} is not a readable parquet file ({e}); delete it and re-run") from None
-        old = _previous_files(out_dir).get(path.name, {})
+        old = previous.get(path.name, {})
         same = old.get("bytes") == path.stat().st_size
         # Hashing 100 MB shards is slow: keep the hash of a file whose size did not change.
         files[path.name] = {
@@ -126,20 +125,9 @@ def fineweb_corpus(
         "splits": {k: {"files": v, "docs": sum(files[f]["docs"] for f in v), "chars": None} for k, v in split.items()},
         "files": files,
     }
-    if _previous_manifest(out_dir) != manifest:
+    if previous_manifest(out_dir) != manifest:
         write_json_atomic(out_dir / "manifest.json", manifest)  # unchanged manifest keeps tokens up to date
     return manifest
-
-
-def _previous_manifest(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _previous_files(out_dir: Path) -> dict:
-    return (_previous_manifest(out_dir) or {}).get("files", {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,24 +136,15 @@ def _previous_files(out_dir: Path) -> dict:
 
 @dataclass
 class TokenizeConfig:
-    corpus: str = field(default="default", metadata={"help": "corpus name under $SCRATCHCHAT_HOME/data/"})
-    tokenizer: str = field(
-        default="", metadata={"help": "tokenizer.json; empty means $SCRATCHCHAT_HOME/tokenizer/tokenizer.json"}
-    )
-    shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file (100 MB at uint16)"})
-    workers: int = field(default=0, metadata={"help": "encode_batch processes (0: all cores)"})
+    corpus: str = flag("default", "corpus name under $SCRATCHCHAT_HOME/data/")
+    tokenizer: str = flag("", "tokenizer.json; empty means $SCRATCHCHAT_HOME/tokenizer/tokenizer.json")
+    shard_tokens: int = flag(50_000_000, "tokens per shard file (100 MB at uint16)")
+    workers: int = flag(0, "encode_batch processes (0: all cores)")
     # Text handed to encode_batch at once: enough to amortise starting the worker processes.
-    chunk_chars: int = field(
-        default=0,
-        metadata={"help": "characters encoded per encode_batch call (0: 4 M, or 0.5 M per worker where that is more)"},
+    chunk_chars: int = flag(
+        0, "characters encoded per encode_batch call (0: 4 M, or 0.5 M per worker where that is more)"
     )
-    force: bool = field(default=False, metadata={"help": "re-tokenize even when the shards are up to date"})
-
-
-def _doc_chunks(files: list[Path], chunk_chars: int) -> Iterator[list[str]]:
-    from tokenizer.files import batch_by_chars, iter_texts
-
-    return batch_by_chars(iter_texts(files), chunk_chars)
+    force: bool = flag(False, "re-tokenize even when the shards are up to date")
 
 
 class _ShardWriter:
@@ -203,7 +182,7 @@ class _ShardWriter:
 
 def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
     """The existing tokens manifest when it matches `wanted` and every shard is intact, else None."""
-    manifest = _previous_manifest(out_dir)
+    manifest = previous_manifest(out_dir)
     if not manifest or manifest.get("config") != wanted:
         return None
     try:
@@ -231,6 +210,8 @@ def tokenize_corpus(
     so a killed run leaves the old shards (or none), never a mix.
     """
     from tqdm import tqdm
+
+    from tokenizer.files import batch_by_chars, iter_texts
 
     corpus = load_corpus_manifest(corpus_dir)
     wanted = {
@@ -261,7 +242,7 @@ def tokenize_corpus(
             writer = _ShardWriter(tmp, split, shard_tokens, tok.vocab_size)
             docs = nbytes = 0
             bar = tqdm(total=info.get("docs"), unit=" docs", desc=f"tokenizing {split}", disable=not progress)
-            for chunk in _doc_chunks(files, chunk_chars):
+            for chunk in batch_by_chars(iter_texts(files), chunk_chars):
                 for ids in tok.encode_batch(chunk, workers=workers):
                     writer.add(bos)
                     writer.add(np.asarray(ids, dtype=dtype))
@@ -270,10 +251,10 @@ def tokenize_corpus(
                 bar.update(len(chunk))
             writer.close()
             bar.close()
-            names, counts, ntokens = writer.names, writer.counts, sum(writer.counts)
+            ntokens = sum(writer.counts)
             splits[split] = {
-                "files": names,
-                "shard_counts": counts,
+                "files": writer.names,
+                "shard_counts": writer.counts,
                 "tokens": ntokens,
                 "docs": docs,
                 "utf8_bytes": nbytes,
@@ -371,7 +352,7 @@ def _run(args: argparse.Namespace) -> None:
         if not built:
             print(f"{out} is up to date (manifest matches); nothing to do")
         else:
-            print(_summary(manifest, out))
+            print(_summary(manifest))
             print(f"built in {time.time() - t0:.1f}s")
         print(
             f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
