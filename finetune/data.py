@@ -286,11 +286,8 @@ def default_mix(seed: int = 0, scale: float = 1.0) -> tuple[list[Conversation], 
     parts: dict[str, list[Conversation]] = {}
     for name, n in DEFAULT_MIX.items():
         n = max(1, int(n * scale))
-        if name == "chatterbot":
-            pool = chatterbot_conversations()
-            parts[name] = rng.sample(pool, min(n, len(pool)))
-        elif name == "chitchat":
-            pool = chitchat_conversations()
+        if name in ("chatterbot", "chitchat"):
+            pool = (chatterbot_conversations if name == "chatterbot" else chitchat_conversations)()
             parts[name] = rng.sample(pool, min(n, len(pool)))
         elif name == "identity":
             parts[name] = tasks.identity_conversations() * IDENTITY_REPEATS
