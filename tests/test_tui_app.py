@@ -26,10 +26,22 @@ def server():
 
 
 @pytest.fixture
-def app(server, tmp_path):
-    store = Store(tmp_path / "chats.db")
-    yield ChatApp(Config(url=server.url, db=store.path, timeout=2.0, retry=0.1, export_dir=tmp_path / "exports"), store)
-    store.close()
+def make_app(tmp_path):
+    """make_app(url, **config): an app on a new store in tmp_path, closed after the test."""
+    stores = []
+
+    def make(url: str, **config) -> ChatApp:
+        stores.append(Store(tmp_path / f"chats{len(stores)}.db"))
+        return ChatApp(Config(url=url, db=stores[-1].path, retry=0.1, **config), stores[-1])
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def app(server, make_app, tmp_path):
+    return make_app(server.url, timeout=2.0, export_dir=tmp_path / "exports")
 
 
 async def until(pilot, condition, timeout: float = 5.0) -> None:
@@ -290,13 +302,12 @@ async def test_chat_list_open_rename_export_delete(app, tmp_path):
         assert app.store.list_chats() == [] and app.chat.id == 0 and views_text(app) == []
 
 
-async def test_server_down_at_start_then_up(tmp_path):
+async def test_server_down_at_start_then_up(make_app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    store = Store(tmp_path / "chats.db")
-    app = ChatApp(Config(url=url, db=store.path, timeout=2.0, retry=0.1), store)
+    app = make_app(url, timeout=2.0)
     async with app.run_test(size=SIZE) as pilot:
         banner = app.query_one("#banner", Static)
         await until(pilot, lambda: banner.has_class("down"))
@@ -313,14 +324,12 @@ async def test_server_down_at_start_then_up(tmp_path):
             assert not banner.has_class("down") and app.sub_title == f"● {MODEL}"
             await pilot.press("ctrl+r")
             await until(pilot, lambda: app.store.messages(app.chat.id)[-1].status == "done")
-    store.close()
 
 
-async def test_api_key_is_sent_and_a_wrong_one_is_explained(tmp_path):
+async def test_api_key_is_sent_and_a_wrong_one_is_explained(make_app):
     with FakeServer(api_key="sk-right") as locked:
         for key, ok in [("sk-wrong", False), ("sk-right", True)]:
-            store = Store(tmp_path / f"{key}.db")
-            app = ChatApp(Config(url=locked.url, api_key=key, db=store.path, retry=0.1), store)
+            app = make_app(locked.url, api_key=key)
             async with app.run_test(size=SIZE) as pilot:
                 banner = app.query_one("#banner", Static)
                 await until(pilot, lambda: app.server_ok or banner.has_class("down"))  # noqa: B023 - awaited here
@@ -335,7 +344,6 @@ async def test_api_key_is_sent_and_a_wrong_one_is_explained(tmp_path):
                 else:
                     await say(pilot, "hi")
                     assert views_text(app)[-1][1] == answer_for("hi")
-            store.close()
 
 
 async def test_max_tokens_cut_is_marked(app):
@@ -406,12 +414,12 @@ async def test_calculator_call_shows_inline_and_goes_back_with_the_history(app, 
         assert "`calculator: 23+45 = 68` 68" in app.store.export_markdown(chat.id)
 
 
-async def test_long_chat_leaves_out_the_oldest_turns_to_fit_the_context(tmp_path):
+async def test_long_chat_leaves_out_the_oldest_turns_to_fit_the_context(make_app):
     """A server whose context holds 5 messages: each send that overflows retries with fewer turns, shows how many
     were left out, and the store keeps every message."""
     with FakeServer(context_messages=5) as small:
-        store = Store(tmp_path / "chats.db")
-        app = ChatApp(Config(url=small.url, db=store.path, retry=0.1), store)
+        app = make_app(small.url)
+        store = app.store
         async with app.run_test(size=SIZE) as pilot:
             await ready(pilot)
             app.chat.system_prompt = "Be brief."
@@ -447,4 +455,3 @@ async def test_long_chat_leaves_out_the_oldest_turns_to_fit_the_context(tmp_path
             small.context_messages = 1
             await say(pilot, "five")
             assert "⚠ error: server error 400: 2 messages do not fit the fake context" in views_text(app)[-1][2]
-        store.close()

@@ -56,15 +56,24 @@ def tokens_of(text: str) -> list[str]:
     return pieces + ([word] if word else [])
 
 
+def completion(choices: list, stream: bool = True, **extra) -> dict:
+    kind = "chat.completion.chunk" if stream else "chat.completion"
+    return {"id": "chatcmpl-fake", "object": kind, "created": 0, "model": MODEL, "choices": choices, **extra}
+
+
 def chunk(delta: dict, finish: str | None = None) -> str:
-    body = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": MODEL,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+    return f"data: {json.dumps(completion([{'index': 0, 'delta': delta, 'finish_reason': finish}]))}\n\n"
+
+
+def usage(completion_tokens: int) -> dict:
+    return {"prompt_tokens": 7, "completion_tokens": completion_tokens, "total_tokens": 7 + completion_tokens}
+
+
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    """An OpenAI error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class FakeServer:
@@ -105,16 +114,7 @@ class FakeServer:
 
     def _denied(self, request: Request) -> JSONResponse | None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": "Incorrect API key provided",
-                        "type": "invalid_request_error",
-                        "code": "invalid_api_key",
-                    }
-                },
-                status_code=401,
-            )
+            return error_response(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key")
         return None
 
     async def page(self, request: Request) -> HTMLResponse:
@@ -139,50 +139,17 @@ class FakeServer:
         prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
         for code in (400, 500):
             if f"[{code}]" in prompt:
-                return JSONResponse(
-                    {
-                        "error": {
-                            "message": f"the fake server failed with {code} on purpose",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    },
-                    status_code=code,
-                )
+                return error_response(code, f"the fake server failed with {code} on purpose", "server_error")
         if self.context_messages is not None and len(body["messages"]) > self.context_messages:
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": f"{len(body['messages'])} messages do not fit the fake context",
-                        "type": "invalid_request_error",
-                        "param": "messages",
-                        "code": "context_length_exceeded",
-                    }
-                },
-                status_code=400,
-            )
+            message = f"{len(body['messages'])} messages do not fit the fake context"
+            return error_response(400, message, "invalid_request_error", "context_length_exceeded", "messages")
         pieces = tokens_of(answer_for(prompt))
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(pieces)}
             if "[calc]" in prompt:
                 message["calculator_calls"] = CALC
-            return JSONResponse(
-                {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": MODEL,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": message,
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)},
-                }
-            )
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse(completion([choice], stream=False, usage=usage(len(pieces))))
         return StreamingResponse(self.events(prompt, pieces, body), media_type="text/event-stream")
 
     async def events(self, prompt: str, pieces: list[str], body: dict):
@@ -208,16 +175,7 @@ class FakeServer:
             yield chunk({"content": piece})
         yield chunk({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
-            last = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": MODEL,
-                "choices": [],
-                "usage": usage,
-            }
-            yield f"data: {json.dumps(last)}\n\n"
+            yield f"data: {json.dumps(completion([], usage=usage(len(pieces))))}\n\n"
         yield "data: [DONE]\n\n"
 
 
