@@ -604,17 +604,7 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
                 yield _sse(reply.chunk(c.index, {} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
             c = await anext(it, None)
         if reply.with_usage:
-            yield _sse(
-                {
-                    "id": reply.id,
-                    "object": reply.object(stream=True),
-                    "created": reply.created,
-                    "model": reply.model,
-                    "choices": [],
-                    "usage": _usage(samples),
-                    **reply.extra,
-                }
-            )
+            yield _sse({**reply.head(stream=True), "choices": [], "usage": _usage(samples), **reply.extra})
         yield "data: [DONE]\n\n"
     finally:
         gen.cancel()
@@ -656,15 +646,8 @@ async def completions(request: Request) -> Response:
     keep = len(text) if limit is None else min(len(text), limit - 1)
     ids = [eng.tokenizer.bos_id] + text[len(text) - keep :]
     check_prompt_fits(len(ids), eng.max_context, "prompt")
-    return await respond(
-        request,
-        eng,
-        data,
-        ids,
-        params,
-        "text",
-        None if limit is None else {"truncated_prompt_tokens": len(text) - keep},
-    )
+    extra = None if limit is None else {"truncated_prompt_tokens": len(text) - keep}
+    return await respond(request, eng, data, ids, params, "text", extra)
 
 
 def model_card(state: State) -> dict:
@@ -932,10 +915,10 @@ class Reply:
         self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.specials = {i: name for name, i in self.tokenizer.special_tokens.items()} if self.tokenizer else {}
 
-    def object(self, stream: bool) -> str:
-        if self.kind == "chat":
-            return "chat.completion.chunk" if stream else "chat.completion"
-        return "text_completion"
+    def head(self, stream: bool) -> dict:
+        """The fields every answer and chunk starts with."""
+        kind = "text_completion" if self.kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def chunk(
         self, index: int, delta, finish: str | None, logprobs: dict | None = None, calls: list | None = None
@@ -945,14 +928,7 @@ class Reply:
         choice.update({"logprobs": logprobs, "finish_reason": finish})
         if calls:
             choice["calculator_calls"] = calls
-        out = {
-            "id": self.id,
-            "object": self.object(stream=True),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            **self.extra,
-        }
+        out = {**self.head(stream=True), "choices": [choice], **self.extra}
         if self.with_usage:  # every chunk carries usage: null until the final usage chunk
             out["usage"] = None
         return out
@@ -971,15 +947,7 @@ class Reply:
             logprobs = self.logprobs(s.logprobs, 0) if self.logprobs_on else None
             choice.update({"logprobs": logprobs, "finish_reason": _openai_reason(s.last.finish_reason)})
             choices.append(choice)
-        return {
-            "id": self.id,
-            "object": self.object(stream=False),
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": _usage(samples),
-            **self.extra,
-        }
+        return {**self.head(stream=False), "choices": choices, "usage": _usage(samples), **self.extra}
 
     def token(self, i: int) -> tuple[str, list[int]]:
         """A token as OpenAI shows it: its text (U+FFFD for a partial UTF-8 character) and its bytes."""
@@ -1026,68 +994,41 @@ def _prometheus(state: State) -> str:
     lines: list[str] = []
 
     def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help}")
-        lines.append(f"# TYPE {name} {kind}")
+        """`samples`: (what follows the name: a histogram's suffix and labels, value)."""
+        name = "scratchchat_" + name
+        lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
         lines.extend(
             f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
             for labels, value in samples
         )
 
-    family(
-        "scratchchat_requests_total",
-        "counter",
-        "HTTP requests answered, by route and status.",
-        [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.requests.items())],
-    )
+    def one(name: str, kind: str, help: str, value: float) -> None:
+        family(name, kind, help, [("", value)])
+
+    requests = [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.requests.items())]
+    family("requests_total", "counter", "HTTP requests answered, by route and status.", requests)
     e = state.engine
-    family("scratchchat_model_loaded", "gauge", "1 once the model is loaded and serving.", [("", int(e is not None))])
-    if e is not None:
-        st = e.stats
-        family("scratchchat_active_requests", "gauge", "Requests holding a batch slot.", [("", e.active)])
-        family("scratchchat_queue_depth", "gauge", "Requests waiting for a slot.", [("", e.queued)])
-        family("scratchchat_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
-        family("scratchchat_generated_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens)])
-        family(
-            "scratchchat_generations_total",
-            "counter",
-            "Finished generations, by how they ended.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())],
-        )
-        if e.prefix_cache is not None:
-            family(
-                "scratchchat_prefix_cache_lookups_total",
-                "counter",
-                "Prompts looked up in the prefix cache.",
-                [("", st.prefix_lookups)],
-            )
-            family(
-                "scratchchat_prefix_cache_hits_total",
-                "counter",
-                "Prompts that reused cached keys and values.",
-                [("", st.prefix_hits)],
-            )
-            family(
-                "scratchchat_prefix_cache_reused_tokens_total",
-                "counter",
-                "Prompt tokens taken from the prefix cache instead of prefilled.",
-                [("", st.prefix_reused_tokens)],
-            )
-            family(
-                "scratchchat_prefix_cache_bytes",
-                "gauge",
-                "Bytes of keys and values held by the prefix cache.",
-                [("", e.prefix_cache.bytes)],
-            )
-        family(
-            "scratchchat_tokens_per_second",
-            "gauge",
-            "Generated tokens per second over the last 10 s.",
-            [("", float(round(st.tokens_per_second(), 3)))],
-        )
-        buckets = [(f'{{le="{"+Inf" if math.isinf(b) else b}"}}', n) for b, n in zip(st.TTFT_BUCKETS, st.ttft_counts)]
-        lines.append("# HELP scratchchat_time_to_first_token_seconds From arrival to the first generated token.")
-        lines.append("# TYPE scratchchat_time_to_first_token_seconds histogram")
-        lines.extend(f"scratchchat_time_to_first_token_seconds_bucket{lab} {n}" for lab, n in buckets)
-        lines.append(f"scratchchat_time_to_first_token_seconds_sum {st.ttft_sum:g}")
-        lines.append(f"scratchchat_time_to_first_token_seconds_count {st.ttft_count}")
+    one("model_loaded", "gauge", "1 once the model is loaded and serving.", int(e is not None))
+    if e is None:
+        return "\n".join(lines) + "\n"
+    st = e.stats
+    one("active_requests", "gauge", "Requests holding a batch slot.", e.active)
+    one("queue_depth", "gauge", "Requests waiting for a slot.", e.queued)
+    one("prompt_tokens_total", "counter", "Prompt tokens prefilled.", st.prompt_tokens)
+    one("generated_tokens_total", "counter", "Tokens generated.", st.generated_tokens)
+    reasons = [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())]
+    family("generations_total", "counter", "Finished generations, by how they ended.", reasons)
+    if e.prefix_cache is not None:
+        one("prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.", st.prefix_lookups)
+        one("prefix_cache_hits_total", "counter", "Prompts that reused cached keys and values.", st.prefix_hits)
+        help = "Prompt tokens taken from the prefix cache instead of prefilled."
+        one("prefix_cache_reused_tokens_total", "counter", help, st.prefix_reused_tokens)
+        one("prefix_cache_bytes", "gauge", "Bytes of keys and values held by the prefix cache.", e.prefix_cache.bytes)
+    help = "Generated tokens per second over the last 10 s."
+    one("tokens_per_second", "gauge", help, float(round(st.tokens_per_second(), 3)))
+    buckets = [
+        (f'_bucket{{le="{"+Inf" if math.isinf(b) else b}"}}', n) for b, n in zip(st.TTFT_BUCKETS, st.ttft_counts)
+    ]
+    totals = [("_sum", float(st.ttft_sum)), ("_count", st.ttft_count)]
+    family("time_to_first_token_seconds", "histogram", "From arrival to the first generated token.", buckets + totals)
     return "\n".join(lines) + "\n"

@@ -30,9 +30,6 @@ import torch
 from finetune.calculator import TOOL_TOKENS, ToolUse
 from pretrain.model import GPT, KVCache, sample_next
 
-MAX_N = 8  # samples per request
-MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,7 +39,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # None: drawn from the engine's seeded generator; sample i uses seed + i
     stop: tuple[str, ...] = ()
-    n: int = 1  # samples of the one prompt (1..MAX_N), sharing its prefill
+    n: int = 1  # samples of the one prompt (at most the engine's max_batch), sharing its prefill
     logprobs: int | None = None  # None: off; k: each text token's log-probability and its k likeliest alternatives
 
 
@@ -94,8 +91,7 @@ class Generation:
     until each has finished; `cancel()` frees their slots."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop, deadline: float):
-        self.prompt, self.params, self.deadline = prompt, params, deadline
-        self.loop = loop
+        self.prompt, self.params, self.deadline, self.loop = prompt, params, deadline, loop
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.submitted = time.monotonic()
         self.cancelled = False  # written by the loop thread, read by the worker: a plain bool is enough
@@ -147,7 +143,6 @@ class Stats:
         self.ttft_counts = [0] * len(self.TTFT_BUCKETS)
         self.ttft_sum = 0.0
         self.ttft_count = 0
-        self.decode_steps = 0
         self.prefix_lookups = 0  # prompts looked up in the prefix cache
         self.prefix_hits = 0  # ... that reused at least one token
         self.prefix_reused_tokens = 0  # prompt tokens not prefilled thanks to it
@@ -238,18 +233,22 @@ class PrefixCache:
         _, k, v = self.entries[key]
         return k[:, :n], v[:, :n]
 
+    @staticmethod
+    def _bytes(k: torch.Tensor) -> int:
+        return k.numel() * k.element_size() * 2  # keys, and values of the same shape
+
     def store(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        size = k.numel() * k.element_size() * 2
+        size = self._bytes(k)
         if not tokens or size > self.limit:
             return
         t = torch.tensor(tokens)
         for key, (old, ok, _) in list(self.entries.items()):
             if self._common(old, t) == len(old):  # the new entry covers this one
-                self.bytes -= ok.numel() * ok.element_size() * 2
+                self.bytes -= self._bytes(ok)
                 del self.entries[key]
         while self.entries and self.bytes + size > self.limit:
             _, (_, ok, _) = self.entries.popitem(last=False)
-            self.bytes -= ok.numel() * ok.element_size() * 2
+            self.bytes -= self._bytes(ok)
         self._ids += 1
         self.entries[self._ids] = (t, k.clone(), v.clone())
         self.bytes += size
@@ -379,14 +378,10 @@ class Engine:
         if reason in ("length", "stop_token"):  # whatever the decoder still holds is output too
             tail, _, hit = _stop_split(row.held + row.decoder.flush(), row.gen.params.stop)
             text, reason = text + tail, ("stop" if hit or reason == "stop_token" else reason)
-        out.append(
-            (
-                row.gen,
-                Chunk(
-                    text, reason, len(row.gen.prompt), row.produced, row.index, row.logprobs, cached_tokens=row.cached
-                ),
-            )
+        chunk = Chunk(
+            text, reason, len(row.gen.prompt), row.produced, row.index, row.logprobs, cached_tokens=row.cached
         )
+        out.append((row.gen, chunk))
         self.stats.finished[reason] += 1
         if self.prefix_cache is not None and reason != "error":  # after an error the row's cache is suspect
             n = len(row.tokens)
@@ -406,20 +401,17 @@ class Engine:
         with self._lock:
             waiting, self._pending = self._pending, collections.deque()
             for gen in waiting:
-                reason = (
-                    "cancelled"
-                    if gen.cancelled
-                    else "shutdown"
-                    if self._closing
-                    else "timeout"
-                    if now >= gen.deadline
-                    else None
-                )  # timeout: waited its whole budget
-                if reason is None:
-                    self._pending.append(gen)
+                if gen.cancelled:
+                    reason = "cancelled"
+                elif self._closing:
+                    reason = "shutdown"
+                elif now >= gen.deadline:  # waited its whole budget
+                    reason = "timeout"
                 else:
-                    out.extend((gen, Chunk("", reason, len(gen.prompt), 0, i)) for i in range(gen.params.n))
-                    self.stats.finished[reason] += 1
+                    self._pending.append(gen)
+                    continue
+                out.extend((gen, Chunk("", reason, len(gen.prompt), 0, i)) for i in range(gen.params.n))
+                self.stats.finished[reason] += 1
 
     def _compact(self) -> None:
         """Keep the active rows in slots 0..n-1 by moving rows from the end into the holes finished rows left, so
@@ -516,7 +508,6 @@ class Engine:
             r.tokens.append(r.last)
         idx = torch.tensor([[r.last] for r in rows], device=self.device)
         logits = self.model(idx, kv_cache=self.cache.view(0, len(rows)))[:, -1]
-        self.stats.decode_steps += 1
         self._emit(rows, logits, out)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, out: list) -> None:
