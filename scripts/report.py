@@ -36,7 +36,7 @@ from pretrain.checkpoint import latest_checkpoint, load_checkpoint, read_config 
 from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.report import read_metrics  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from tokenizer.openai_vocabs import reference_tokenizers  # noqa: E402
+from tokenizer.openai_vocabs import compression  # noqa: E402
 
 SAMPLE_PROMPTS = (
     "Hello! Who are you?",
@@ -203,10 +203,7 @@ def tokenizer_section(home: Path, times: dict) -> list[str]:
     texts, n_bytes = val_sample(val, VAL_BYTES)
     if not n_bytes:
         return lines
-    rows = []
-    for name, t in [("ours", tok), *reference_tokenizers(["gpt2", "cl100k"]).items()]:
-        n_tokens = sum(map(len, t.encode_batch(texts)))
-        rows.append([name, f"{t.vocab_size:,}", f"{n_tokens:,}", f"{n_bytes / max(n_tokens, 1):.3f}"])
+    rows = [[name, f"{vocab:,}", f"{n:,}", f"{n_bytes / max(n, 1):.3f}"] for name, vocab, n in compression(tok, texts)]
     where = ", ".join(f"`{Path(p).relative_to(home)}`" for p in val)
     return lines + [
         f"Compression on {n_bytes:,} bytes of held-out text ({where}; higher is better):",

