@@ -189,12 +189,8 @@ def _ns_rank(rank: int, world: int, port: int, depth: int, steps: int, results) 
 
 def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
     """Muon's Newton-Schulz time per rank for 1, 2, 4... gloo CPU ranks on one model's matrices."""
-    shapes = sorted(
-        {
-            tuple(p.shape)
-            for p in build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1].param_groups[0]["params"]
-        }
-    )
+    matrices = build_optimizers(GPT(GPTConfig.from_depth(depth, 256, 64)))[1].param_groups[0]["params"]
+    shapes = sorted({tuple(p.shape) for p in matrices})
     print(
         f"Muon on depth {depth}'s hidden matrices {shapes}, one thread per gloo rank, {os.cpu_count()} cores, "
         f"dtype {optim.fast_matmul_dtype(torch.device('cpu'))}, median of {steps} steps"

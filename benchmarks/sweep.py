@@ -45,29 +45,12 @@ def vocab_home(home: Path, vocab: int) -> Path:
     (sub / "data").mkdir(parents=True, exist_ok=True)
     if not (sub / "data" / "default").exists():
         (sub / "data" / "default").symlink_to(data_dir("default"))
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(sub)}
+    quiet = dict(env={**os.environ, "SCRATCHCHAT_HOME": str(sub)}, check=True, stdout=subprocess.DEVNULL)
     if not (sub / "tokenizer" / "tokenizer.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tokenizer",
-                "train",
-                "--input",
-                str(data_dir("default") / "train.parquet"),
-                "--vocab-size",
-                str(vocab),
-            ],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    subprocess.run(
-        [sys.executable, "-m", "pretrain.data", "tokenize", "--corpus", "default"],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )  # a no-op when the shards are up to date
+        train = ["train", "--input", str(data_dir("default") / "train.parquet"), "--vocab-size", str(vocab)]
+        subprocess.run([sys.executable, "-m", "tokenizer", *train], **quiet)
+    # A no-op when the shards are up to date.
+    subprocess.run([sys.executable, "-m", "pretrain.data", "tokenize", "--corpus", "default"], **quiet)
     return sub
 
 
@@ -77,27 +60,9 @@ def run_point(sub: Path, depth: int, seq: int, batch_tokens: int, minutes: float
     env = {**os.environ, "SCRATCHCHAT_HOME": str(sub), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=sub) as run_dir:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pretrain",
-            "--corpus",
-            "default",
-            "--depth",
-            str(depth),
-            "--sequence-len",
-            str(seq),
-            "--device-batch-size",
-            str(rows),
-            "--max-minutes",
-            str(minutes),
-            "--save-every",
-            "-1",
-            "--eval-every",
-            "0",
-            "--run-dir",
-            run_dir,
-        ]
+        shape = f"--depth {depth} --sequence-len {seq} --device-batch-size {rows} --max-minutes {minutes}"
+        flags = ["--corpus", "default", *shape.split(), "--save-every", "-1", "--eval-every", "0", "--run-dir", run_dir]
+        cmd = [sys.executable, "-m", "pretrain", *flags]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]

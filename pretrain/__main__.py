@@ -20,16 +20,8 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 
-# Per-hardware defaults for flags left at 0 / -1: (depth, sequence_len, device_batch_size, total_batch_tokens).
-CPU_DEFAULTS = dict(
-    depth=4,
-    sequence_len=256,
-    device_batch_size=16,
-    total_batch_tokens=-1,
-    max_minutes=12.0,
-    eval_every=100,
-    eval_batches=8,
-)
+# Per-hardware defaults for the flags the user left unset.
+CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, max_minutes=12.0, eval_every=100, eval_batches=8)
 CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
 
 
@@ -53,11 +45,9 @@ def apply_hardware_defaults(pcfg: PretrainConfig, tcfg: TrainConfig, device: tor
     """Fill flags the user left unset from the CPU or CUDA table."""
     table = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for key, value in table.items():
-        target = pcfg if hasattr(pcfg, key) else tcfg
-        if key not in explicit:
-            if key == "max_minutes" and tcfg.max_steps > 0:
-                continue  # an explicit step count is the stop rule
-            setattr(target, key, value)
+        if key in explicit or (key == "max_minutes" and tcfg.max_steps > 0):  # a step count is the stop rule
+            continue
+        setattr(pcfg if hasattr(pcfg, key) else tcfg, key, value)
 
 
 def fit_device_batch(model: GPT, batch: int, seq_len: int, device: torch.device) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.files import atomic_path
+
 
 def append_metrics(path: str | Path, record: dict) -> None:
     """Append one record and flush it, so a killed run keeps every line it logged."""
@@ -47,10 +49,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = "t
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return Path(png_path)
