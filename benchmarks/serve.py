@@ -211,14 +211,8 @@ async def stream_once(http: httpx.AsyncClient, prompt: str, new: int) -> tuple[i
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
-    body = {
-        "prompt": prompt,
-        "max_tokens": new,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    async with http.stream("POST", "/v1/completions", json=body) as r:
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True}
+    async with http.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -340,8 +334,10 @@ def main() -> None:
     new = min(cfg.new_tokens, config.sequence_len - len(prompt) - 1)
     sections = {int(x) for x in cfg.sections.split(",")}
     try:
-        if sections & {1, 2, 3}:
-            compare_decoding(cfg, model, tok, checkpoint, device, prompt, new)
+        if 1 in sections:
+            compare_single_stream(cfg, model, tok, prompt, new, device)
+        if sections & {2, 3}:  # /health under load needs the server of section 2
+            compare_http(cfg, tok, checkpoint, prompt, new)
         if 4 in sections:
             chat_model = model
             if config.sequence_len < 2048:
@@ -360,17 +356,6 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def compare_decoding(
-    cfg: BenchConfig, model: GPT, tok: Tokenizer, checkpoint: Path, device: torch.device, prompt: list[int], new: int
-) -> None:
-    """Sections 1-3: single-stream decoding against HF, HTTP throughput, /health under load."""
-    sections = {int(x) for x in cfg.sections.split(",")}
-    if 1 in sections:
-        compare_single_stream(cfg, model, tok, prompt, new, device)
-    if sections & {2, 3}:
-        compare_http(cfg, tok, checkpoint, prompt, new)
 
 
 def compare_single_stream(

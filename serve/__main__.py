@@ -77,21 +77,11 @@ class ServeConfig(Limits):
     log_level: str = flag("info", "uvicorn log level")
 
 
+# The smallest value of each number flag (the timeouts: more than 0; --seed: any; --port: checked on its own).
 AT_LEAST = {
-    "max_batch": 1,
-    "max_queue": 1,
-    "max_messages": 1,
-    "max_message_chars": 1,
-    "max_total_chars": 1,
-    "max_tokens": 1,
-    "default_max_tokens": 1,
-    "max_body_bytes": 1,
-    "max_connections": 1,
-    "max_stop": 0,
-    "prefix_cache_mb": 0,
-    "retry_after": 0,
-    "threads": 0,
-    "shutdown_grace": 0,
+    **dict.fromkeys(("max_stop", "prefix_cache_mb", "retry_after", "threads", "shutdown_grace"), 0),
+    **dict.fromkeys(("max_batch", "max_queue", "max_connections", "max_body_bytes", "max_tokens"), 1),
+    **dict.fromkeys(("max_messages", "max_message_chars", "max_total_chars", "default_max_tokens"), 1),
 }
 POSITIVE = ("request_timeout", "body_timeout", "header_timeout")
 
