@@ -48,9 +48,13 @@ def utc(monkeypatch):
     time.tzset()
 
 
-def populated_store(tmp_path) -> Store:
+def clocked_store(tmp_path) -> Store:
     clock = itertools.count(1_767_225_600, 3600)  # 2026-01-01 00:00 UTC, one hour per write
-    store = Store(tmp_path / "chats.db", clock=lambda: float(next(clock)))
+    return Store(tmp_path / "chats.db", clock=lambda: float(next(clock)))
+
+
+def populated_store(tmp_path) -> Store:
+    store = clocked_store(tmp_path)
     old = store.create_chat("Capital of France")
     store.add_message(old.id, "user", "What is the capital of France?")
     store.add_message(old.id, "assistant", "Paris.")
@@ -66,8 +70,7 @@ def populated_store(tmp_path) -> Store:
     return store
 
 
-def make_app(tmp_path, url: str) -> ChatApp:
-    store = populated_store(tmp_path)
+def make_app(url: str, store: Store) -> ChatApp:
     return ChatApp(Config(url=url, db=store.path, retry=0.05), store)
 
 
@@ -83,55 +86,49 @@ async def settle(pilot, server_up: bool = True) -> None:
     await pilot.pause()
 
 
-async def open_latest_chat(pilot) -> None:
-    await settle(pilot)
-    await pilot.press("ctrl+l", "enter")
-    await settle(pilot)
+def pressing(*keys: str, server_up: bool = True):
+    """A run_before: wait for the server check, press the keys, let the screen settle."""
+
+    async def run_before(pilot) -> None:
+        await settle(pilot, server_up)
+        await pilot.press(*keys)
+        await settle(pilot, server_up)
+
+    return run_before
+
+
+OPEN_LATEST_CHAT = ("ctrl+l", "enter")
 
 
 def test_conversation(snap_compare, server, tmp_path):
-    assert snap_compare(make_app(tmp_path, server.url), terminal_size=SIZE, run_before=open_latest_chat)
+    app = make_app(server.url, populated_store(tmp_path))
+    assert snap_compare(app, terminal_size=SIZE, run_before=pressing(*OPEN_LATEST_CHAT))
 
 
 def test_server_down_at_start(snap_compare, tmp_path):
-    async def down(pilot):
-        await settle(pilot, server_up=False)
-
     # Port 9 (discard) has no listener here, so the connection is refused at once.
-    app = make_app(tmp_path, "http://127.0.0.1:9/v1")
-    assert snap_compare(app, terminal_size=SIZE, run_before=down)
+    app = make_app("http://127.0.0.1:9/v1", populated_store(tmp_path))
+    assert snap_compare(app, terminal_size=SIZE, run_before=pressing(server_up=False))
 
 
 def test_chat_list(snap_compare, server, tmp_path, utc):
-    async def chats(pilot):
-        await settle(pilot)
-        await pilot.press("ctrl+l")
-
-    assert snap_compare(make_app(tmp_path, server.url), terminal_size=SIZE, run_before=chats)
+    app = make_app(server.url, populated_store(tmp_path))
+    assert snap_compare(app, terminal_size=SIZE, run_before=pressing("ctrl+l"))
 
 
 def test_settings(snap_compare, server, tmp_path):
-    async def settings(pilot):
-        await open_latest_chat(pilot)
-        await pilot.press("ctrl+s")
-        await settle(pilot)
-
-    assert snap_compare(make_app(tmp_path, server.url), terminal_size=SIZE, run_before=settings)
+    app = make_app(server.url, populated_store(tmp_path))
+    assert snap_compare(app, terminal_size=SIZE, run_before=pressing(*OPEN_LATEST_CHAT, "ctrl+s"))
 
 
 def test_help(snap_compare, server, tmp_path):
-    async def help_screen(pilot):
-        await settle(pilot)
-        await pilot.press("f1")
-        await settle(pilot)
-
-    assert snap_compare(make_app(tmp_path, server.url), terminal_size=SIZE, run_before=help_screen)
+    app = make_app(server.url, populated_store(tmp_path))
+    assert snap_compare(app, terminal_size=SIZE, run_before=pressing("f1"))
 
 
 def test_calculator_call_and_trimmed_turns(snap_compare, server, tmp_path):
     """An answer that called the calculator, sent without the chat's 3 oldest turns."""
-    clock = itertools.count(1_767_225_600, 3600)
-    store = Store(tmp_path / "chats.db", clock=lambda: float(next(clock)))
+    store = clocked_store(tmp_path)
     chat = store.create_chat("Sums")
     for i in range(4):
         store.add_message(chat.id, "user", f"Question {i + 1}?")
@@ -141,5 +138,4 @@ def test_calculator_call_and_trimmed_turns(snap_compare, server, tmp_path):
     answer.calculator_calls = [{"expression": "23+45", "result": "68", "offset": len("23+45 is ")}]
     answer.trimmed, answer.prompt_tokens, answer.completion_tokens, answer.tokens_per_s = 3, 60, 12, 30.0
     store.update_message(answer)
-    app = ChatApp(Config(url=server.url, db=store.path, retry=0.05), store)
-    assert snap_compare(app, terminal_size=SIZE, run_before=open_latest_chat)
+    assert snap_compare(make_app(server.url, store), terminal_size=SIZE, run_before=pressing(*OPEN_LATEST_CHAT))
