@@ -7,7 +7,6 @@ python -m tokenizer stats --input held_out.txt                # bytes per token,
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -43,18 +42,6 @@ class EncodeConfig:
 class StatsConfig:
     input: list[str] = flag(help="held-out files or folders of .txt / .jsonl / .parquet", nargs="+")
     tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, config, help_ in [
-        ("train", TrainConfig, "train a tokenizer on text files"),
-        ("encode", EncodeConfig, "print the token ids of a text"),
-        ("stats", StatsConfig, "bytes per token on held-out text, next to GPT-2 and cl100k"),
-    ]:
-        add_flags(sub.add_parser(name, help=help_, description=help_), config)
-    return p
 
 
 def _load(path: str) -> Tokenizer:
@@ -108,12 +95,20 @@ def stats(cfg: StatsConfig) -> None:
         print(f"{name:<12} {vocab:>8,} {n_tokens:>12,} {n_bytes / max(n_tokens, 1):>12.3f}")
 
 
+COMMANDS = {  # name: (function, its flags, help)
+    "train": (train, TrainConfig, "train a tokenizer on text files"),
+    "encode": (encode, EncodeConfig, "print the token ids of a text"),
+    "stats": (stats, StatsConfig, "bytes per token on held-out text, next to GPT-2 and cl100k"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    command = args.pop("command")
-    run, config = {"train": (train, TrainConfig), "encode": (encode, EncodeConfig), "stats": (stats, StatsConfig)}[
-        command
-    ]
+    parser = Parser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, (_, config, help_) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_, description=help_), config)
+    args = vars(parser.parse_args(argv))
+    run, config, _ = COMMANDS[args.pop("command")]
     # every error a user can cause is raised as ValueError with a readable message
     return run_cli(lambda: run(config(**args)), (ValueError,))
 

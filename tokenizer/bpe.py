@@ -35,6 +35,7 @@ from typing import Literal
 import regex
 
 from common.files import write_text_atomic
+from tokenizer.files import batch_by_chars
 
 # Published split patterns (tiktoken's, so vocabularies loaded from OpenAI files encode identically).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -358,9 +359,8 @@ class Tokenizer:
         """Encode with every special token's spelling treated as plain text."""
         try:
             return list(chain.from_iterable(map(self._cache.__getitem__, self._regex.findall(text))))
-        except UnicodeEncodeError:
-            text = _sanitize(text)
-            return list(chain.from_iterable(map(self._cache.__getitem__, self._regex.findall(text))))
+        except UnicodeEncodeError:  # lone surrogates, found when a new chunk is encoded: rare, so handled last
+            return self.encode_ordinary(_sanitize(text))
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
         """Text to ids. Special-token spellings are plain text unless named in `allowed_special`
@@ -399,14 +399,7 @@ class Tokenizer:
         self.encode("", allowed_special)  # a bad allowed_special fails here, not in every worker
         # Several batches per worker so a slow batch doesn't leave the other cores idle at the end.
         batch_chars = max(_BATCH_CHARS // 8, min(_BATCH_CHARS, total // (4 * workers) + 1))
-        batches: list[list[str]] = [[]]
-        size = 0
-        for t in texts:
-            if size >= batch_chars:
-                batches.append([])
-                size = 0
-            batches[-1].append(t)
-            size += len(t)
+        batches = list(batch_by_chars(texts, batch_chars))
         out: list[list[int]] = []
         try:
             for flat, lengths in self._pool(workers).map(_encode_many, batches, [allowed_special] * len(batches)):
@@ -427,14 +420,9 @@ class Tokenizer:
             self._close_pool()
             # fork shares the tokenizer with the workers for free (a weak reference, so the pool doesn't
             # keep this tokenizer alive); elsewhere each worker rebuilds it from JSON.
-            if sys.platform == "linux":
-                pool = ProcessPoolExecutor(
-                    workers, multiprocessing.get_context("fork"), _init_worker, (weakref.ref(self),)
-                )
-            else:
-                pool = ProcessPoolExecutor(
-                    workers, multiprocessing.get_context("spawn"), _init_worker, (self.to_json(),)
-                )
+            fork = sys.platform == "linux"
+            context = multiprocessing.get_context("fork" if fork else "spawn")
+            pool = ProcessPoolExecutor(workers, context, _init_worker, (weakref.ref(self) if fork else self.to_json(),))
             # Stop the workers when this tokenizer is collected, and at exit before multiprocessing closes
             # its queues (priority 10) and joins its children: otherwise a multiprocessing.Process that
             # used encode_batch would wait forever for these idle workers.
@@ -501,8 +489,7 @@ class Tokenizer:
         return self._hash
 
     def to_json(self) -> str:
-        content = self._content()
-        return json.dumps({**content, "hash": self.hash}, ensure_ascii=False)
+        return json.dumps({**self._content(), "hash": self.hash}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> Tokenizer:
