@@ -138,12 +138,12 @@ def fineweb_corpus(
 class TokenizeConfig:
     corpus: str = flag("default", "corpus name under $SCRATCHCHAT_HOME/data/")
     tokenizer: str = flag("", "tokenizer.json; empty means $SCRATCHCHAT_HOME/tokenizer/tokenizer.json")
-    shard_tokens: int = flag(50_000_000, "tokens per shard file (100 MB at uint16)")
-    workers: int = flag(0, "encode_batch processes (0: all cores)")
     # Text handed to encode_batch at once: enough to amortise starting the worker processes.
     chunk_chars: int = flag(
         0, "characters encoded per encode_batch call (0: 4 M, or 0.5 M per worker where that is more)"
     )
+    workers: int = flag(0, "encode_batch processes (0: all cores)")
+    shard_tokens: int = flag(50_000_000, "tokens per shard file (100 MB at uint16)")
     force: bool = flag(False, "re-tokenize even when the shards are up to date")
 
 
