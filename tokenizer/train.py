@@ -43,18 +43,16 @@ def count_chunks(texts: Iterable[str], pattern: str, workers: int | None = None)
     (None: all cores). A corpus that fits in one batch is counted here: a pool would cost more."""
     workers = workers or os.cpu_count() or 1
     batches = batch_by_chars(texts, _BATCH_CHARS)
-    first = next(batches, [])
-    second = next(batches, None)
-    if workers <= 1 or second is None or multiprocessing.current_process().daemon:
-        counts = _count_batch(pattern, first)
-        for batch in [] if second is None else chain([second], batches):
+    head = list(islice(batches, 2))
+    batches = chain(head, batches)
+    counts: Counter[str] = Counter()
+    if workers <= 1 or len(head) < 2 or multiprocessing.current_process().daemon:
+        for batch in batches:
             counts.update(_count_batch(pattern, batch))
         return counts
-    counts: Counter[str] = Counter()
     # fork shares the already-imported modules; elsewhere the default start method is used.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     with ProcessPoolExecutor(workers, ctx) as pool:
-        batches = chain([first, second], batches)
         # A bounded number of batches in flight, so a huge corpus is never all in memory at once.
         pending = deque(pool.submit(_count_batch, pattern, b) for b in islice(batches, 2 * workers))
         while pending:
