@@ -104,6 +104,10 @@ def _count(x) -> str:
     return f"{x:,}" if isinstance(x, (int, float)) else "-"
 
 
+def _num(x, spec: str, missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
+
+
 def _missing(what: str, command: str) -> list[str]:
     return [f"_No {what} yet: run `{command}`._"]
 
@@ -252,27 +256,18 @@ def data_section(home: Path) -> list[str]:
     for d in corpora:
         m = _json(d / "manifest.json") or {}
         rows = [
-            [
-                s.get("name", "?"),
-                s.get("origin", "?"),
-                s.get("license", "?"),
-                _count(s.get("docs")),
-                _count(s.get("chars")),
-            ]
+            [*(s.get(k, "?") for k in ("name", "origin", "license")), _count(s.get("docs")), _count(s.get("chars"))]
             for s in m.get("sources", [])
         ]
         lines += [f"Corpus `{d.name}` (`data/{d.name}/manifest.json`):", ""]
         if rows:
             lines += [*_table(["source", "origin", "license", "docs", "chars"], rows), ""]
-        splits = m.get("splits", {})
+        splits = [
+            f"{k}: {_count(v.get('docs'))} docs / {_count(v.get('chars'))} chars"
+            for k, v in m.get("splits", {}).items()
+        ]
         if splits:
-            lines += [
-                ", ".join(
-                    f"{k}: {_count(v.get('docs'))} docs / {_count(v.get('chars'))} chars" for k, v in splits.items()
-                )
-                + ".",
-                "",
-            ]
+            lines += [", ".join(splits) + ".", ""]
     for d in sorted(d for d in (home / "tokens").glob("*") if (d / "manifest.json").is_file()):
         m = _json(d / "manifest.json") or {}
         rows = [
@@ -281,7 +276,7 @@ def data_section(home: Path) -> list[str]:
                 _count(v.get("tokens")),
                 _count(v.get("docs")),
                 len(v.get("files", [])),
-                f"{v['bytes_per_token']:.3f}" if v.get("bytes_per_token") is not None else "-",
+                _num(v.get("bytes_per_token"), ".3f"),
             ]
             for k, v in m.get("splits", {}).items()
         ]
@@ -323,9 +318,9 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         ["training FLOPs", f"{fpt * tokens:.3g}"],
         ["training time", _duration(elapsed)],
         ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
-        ["MFU", f"{mfu:.1%}" if mfu is not None else "- (GPU only)"],
-        ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
-        ["final val loss", f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-"],
+        ["MFU", _num(mfu, ".1%", "- (GPU only)")],
+        ["final train loss", _num(figures.get("loss"), ".4f")],
+        ["final val loss", _num(figures.get("val_loss"), ".4f")],
         ["final val bits/byte", f"**{figures['val_bpb']:.4f}**" if figures.get("val_bpb") is not None else "-"],
         ["checkpoint", f"`{ckpt.relative_to(home)}`"],
     ]
@@ -360,11 +355,8 @@ def sft_section(home: Path) -> list[str]:
         ["steps / tokens", f"{meta.get('step', '?')} / {meta.get('tokens', 0):,}"],
         ["training time", _duration(meta.get("elapsed"))],
         ["tokens/s", f"{steady_rate(records, 'tok_per_s') or 0:,.0f}"],
-        ["final train loss", f"{figures['loss']:.4f}" if figures.get("loss") is not None else "-"],
-        [
-            "final val loss (assistant tokens)",
-            f"{figures['val_loss']:.4f}" if figures.get("val_loss") is not None else "-",
-        ],
+        ["final train loss", _num(figures.get("loss"), ".4f")],
+        ["final val loss (assistant tokens)", _num(figures.get("val_loss"), ".4f")],
         ["quick chat eval at the end", ", ".join(f"{k} {v:.0%}" for k, v in quick.items()) or "-"],
         ["checkpoint", f"`{ckpt.relative_to(home)}`"],
     ]
@@ -450,13 +442,8 @@ def samples_section(home: Path, cfg: ReportConfig) -> list[str]:
     end = assistant_end_id(tok)
     prompts = SAMPLE_PROMPTS[: cfg.samples]
     # The eval's decoder, with the calculator: what a chat through the server would show.
-    answers = greedy_decode_batch(
-        model,
-        [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts],
-        cfg.max_new_tokens,
-        end,
-        [ToolUse(tok) for _ in prompts],
-    )
+    rendered = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    answers = greedy_decode_batch(model, rendered, cfg.max_new_tokens, end, [ToolUse(tok) for _ in prompts])
     lines += [
         f"Greedy answers of `{ckpt.relative_to(home)}` to fixed prompts (calculator calls in brackets):",
         "",
