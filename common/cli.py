@@ -43,7 +43,7 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, skip: tuple[str, 
             if f.name in skip:
                 continue
             kw = {k: v for k, v in f.metadata.items() if k != "help"}
-            kw["help"] = f.metadata.get("help", "")
+            kw["help"] = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help ("95%")
             default = _default(f)
             if kw.get("nargs") == "?":  # an optional positional argument
                 group.add_argument(f.name, type=_kind(f), default=default, **kw)
