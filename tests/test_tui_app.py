@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from test_tui_fakeserver import CALC, CALC_TEXT, MODEL, FakeServer, answer_for, tokens_of
+from test_tui_fakeserver import CALC, CALC_TEXT, MODEL, FakeServer, answer_for, server, tokens_of  # noqa: F401 (server: a fixture)
 from textual.widgets import Input, Label, Markdown, OptionList, Static
 
 from tui.app import ChatApp, ChatsScreen, Config, MessageView, SettingsScreen
@@ -17,12 +17,6 @@ from tui.store import Store, with_calculator_calls
 
 SIZE = (100, 32)
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeServer() as s:
-        yield s
 
 
 @pytest.fixture

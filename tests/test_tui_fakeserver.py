@@ -181,7 +181,8 @@ class FakeServer:
 
 @pytest.fixture(scope="module")
 def server():
-    with FakeServer(api_key="sk-test") as s:
+    """The fake server, without an API key; the other tui tests import this fixture."""
+    with FakeServer() as s:
         yield s
 
 
@@ -271,8 +272,10 @@ def test_failures_become_one_clear_error(server, prompt, expected):
 
 
 def test_wrong_key_timeout_and_no_server(server):
-    with pytest.raises(ServerError, match="server error 401: Incorrect API key"):
-        asyncio.run(collect(server.url, "hi", api_key="wrong"))
+    with FakeServer(api_key="sk-test") as locked:
+        with pytest.raises(ServerError, match="server error 401: Incorrect API key"):
+            asyncio.run(collect(locked.url, "hi", api_key="wrong"))
+        assert "".join(i for i in asyncio.run(collect(locked.url, "hi")) if isinstance(i, str)) == answer_for("hi")
     start = time.monotonic()
     with pytest.raises(ServerError, match="timed out"):
         asyncio.run(collect(server.url, "[stall] x", timeout=0.3))

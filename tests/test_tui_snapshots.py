@@ -13,7 +13,7 @@ import itertools
 import time
 
 import pytest
-from test_tui_fakeserver import FakeServer
+from test_tui_fakeserver import server  # noqa: F401 (a fixture)
 from textual.widgets import Input, TextArea
 
 from tui.app import ChatApp, Config
@@ -31,12 +31,6 @@ print(sorted(words, key=len))
 - `key=` picks what to compare
 - `reverse=True` flips the order
 """
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeServer() as s:
-        yield s
 
 
 @pytest.fixture
