@@ -10,15 +10,17 @@ import torch
 from pretrain.shards import HEADER, ShardError, TokenLoader, load_manifest, read_header, read_shard, write_shard
 
 
-def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):
-    """Shards of the given sizes holding one known stream (returned for comparison)."""
-    rng = np.random.default_rng(seed)
-    stream = rng.integers(0, vocab, size=sum(sizes))
-    at = 0
-    for i, n in enumerate(sizes):
-        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at : at + n], vocab_size=vocab)
-        at += n
+def write_stream(tmp_path, stream, sizes, split, vocab):
+    """`stream` cut into shards of the given sizes; returns it, for comparison."""
+    at = np.cumsum([0, *sizes])
+    for i in range(len(sizes)):
+        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at[i] : at[i + 1]], vocab_size=vocab)
     return stream
+
+
+def make_dir(tmp_path, sizes, split="train", vocab=50_000, seed=0):
+    """Shards of the given sizes holding one known random stream."""
+    return write_stream(tmp_path, np.random.default_rng(seed).integers(0, vocab, size=sum(sizes)), sizes, split, vocab)
 
 
 @pytest.mark.parametrize("vocab,dtype", [(65536, np.uint16), (100_277, np.uint32)])
@@ -66,11 +68,7 @@ def test_corrupt_shards_give_clear_errors(tmp_path):
 def unique_dir(tmp_path, sizes, split="train"):
     """Shards holding a stream of distinct ids, so a row's first id names the window it came from."""
     stream = np.random.default_rng(1).permutation(sum(sizes))
-    at = 0
-    for i, n in enumerate(sizes):
-        write_shard(tmp_path / f"{split}_{i:05d}.bin", stream[at : at + n], vocab_size=len(stream))
-        at += n
-    return stream
+    return write_stream(tmp_path, stream, sizes, split, len(stream))
 
 
 def window_ids(stream, T, x):
