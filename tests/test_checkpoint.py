@@ -17,6 +17,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizers
+from tests.test_model import train_on
 from tokenizer import Tokenizer
 
 TEXT = (
@@ -43,16 +44,7 @@ def make(tok, seed=0, **kw):
 
 def train_steps(model, opts, n, seed=1):
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(n):
-        idx = torch.randint(0, model.config.vocab_size, (2, 17), generator=g)
-        loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        for o in opts:
-            o.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_on(model, opts, (torch.randint(0, model.config.vocab_size, (2, 17), generator=g) for _ in range(n)))
 
 
 def test_round_trip_model_tokenizer_meta(tmp_path, tok):

@@ -148,6 +148,11 @@ def source(name, docs):
     return Source(name, "test-license", f"{name}==1.0", lambda: iter(docs), fingerprint=f"{name}==1.0")
 
 
+def build(out, docs, **config):
+    """A corpus "t" of one source "a" holding `docs`: (manifest, built)."""
+    return build_corpus("t", [source("a", docs)], out, BuildConfig(**config), progress=False)
+
+
 def test_build_dedups_drops_tiny_splits_and_writes_manifest(tmp_path):
     docs_a = [f"Document {i}. " + PROSE * (1 + i % 3) for i in range(200)]
     docs_b = ["  " + docs_a[0].replace(" ", "  ") + "\n\n\n", "too short"] + [
@@ -160,11 +165,8 @@ def test_build_dedups_drops_tiny_splits_and_writes_manifest(tmp_path):
     assert built
     a, b = manifest["sources"]
     assert (a["docs"], a["dropped_duplicates"], a["dropped_tiny"]) == (200, 0, 0)
-    assert (b["docs"], b["dropped_duplicates"], b["dropped_tiny"]) == (
-        100,
-        1,
-        1,
-    )  # whitespace-only variant is a duplicate
+    # The whitespace-only variant is a duplicate.
+    assert (b["docs"], b["dropped_duplicates"], b["dropped_tiny"]) == (100, 1, 1)
     train = pq.read_table(out / "train.parquet").to_pydict()
     val = pq.read_table(out / "val.parquet").to_pydict()
     assert len(train["text"]) + len(val["text"]) == 300 and 10 <= len(val["text"]) <= 55
@@ -184,8 +186,8 @@ def test_build_dedups_drops_tiny_splits_and_writes_manifest(tmp_path):
 
 def test_build_is_deterministic_and_rerun_is_a_noop(tmp_path):
     docs = [f"Doc {i} " + PROSE for i in range(120)]
-    m1, _ = build_corpus("t", [source("a", docs)], tmp_path / "one", progress=False)
-    m2, _ = build_corpus("t", [source("a", docs)], tmp_path / "two", progress=False)
+    m1, _ = build(tmp_path / "one", docs)
+    m2, _ = build(tmp_path / "two", docs)
     assert m1["files"] == m2["files"]  # same bytes, same sha256
 
     def explode():
@@ -198,24 +200,18 @@ def test_build_is_deterministic_and_rerun_is_a_noop(tmp_path):
     assert not built and manifest == m1 and (tmp_path / "one" / "train.parquet").stat().st_mtime_ns == stamp
 
     # A changed pin, a changed seed or a damaged output file each trigger a rebuild.
-    assert build_corpus("t", [source("a", docs)], tmp_path / "one", BuildConfig(seed=5), progress=False)[1]
-    assert build_corpus("t", [source("a", docs)], tmp_path / "one", BuildConfig(seed=5), progress=False)[1] is False
+    assert build(tmp_path / "one", docs, seed=5)[1]
+    assert build(tmp_path / "one", docs, seed=5)[1] is False
     with open(tmp_path / "one" / "val.parquet", "r+b") as f:
         f.write(b"X")
-    assert build_corpus("t", [source("a", docs)], tmp_path / "one", BuildConfig(seed=5), progress=False)[1]
+    assert build(tmp_path / "one", docs, seed=5)[1]
     assert not [p for p in (tmp_path / "one").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_split_is_stable_when_the_corpus_grows(tmp_path):
     docs = [f"Doc {i} " + PROSE for i in range(300)]
-    small, _ = build_corpus("t", [source("a", docs)], tmp_path / "s", BuildConfig(val_fraction=0.2), progress=False)
-    big, _ = build_corpus(
-        "t",
-        [source("a", docs + [f"New {i} " + PROSE for i in range(300)])],
-        tmp_path / "b",
-        BuildConfig(val_fraction=0.2),
-        progress=False,
-    )
+    build(tmp_path / "s", docs, val_fraction=0.2)
+    build(tmp_path / "b", docs + [f"New {i} " + PROSE for i in range(300)], val_fraction=0.2)
     val_small = set(pq.read_table(tmp_path / "s" / "val.parquet")["text"].to_pylist())
     val_big = set(pq.read_table(tmp_path / "b" / "val.parquet")["text"].to_pylist())
     assert val_small and val_small <= val_big

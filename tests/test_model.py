@@ -227,13 +227,10 @@ def test_schedule():
     assert lr_multiplier(0.05, warmup_ratio=0.1) == pytest.approx(0.5)
 
 
-def _first_steps(seed: int) -> list[float]:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY))
-    opts = build_optimizers(model)
-    idx = torch.randint(0, 101, (4, 33), generator=torch.Generator().manual_seed(1))
+def train_on(model, opts, batches) -> list[float]:
+    """One step of every optimizer per batch of token rows (inputs, then targets shifted by one); the losses."""
     losses = []
-    for _ in range(5):  # one fixed batch: the model should start memorising it
+    for idx in batches:
         loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         for opt in opts:
@@ -241,6 +238,13 @@ def _first_steps(seed: int) -> list[float]:
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def _first_steps(seed: int) -> list[float]:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 101, (4, 33), generator=torch.Generator().manual_seed(1))
+    return train_on(model, build_optimizers(model), [idx] * 5)  # one fixed batch: the model should start memorising it
 
 
 def test_deterministic_training_and_learning():

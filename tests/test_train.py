@@ -48,40 +48,18 @@ def corpus(tmp_path_factory):
 
 
 def cli_args(corpus_root, run_dir, *extra):
-    return [
-        "--tokens-dir",
-        str(corpus_root / "tokens"),
-        "--tokenizer",
-        str(corpus_root / "tokenizer.json"),
-        "--depth",
-        "1",
-        "--sequence-len",
-        "32",
-        "--device-batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--run-dir",
-        str(run_dir),
-        "--eval-every",
-        "10",
-        "--eval-batches",
-        "2",
-        *extra,
-    ]
+    paths = ["--tokens-dir", str(corpus_root / "tokens"), "--tokenizer", str(corpus_root / "tokenizer.json")]
+    small = "--depth 1 --sequence-len 32 --device-batch-size 4 --device cpu --eval-every 10 --eval-batches 2"
+    return [*paths, *small.split(), "--run-dir", str(run_dir), *extra]
 
 
-def run_cli(args, home, **kw):
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pretrain", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
+def cli_env(home):
+    return {**os.environ, "SCRATCHCHAT_HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(args, home):
+    cmd = [sys.executable, "-m", "pretrain", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def train_losses(run_dir):
@@ -141,44 +119,31 @@ cleanup_distributed()
 """
 
 
-def torchrun(script: Path, nproc: int, out: Path, env: dict) -> subprocess.CompletedProcess:
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            str(script),
-            str(out),
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
-    # 256 tokens per step: 4 micro-batches in one process, 2 on each of 2 ranks (no_sync on all but the last).
+@pytest.fixture
+def ddp_script(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "single")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return script
+
+
+def run_script(script: Path, out: Path, home: Path, nproc: int = 0) -> subprocess.CompletedProcess:
+    """The script in one process, or under torchrun with `nproc` ranks; it writes to `out`."""
+    launcher = []
+    if nproc:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+        launcher.append(f"--master_port={port}")
+    cmd = [sys.executable, *launcher, str(script), str(out)]
+    return subprocess.run(cmd, env=cli_env(home), cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_ddp_two_ranks_match_single_process_accumulation(tmp_path, ddp_script):
+    # 256 tokens per step: 4 micro-batches in one process, 2 on each of 2 ranks (no_sync on all but the last).
+    single = run_script(ddp_script, tmp_path / "single", tmp_path)
     assert single.returncode == 0, single.stderr
-    ddp = torchrun(script, 2, tmp_path / "ddp", env)
+    ddp = run_script(ddp_script, tmp_path / "ddp", tmp_path, nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / "ddp" / f"weights_rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every rank took the same steps
@@ -191,12 +156,9 @@ def test_ddp_two_ranks_match_single_process_accumulation(tmp_path):
     assert a[6] != a[1]  # and something was learned, not a constant
 
 
-def test_world_size_that_does_not_divide_the_batch_rounds_it(tmp_path):
+def test_world_size_that_does_not_divide_the_batch_rounds_it(tmp_path, ddp_script):
     # 3 ranks x 2 x 32 = 192 tokens per micro-step against 256 asked: one micro-batch, said in one line.
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "SCRATCHCHAT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = torchrun(script, 3, tmp_path / "ddp3", env)
+    run = run_script(ddp_script, tmp_path / "ddp3", tmp_path, nproc=3)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "256 tokens per step is not a multiple of 192" in run.stdout + run.stderr
     weights = [torch.load(tmp_path / "ddp3" / f"weights_rank{r}.pt") for r in range(3)]
