@@ -139,10 +139,6 @@ def normalize(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def doc_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def is_val(text: str, seed: int, val_fraction: float) -> bool:
     """Seeded hash of the document: the split does not depend on document order or corpus size."""
     h = hashlib.sha256(f"{seed}\0{text}".encode("utf-8")).digest()
@@ -347,11 +343,8 @@ class BuildConfig:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def previous_manifest(out_dir: Path) -> dict | None:
@@ -417,7 +410,7 @@ def build_corpus(
             if len(text) < config.min_chars:
                 counts["dropped_tiny"] += 1
                 continue
-            h = doc_hash(text)
+            h = hashlib.sha256(text.encode("utf-8")).digest()
             if h in seen:
                 counts["dropped_duplicates"] += 1
                 continue
