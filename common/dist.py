@@ -53,10 +53,7 @@ def init_distributed(device: str = "auto") -> Dist:
     kind = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        dev = torch.device(kind)
-        if kind == "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return Dist(device=dev)
+        return Dist(device=torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
         torch.cuda.set_device(local)

@@ -39,13 +39,9 @@ class CheckpointError(ValueError):
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 def _as_list(optimizer) -> list[torch.optim.Optimizer]:

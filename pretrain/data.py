@@ -354,15 +354,11 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(_summary(manifest))
             print(f"built in {time.time() - t0:.1f}s")
-        print(
-            f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
-            + (
-                ""
-                if tokenizer_path().exists()
-                else f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
-                f"--out {tokenizer_path()})"
-            )
-        )
+        hint = f"corpus: {out}\nnext: python -m pretrain.data tokenize --corpus {name}"
+        if not tokenizer_path().exists():
+            hint += f"   (first train a tokenizer: python -m tokenizer train --input {out / 'train.parquet'} "
+            hint += f"--out {tokenizer_path()})"
+        print(hint)
     elif args.command == "fineweb-edu":
         out = data_dir("fineweb-edu")
         manifest = fineweb_corpus(
