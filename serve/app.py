@@ -1,10 +1,8 @@
 """The HTTP API: OpenAI-compatible chat and text completions over the engine, plus health, metrics, tokenize,
 the OpenAPI schema and the web chat page.
 
-Every error a client can cause answers {"error": {"message", "type", "param", "code"}} with a fitting status:
-400 invalid request (or a Host header this server does not answer to), 401 missing/wrong API key, 404 unknown
-model or route, 408 body sent too slowly, 413 body too large, 415 body not sent as JSON, 429 queue full and
-503 loading or shutting down (both with Retry-After). Streams are server-sent events ending with
+Every error a client can cause answers {"error": {"message", "type", "param", "code"}} with a fitting status (429
+and 503 with Retry-After; serve/openapi.py lists each route's). Streams are server-sent events ending with
 `data: [DONE]`; a client that goes away cancels its generation, which frees its slot at the next step.
 
 No request may hurt another: sampling fails per row, tokenization runs one request at a time (a long text
@@ -156,7 +154,7 @@ async def read_json(request: Request, limits: Limits) -> dict:
         ) from None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise APIError(400, "request body is not valid JSON: nested too deeply") from None

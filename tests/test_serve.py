@@ -213,21 +213,20 @@ def test_chat_stream_chunks_follow_the_openai_wire_format(client, tok):
     assert len({c.id for c in chunks}) == 1
 
 
-def test_raw_stream_is_sse_ending_with_done(server):
-    with httpx.stream(
-        "POST",
-        server + "/v1/chat/completions",
-        timeout=30,
-        json={"messages": user("Say hi"), "stream": True, "temperature": 0},
-    ) as r:
+def stream_chunks(url: str, body: dict) -> list[dict]:
+    """A streamed chat completion's chunks, over raw HTTP, checked to be server-sent events ending with [DONE]."""
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={**body, "stream": True}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        body = r.read().decode()
-    events = [e for e in body.split("\n\n") if e]
+        events = [e for e in r.read().decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
-    assert text == HELLO
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+def test_raw_stream_is_sse_ending_with_done(server):
+    chunks = stream_chunks(server, {"messages": user("Say hi"), "temperature": 0})
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == HELLO
 
 
 def test_text_completions_stream_and_not(client, tok):

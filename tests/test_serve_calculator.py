@@ -10,13 +10,12 @@ content must read "The sum is 5 done".
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import openai
 import pytest
 import torch
-from test_serve import serving, user
+from test_serve import serving, stream_chunks, user
 
 from finetune.chat import render_prompt
 from pretrain.model import GPTConfig, KVCache
@@ -111,15 +110,8 @@ def test_api_shows_calls_beside_the_content_streaming_and_not(tok):
         assert message.content == CONTENT
         assert message.model_extra["calculator_calls"] == [{"expression": "2 + 3", "result": "5", "offset": 11}]
 
-        with httpx.stream(
-            "POST",
-            url + "/v1/chat/completions",
-            timeout=30,
-            json={"messages": user("What is 2 + 3?"), "stream": True, "temperature": 0},
-        ) as s:
-            deltas = [
-                json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines() if line.startswith("data: {")
-            ]
+        chunks = stream_chunks(url, {"messages": user("What is 2 + 3?"), "temperature": 0})
+        deltas = [c["choices"][0]["delta"] for c in chunks]
         content = [d.get("content") or "" for d in deltas]
         calls = [(i, d["calculator_calls"]) for i, d in enumerate(deltas) if "calculator_calls" in d]
         assert "".join(content) == CONTENT

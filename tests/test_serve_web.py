@@ -18,7 +18,7 @@ import time
 
 import httpx
 import pytest
-from test_serve import COUNT, EMOJI, HELLO, running_server, shared_checkpoint
+from test_serve import COUNT, EMOJI, HELLO, running_server, shared_checkpoint, user
 from test_tui_fakeserver import CALC, CALC_TEXT, FakeServer
 
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
@@ -173,6 +173,11 @@ def say(page: Browser, text: str) -> None:
     )
 
 
+def chat(url: str, messages: list[dict], **fields) -> httpx.Response:
+    """A greedy chat completion straight from the API, to compare with what the page shows."""
+    return httpx.post(url + "/v1/chat/completions", timeout=60, json={"messages": messages, "temperature": 0, **fields})
+
+
 def last_bubble(page: Browser, what: str):
     return page.js(f"document.querySelector('#log .msg.assistant:last-of-type').{what}")
 
@@ -210,11 +215,8 @@ def test_answer_streams_in_and_stop_ends_it_midway(page):
     assert COUNT.startswith(stopped[: len(COUNT)])
     assert page.js("document.getElementById('stop').disabled") is True
     assert page.js("document.getElementById('send').disabled") is False
-    full = httpx.post(
-        page.url + "/v1/chat/completions",
-        timeout=60,
-        json={"messages": [{"role": "user", "content": "Count"}], "temperature": 0, "max_tokens": 4000},
-    ).json()
+    # Unstopped, the answer goes on: one token more than the stopped answer has characters spells more than it.
+    full = chat(page.url, user("Count"), max_tokens=len(stopped) + 1).json()
     assert len(stopped) < len(full["choices"][0]["message"]["content"])
     assert httpx.get(page.url + "/health").json()["active"] == 0  # the server freed the slot too
     # The partial answer is kept as the assistant's turn, so the conversation can go on.
@@ -226,17 +228,8 @@ def test_probabilities_colour_each_token_and_hover_shows_the_alternatives(page):
     send(page, "Say hi")
     page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
     # The same request through the API: the page shows exactly its tokens, coloured by their probabilities.
-    reference = httpx.post(
-        page.url + "/v1/chat/completions",
-        timeout=60,
-        json={
-            "messages": [{"role": "user", "content": "Say hi"}],
-            "temperature": 0,
-            "max_tokens": 64,
-            "logprobs": True,
-            "top_logprobs": 5,
-        },
-    ).json()["choices"][0]["logprobs"]["content"]
+    reference = chat(page.url, user("Say hi"), max_tokens=64, logprobs=True, top_logprobs=5).json()
+    reference = reference["choices"][0]["logprobs"]["content"]
     spans = page.js("""[...document.querySelectorAll('#log .assistant .tok')].map(
         (s) => [s.textContent, getComputedStyle(s).backgroundColor])""")
     assert [text for text, _ in spans] == [t["token"] for t in reference]
@@ -273,19 +266,8 @@ def test_probability_view_joins_characters_split_across_tokens(page):
     page.js("document.getElementById('show-probs').checked = true")
     send(page, "Emoji")
     page.wait_for("document.querySelector('#log .msg.assistant')?.dataset.done === 'true'")
-    tokens = [
-        t["token"]
-        for t in httpx.post(
-            page.url + "/v1/chat/completions",
-            timeout=60,
-            json={
-                "messages": [{"role": "user", "content": "Emoji"}],
-                "temperature": 0,
-                "max_tokens": 64,
-                "logprobs": True,
-            },
-        ).json()["choices"][0]["logprobs"]["content"]
-    ]
+    reference = chat(page.url, user("Emoji"), max_tokens=64, logprobs=True).json()
+    tokens = [t["token"] for t in reference["choices"][0]["logprobs"]["content"]]
     assert any("\ufffd" in t for t in tokens)  # some token ends inside a character: the API shows U+FFFD there
     spans = page.js("[...document.querySelectorAll('#log .assistant .tok')].map((s) => s.textContent)")
     assert len(spans) == len(tokens) and "".join(spans) == EMOJI  # the page shows each character whole
@@ -344,18 +326,8 @@ def test_long_chat_leaves_out_the_oldest_turns_and_says_so(browser, small_contex
     turns = f"{trim} turn{'s' * (trim != 1)}"
     assert trim > 0 and notices[-1] == f"earlier messages not sent: {turns} trimmed to fit the model's context"
     # What the last request held: with every turn the server refuses it; trimmed as the page sent it, it fits.
-    asked = {"temperature": 0, "max_tokens": 4}
-    everything = httpx.post(
-        small_context_server + "/v1/chat/completions",
-        timeout=60,
-        json={**asked, "messages": page.js("messages.slice(0, -1)")},
-    )
+    everything = chat(small_context_server, page.js("messages.slice(0, -1)"), max_tokens=4)
     assert everything.status_code == 400 and everything.json()["error"]["code"] == "context_length_exceeded"
     sent = page.js("sendable(messages.slice(0, -1), messages.trim)")
     assert sent[-1] == {"role": "user", "content": "question eight"} and len(sent) == 15 - 2 * trim
-    assert (
-        httpx.post(
-            small_context_server + "/v1/chat/completions", timeout=60, json={**asked, "messages": sent}
-        ).status_code
-        == 200
-    )
+    assert chat(small_context_server, sent, max_tokens=4).status_code == 200
