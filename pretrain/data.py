@@ -101,14 +101,10 @@ def fineweb_corpus(
             docs = pq.ParquetFile(path).metadata.num_rows
         except Exception as e:  # pyarrow's errors for a corrupt file vary
             raise CorpusError(f"{path} is not a readable parquet file ({e}); delete it and re-run") from None
-        old = previous.get(path.name, {})
-        same = old.get("bytes") == path.stat().st_size
+        size, old = path.stat().st_size, previous.get(path.name, {})
         # Hashing 100 MB shards is slow: keep the hash of a file whose size did not change.
-        files[path.name] = {
-            "bytes": path.stat().st_size,
-            "docs": docs,
-            "sha256": old["sha256"] if same and "sha256" in old else file_sha256(path),
-        }
+        sha = old.get("sha256") if old.get("bytes") == size else None
+        files[path.name] = {"bytes": size, "docs": docs, "sha256": sha or file_sha256(path)}
     split = {"train": [fineweb_shard_name(i) for i in range(shards)], "val": [fineweb_shard_name(val_shard)]}
     manifest = {
         "name": "fineweb-edu",
