@@ -22,7 +22,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.files import fsync_dir
@@ -176,14 +176,12 @@ def load_optimizer_state(path: str | Path, optimizer) -> None:
     file = Path(path) / "optim.safetensors"
     optimizers = _as_list(optimizer)
     try:
-        with open(file, "rb") as f:  # metadata lives in the json header: 8-byte length, then the header
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        meta = header["__metadata__"]
+        with safe_open(file, "pt") as f:
+            meta = f.metadata()
         groups, scalars = json.loads(meta["param_groups"]), json.loads(meta["scalars"])
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: this checkpoint cannot resume training") from None
-    except (OSError, ValueError, KeyError, TypeError, MemoryError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{file} is corrupt: {e}") from None
     tensors = _load_tensors(file)
     if len(groups) != len(optimizers):
