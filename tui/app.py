@@ -43,29 +43,26 @@ from .store import (
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
+def option(default, help: str):
+    """A Config field: its default (a function: called for each new Config) and its --help text."""
+    return field(**{"default_factory" if callable(default) else "default": default}, metadata={"help": help})
+
+
 @dataclass
 class Config:
     """Client settings; each field is a `python -m tui` flag."""
 
-    url: str = field(
-        default_factory=lambda: os.environ.get("SCRATCHCHAT_URL", DEFAULT_URL),
-        metadata={"help": "server base URL (env SCRATCHCHAT_URL)"},
+    url: str = option(lambda: os.environ.get("SCRATCHCHAT_URL", DEFAULT_URL), "server base URL (env SCRATCHCHAT_URL)")
+    api_key: str = option(
+        lambda: os.environ.get("SCRATCHCHAT_API_KEY", ""), "bearer token sent to the server (env SCRATCHCHAT_API_KEY)"
     )
-    api_key: str = field(
-        default_factory=lambda: os.environ.get("SCRATCHCHAT_API_KEY", ""),
-        metadata={"help": "bearer token sent to the server (env SCRATCHCHAT_API_KEY)"},
-    )
-    model: str = field(default="", metadata={"help": "model for new chats (default: the server's first model)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature for new chats"})
-    max_tokens: int = field(default=512, metadata={"help": "answer length limit for new chats"})
-    db: Path = field(
-        default_factory=default_db_path, metadata={"help": "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)"}
-    )
-    timeout: float = field(
-        default=60.0, metadata={"help": "seconds to wait for the server to connect or send the next token"}
-    )
-    retry: float = field(default=2.0, metadata={"help": "seconds between checks of a server that is down"})
-    export_dir: Path = field(default=Path("."), metadata={"help": "folder that chat exports are written to"})
+    model: str = option("", "model for new chats (default: the server's first model)")
+    temperature: float = option(0.7, "sampling temperature for new chats")
+    max_tokens: int = option(512, "answer length limit for new chats")
+    db: Path = option(default_db_path, "chat store (default $XDG_DATA_HOME/scratchchat/chats.db)")
+    timeout: float = option(60.0, "seconds to wait for the server to connect or send the next token")
+    retry: float = option(2.0, "seconds between checks of a server that is down")
+    export_dir: Path = option(Path("."), "folder that chat exports are written to")
 
 
 def tokens_line(m: Message) -> str:
