@@ -410,12 +410,7 @@ def authorize(request: Request) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise APIError(
-            401,
-            "missing or wrong API key: send 'Authorization: Bearer <key>'",
-            type="invalid_request_error",
-            code="invalid_api_key",
-        )
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
 def check_model(state: State, data: dict) -> None:
@@ -574,7 +569,7 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
         samples = [Sample() for _ in range(n)]
         if reply.kind == "chat":  # the first delta of each choice announces the role, as OpenAI's does
             for i in range(n):
-                yield _sse(reply.chunk(i, {"role": "assistant", "content": ""}, None))
+                yield _sse(reply.chunk(i, {"role": "assistant", "content": ""}))
         c: Chunk | None = first
         while c is not None:
             s = samples[c.index]
@@ -584,22 +579,13 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
                 return
             if c.text or c.logprobs:
                 logprobs = reply.logprobs(c.logprobs, len(s.text)) if reply.logprobs_on else None
-                yield _sse(
-                    reply.chunk(c.index, {"content": c.text} if reply.kind == "chat" else c.text, None, logprobs)
-                )
+                yield _sse(reply.chunk(c.index, {"content": c.text}, logprobs=logprobs))
             if c.calls:
                 calls = [reply.call(call, len(s.calls) + k) for k, call in enumerate(c.calls)]
-                yield _sse(
-                    reply.chunk(
-                        c.index,
-                        {"calculator_calls": calls} if reply.kind == "chat" else "",
-                        None,
-                        calls=None if reply.kind == "chat" else calls,
-                    )
-                )
+                yield _sse(reply.chunk(c.index, {"calculator_calls": calls}))
             s.add(c)
             if c.finish_reason is not None:
-                yield _sse(reply.chunk(c.index, {} if reply.kind == "chat" else "", _openai_reason(c.finish_reason)))
+                yield _sse(reply.chunk(c.index, {}, _openai_reason(c.finish_reason)))
             c = await anext(it, None)
         if reply.with_usage:
             yield _sse({**reply.head(stream=True), "choices": [], "usage": _usage(samples), **reply.extra})
@@ -918,14 +904,16 @@ class Reply:
         kind = "text_completion" if self.kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def chunk(
-        self, index: int, delta, finish: str | None, logprobs: dict | None = None, calls: list | None = None
-    ) -> dict:
-        """One stream chunk: `delta` is a chat delta object, or the text of a text completion."""
-        choice = {"index": index, "delta": delta} if self.kind == "chat" else {"index": index, "text": delta}
-        choice.update({"logprobs": logprobs, "finish_reason": finish})
-        if calls:
-            choice["calculator_calls"] = calls
+    def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        """One stream chunk, given as its chat delta; a text completion's choice has the delta's content as "text"
+        (and its calculator calls beside it)."""
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
+        if self.kind == "chat":
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content", "")
+            if "calculator_calls" in delta:
+                choice["calculator_calls"] = delta["calculator_calls"]
         out = {**self.head(stream=True), "choices": [choice], **self.extra}
         if self.with_usage:  # every chunk carries usage: null until the final usage chunk
             out["usage"] = None
