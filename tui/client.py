@@ -50,11 +50,8 @@ class Finish:
 
 
 def make_http(base_url: str, api_key: str = "", timeout: float = 60.0) -> httpx.AsyncClient:
-    """An async HTTP client for `base_url` (e.g. http://127.0.0.1:8000/v1).
-
-    `timeout` bounds connecting and the wait for each chunk, not the whole answer,
-    so a long answer streams fine while a stalled server is caught.
-    """
+    """`timeout` bounds connecting and the wait for each chunk, not the whole answer: a long answer streams fine
+    while a stalled server is caught."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(
         base_url=base_url.rstrip("/") + "/",
@@ -105,9 +102,7 @@ async def list_models(http: httpx.AsyncClient) -> list[str]:
 async def stream_chat(http: httpx.AsyncClient, payload: dict) -> AsyncIterator[str | CalculatorCall | Usage | Finish]:
     """POST /chat/completions with stream=true; yield text deltas and calculator calls, then Finish and Usage.
 
-    A stream that ends without `data: [DONE]` counts as a dropped connection: the answer
-    may be cut short, and the user should know.
-    """
+    A stream that ends without `data: [DONE]` counts as a dropped connection: the answer may be cut short."""
     body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
     try:
         async with http.stream("POST", "chat/completions", json=body) as r:
