@@ -239,16 +239,10 @@ class GPT(nn.Module):
         # On the meta device (checkpoint loading: the weights come from the file) no init runs at all:
         # normal_ there imports torch._dynamo, seconds at every CLI start. An empty _weight skips nn.Embedding's.
         meta = torch.get_default_device().type == "meta"
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(
-                    config.vocab_size,
-                    config.n_embd,
-                    _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None,
-                ),
-                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            }
-        )
+        empty = torch.empty(config.vocab_size, config.n_embd) if meta else None
+        wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=empty)
+        blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.transformer = nn.ModuleDict({"wte": wte, "h": blocks})
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent buffers, so checkpoints hold only weights.
         self.rotary_len = 10 * config.sequence_len

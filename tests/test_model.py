@@ -241,8 +241,7 @@ def train_on(model, opts, batches) -> list[float]:
 
 
 def _first_steps(seed: int) -> list[float]:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY))
+    model = tiny_model(seed, randomize=False)
     idx = torch.randint(0, 101, (4, 33), generator=torch.Generator().manual_seed(1))
     return train_on(model, build_optimizers(model), [idx] * 5)  # one fixed batch: the model should start memorising it
 
