@@ -71,9 +71,7 @@ def _value(node: ast.AST):
 
 def _text(value) -> str:
     if isinstance(value, float):
-        if value.is_integer():
-            return str(int(value))
-        return f"{value:.10g}"
+        return str(int(value)) if value.is_integer() else f"{value:.10g}"
     return str(value)
 
 

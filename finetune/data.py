@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common.dist import Dist
 from finetune import tasks
 from finetune.chat import ChatFormatError, ConversationTooLong, render_conversation, validate_messages
 
@@ -373,27 +374,18 @@ class SFTLoader:
     Each epoch shuffles the conversations (seeded) and fills rows of seq_len + 1 tokens in order,
     starting a new row when the next conversation does not fit; the tail of a row is padding
     (bos tokens, mask 0). Conversations start with <|bos|>, so a packed row looks like pretraining
-    documents. Rows are dealt round-robin to ranks. ``state_dict`` records (epoch, row) so a
-    resumed run continues on the same data.
+    documents. Rows are dealt round-robin to the ranks of ``dist`` (a common.dist.Dist; default: one CPU process),
+    on its device. ``state_dict`` records (epoch, row) so a resumed run continues on the same data.
     """
 
-    def __init__(
-        self,
-        examples: list[Example],
-        batch_size: int,
-        seq_len: int,
-        pad_id: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str | torch.device = "cpu",
-    ):
+    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int, seed=0, dist=None):
         if not examples:
             raise DataError("no training examples left after fitting conversations to the context")
         if any(len(ids) > seq_len + 1 for ids, _ in examples):
             raise ValueError("an example is longer than seq_len + 1; fit conversations first")
         self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
-        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
+        dist = dist or Dist()
+        self.seed, self.rank, self.world_size, self.device = seed, dist.rank, dist.world_size, dist.device
         self.epoch, self.row = 0, 0  # position: the next global row to read in this epoch
         self._rows: list[Example] | None = None
 

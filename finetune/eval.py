@@ -186,15 +186,8 @@ def load_benchmark(path: str | Path, n: int | None = None, seed: int = 0) -> tup
             labels, texts = r["choices"]["label"], r["choices"]["text"]
             if r["answerKey"] not in labels or len(texts) > len(tasks.LETTERS):
                 continue
-            items.append(
-                Item(
-                    name,
-                    r.get("id", r["question"]),
-                    r["question"].strip(),
-                    tasks.LETTERS[labels.index(r["answerKey"])],
-                    tuple(texts),
-                )
-            )
+            answer = tasks.LETTERS[labels.index(r["answerKey"])]
+            items.append(Item(name, r.get("id", r["question"]), r["question"].strip(), answer, tuple(texts)))
     elif {"question", "answer"} <= cols and isinstance(rows[0]["answer"], str):  # openai/gsm8k
         name = "gsm8k"
         for i, r in enumerate(rows):
@@ -248,6 +241,7 @@ def evaluate(
     responses: list[tuple[str, str]] = [("", "")] * len(items)  # (answer, how it ended)
     mc = [k for k, item in enumerate(items) if item.choices]
     gen = [k for k, item in enumerate(items) if not item.choices]
+    ban = None if tool else tok.special_tokens.get(TOOL_TOKENS[0])  # without the tool, no call can start
     # On CPU autocast is off: answers stay identical to the fp32 reference loop (greedy_decode).
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for group in _groups([len(prompts[k]) for k in mc], batch_tokens):
@@ -258,14 +252,7 @@ def evaluate(
         for group in _groups([len(prompts[k]) + max_new_tokens for k in gen], batch_tokens):
             ks = [gen[g] for g in group]
             tools = [ToolUse(tok) for _ in ks] if tool else None
-            answers = greedy_decode_batch(
-                model,
-                [prompts[k] for k in ks],
-                max_new_tokens,
-                end,
-                tools,
-                ban=None if tool else tok.special_tokens.get(TOOL_TOKENS[0]),
-            )
+            answers = greedy_decode_batch(model, [prompts[k] for k in ks], max_new_tokens, end, tools, ban)
             for k, generated in zip(ks, answers):
                 ending = "<|assistant_end|>" if generated[-1:] == [end] else f"cut at {max_new_tokens} tokens"
                 responses[k] = (answer_text(tok, generated), ending)

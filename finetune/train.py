@@ -154,9 +154,7 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
         )
 
         def packed(exs: list) -> chat_data.SFTLoader:
-            return chat_data.SFTLoader(
-                exs, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed, dist.rank, dist.world_size, dist.device
-            )
+            return chat_data.SFTLoader(exs, tcfg.device_batch_size, seq_len, tok.bos_id, tcfg.seed, dist)
 
         loader = packed(examples)
         learned = sum(sum(m) for _, m in examples)

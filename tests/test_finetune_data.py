@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml  # a dependency of transformers (dev): the reference YAML parser
 
+from common.dist import Dist
 from finetune import data, tasks
 from finetune.chat import render_conversation
 from tokenizer import Tokenizer
@@ -247,7 +248,7 @@ def test_loader_resumes_and_splits_ranks(tok):
     b.load_state_dict(state)
     for _ in range(6):  # crosses an epoch boundary
         assert all(torch.equal(u, v) for u, v in zip(next(a), next(b)))
-    r0, r1 = make(rank=0, world_size=2), make(rank=1, world_size=2)
+    r0, r1 = make(dist=Dist(rank=0, world_size=2)), make(dist=Dist(rank=1, world_size=2))
     x0, x1 = next(r0)[0], next(r1)[0]
     rows = next(make(batch_size=6))[0]  # the same global batch on one rank
     assert torch.equal(x0, rows[0::2]) and torch.equal(x1, rows[1::2])
