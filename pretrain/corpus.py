@@ -456,11 +456,8 @@ def load_corpus_manifest(corpus_dir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        build = (
-            corpus_dir.name
-            if corpus_dir.name in ("default", "fineweb-edu")
-            else f"user --name {corpus_dir.name} --input PATH"
-        )
+        name = corpus_dir.name
+        build = name if name in ("default", "fineweb-edu") else f"user --name {name} --input PATH"
         raise CorpusError(f"no corpus at {corpus_dir}; run python -m pretrain.data {build} first") from None
     except (OSError, json.JSONDecodeError) as e:
         raise CorpusError(f"cannot read {path}: {e}") from None

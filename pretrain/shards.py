@@ -129,12 +129,11 @@ class TokenLoader:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        self.paths = sorted(Path(token_dir).glob(f"{split}_*.bin"))  # zero-padded names: the stream's order
-        if not self.paths:
+        paths = sorted(Path(token_dir).glob(f"{split}_*.bin"))  # zero-padded names: the stream's order
+        if not paths:
             raise ShardError(f"no {split}_*.bin shards in {token_dir}; run python -m pretrain.data tokenize first")
-        self.shards = [read_shard(p) for p in self.paths]
-        sizes = [len(s) for s in self.shards]
-        self.starts = np.cumsum([0] + sizes)  # stream offset of each shard's first token
+        self.shards = [read_shard(p) for p in paths]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard's first token
         self.total = int(self.starts[-1])
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
