@@ -75,15 +75,9 @@ def _read_parquet(path: Path) -> Iterator[str]:
 
 
 def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Yield documents from files/folders of .txt, .jsonl and .parquet.
-
-    Raises ValueError with a clear message for missing or unreadable paths and unsupported files.
-    All paths are checked before the first document is yielded, so a typo fails fast.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files = [f for p in paths for f in _expand(Path(p))]
-    for f in files:
+    """Yield documents from files/folders of .txt, .jsonl and .parquet; ValueError with a clear message for missing
+    or unreadable paths and unsupported files. All paths are checked first, so a typo fails fast."""
+    for f in [f for p in paths for f in _expand(Path(p))]:
         yield from _read_file(f)
 
 
