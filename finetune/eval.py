@@ -388,8 +388,7 @@ def run(cfg: EvalConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = parser_for(EvalConfig, description=__doc__.split("\n\n")[0])
-    parser.prog = "python -m finetune.eval"
+    parser = parser_for(EvalConfig, prog="python -m finetune.eval", description=__doc__.split("\n\n")[0])
     cfg = config_from_args(EvalConfig, parser.parse_args(argv))
     try:
         run(cfg)

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python scripts/report.py` from a checkout that is not pip-installed
 
-from common.cli import config_from_args, flag, parser_for  # noqa: E402
+from common.cli import config_from_args, flag, parser_for, run_cli  # noqa: E402
 from common.dist import pick_device  # noqa: E402
 from common.files import write_text_atomic  # noqa: E402
 from common.paths import scratchchat_home  # noqa: E402
@@ -523,21 +523,17 @@ def build(cfg: ReportConfig) -> str:
     return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
 
 
+def write(cfg: ReportConfig) -> None:
+    text = build(cfg)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.home) if cfg.home else scratchchat_home()) / "report" / "report.md"
+    write_text_atomic(out, text)
+    print(f"{text}\nwrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = parser_for(ReportConfig, description=__doc__.splitlines()[0])
-    parser.prog = "python scripts/report.py"
+    parser = parser_for(ReportConfig, prog="python scripts/report.py", description=__doc__.splitlines()[0])
     cfg = config_from_args(ReportConfig, parser.parse_args(argv))
-    try:
-        text = build(cfg)
-        home = Path(cfg.home) if cfg.home else scratchchat_home()
-        out = Path(cfg.out) if cfg.out else home / "report" / "report.md"
-        write_text_atomic(out, text)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(text)
-    print(f"wrote {out}")
-    return 0
+    return run_cli(lambda: write(cfg))  # ValueError (CheckpointError is one) or OSError: one line, status 1
 
 
 if __name__ == "__main__":
