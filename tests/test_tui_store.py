@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tui.__main__ import parse_args
-from tui.store import Store, StoreError, default_db_path, write_atomic
+from tui.store import Chat, Store, StoreError, default_db_path, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,16 +28,8 @@ def test_chats_messages_and_order(store):
     b = store.create_chat("second")
     store.add_message(a.id, "user", "hi a")  # touching a makes it the most recent
     assert [c.title for c in store.list_chats()] == ["first", "second"]
-    assert store.get_chat(a.id) == a.__class__(
-        id=a.id,
-        title="first",
-        created=1000.0,
-        updated=1020.0,
-        system_prompt="sys",
-        temperature=0.1,
-        max_tokens=9,
-        model="m",
-    )
+    expected = Chat(a.id, "first", 1000.0, 1020.0, system_prompt="sys", temperature=0.1, max_tokens=9, model="m")
+    assert store.get_chat(a.id) == expected
     answer = store.add_message(a.id, "assistant", "", status="streaming")
     answer.content, answer.status, answer.completion_tokens, answer.tokens_per_s = "hello", "done", 2, 4.0
     store.update_message(answer)
