@@ -114,12 +114,10 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
         )
         torch.manual_seed(tcfg.seed)
         model = GPT(config).to(dist.device)
-        if "device_batch_size" not in explicit:
-            fit = torch.tensor(
-                [fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)], device=dist.device
-            )
-            # every rank must take the same shape
-            tcfg.device_batch_size = int(all_reduce(fit, dist, torch.distributed.ReduceOp.MIN).item())
+        if "device_batch_size" not in explicit:  # every rank must take the same shape: the tightest rank's fit
+            fit = fit_device_batch(model, tcfg.device_batch_size, pcfg.sequence_len, dist.device)
+            fit = all_reduce(torch.tensor([fit], device=dist.device), dist, torch.distributed.ReduceOp.MIN)
+            tcfg.device_batch_size = int(fit.item())
         B, T = tcfg.device_batch_size, pcfg.sequence_len
         if pcfg.synthetic:
             loader = SyntheticLoader(vocab_size, B, T, tcfg.seed, dist.rank, dist.world_size, dist.device)

@@ -61,11 +61,8 @@ class Source:
 
 
 class _HTMLText(html.parser.HTMLParser):
-    """Visible text of an HTML page or fragment, with block elements on their own lines.
-
-    With `main_only`, keep only the element marked role="main" (Sphinx puts the page body there,
-    leaving out navigation, sidebars and footers).
-    """
+    """Visible text of an HTML page or fragment, with block elements on their own lines. With `main_only`, only
+    the element marked role="main" (Sphinx's page body, without navigation, sidebars and footers)."""
 
     PARAGRAPHS = set("p pre h1 h2 h3 h4 h5 h6".split())  # blocks set off by a blank line
     BLOCKS = PARAGRAPHS | set("div br li ul ol dl dt dd tr table blockquote section hr figure figcaption".split())
@@ -166,14 +163,9 @@ def read_factbook(root: Path) -> Iterator[str]:
     for path in files:
         profile = _load_json(path)
         names = profile.get("Government", {}).get("Country name", {})
-        title = next(
-            (
-                html_to_text(names[k]["text"]).strip()
-                for k in ("conventional short form", "conventional long form")
-                if isinstance(names.get(k), dict) and names[k].get("text", "none") != "none"
-            ),
-            path.stem,
-        )
+        forms = [names.get(k) for k in ("conventional short form", "conventional long form")]
+        known = [n["text"] for n in forms if isinstance(n, dict) and n.get("text", "none") != "none"]
+        title = html_to_text(known[0]).strip() if known else path.stem
         blocks = [title]
         for section, fields in profile.items():
             lines = []

@@ -200,11 +200,9 @@ def tokenize_corpus(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[dict, bool]:
-    """Encode every document of the corpus, each preceded by <|bos|>, into `out_dir` shards.
-
-    Returns (manifest, built). The output directory is assembled beside the final one and swapped in,
-    so a killed run leaves the old shards (or none), never a mix.
-    """
+    """Encode every document of the corpus, each preceded by <|bos|>, into `out_dir` shards; (manifest, built).
+    The output directory is assembled beside the final one and swapped in: a killed run leaves the old shards (or
+    none), never a mix."""
     from tqdm import tqdm
 
     from tokenizer.files import batch_by_chars, iter_texts

@@ -117,11 +117,8 @@ def download(
     timeout: float = 60.0,
     progress: bool = True,
 ) -> list[Path]:
-    """Download every URL into `dest_dir` (named by the URL's last path part), `workers` at a time.
-
-    Returns the destination paths in the order of `urls`. Raises DownloadError naming the failed URLs;
-    the files that did complete stay, and a re-run resumes the rest.
-    """
+    """Download every URL into `dest_dir` (named by the URL's last path part), `workers` at a time; the paths, in
+    order. A DownloadError names the failed URLs; the completed files stay, and a re-run resumes the rest."""
     from tqdm import tqdm
 
     urls = list(urls)

@@ -3,8 +3,7 @@
 Muon (Keller Jordan's MomentUm Orthogonalized by Newton-Schulz) keeps a Nesterov momentum of the gradient and
 replaces it by the nearest semi-orthogonal matrix (a quintic Newton-Schulz iteration), so every direction of a
 weight matrix moves at the same rate. Embeddings, the output head and scalars are not matrices in that sense
-and use AdamW. Under DDP the gradients are already all-reduced, so every rank takes the same step; Muon uses
-that to split its Newton-Schulz work across the ranks (see `Muon.step`).
+and use AdamW.
 """
 
 from __future__ import annotations

@@ -4,10 +4,8 @@ A shard is a flat array of token ids behind a 32-byte header:
 
     magic b"SCTOKENS" | version u32 | itemsize u32 (2 = uint16, 4 = uint32) | count u64 | 8 bytes reserved
 
-`read_shard` memory-maps the ids, so a corpus far bigger than RAM costs nothing to open.
-`TokenLoader` treats a split's shards (`train_00000.bin`, `train_00001.bin`, ...) as one long
-stream and cuts it into (x, y) batches; its position is a small json-able dict that a
-checkpoint stores so a resumed run continues on exactly the same batches.
+`read_shard` memory-maps the ids, so a corpus far bigger than RAM costs nothing to open. `TokenLoader` reads
+a split's shards (`train_00000.bin`, ...) as one stream of (x, y) batches and resumes exactly from a checkpoint.
 """
 
 from __future__ import annotations
@@ -185,11 +183,9 @@ class TokenLoader:
         return buf.to(self.device, non_blocking=self.pin)
 
     def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One deterministic pass from the start of the stream (no wrap), independent of the train position.
-
-        Each batch is one contiguous span of the stream, so validation figures compare across loader changes.
-        Every rank yields the same number of batches, so DDP ranks can all-reduce after the loop.
-        """
+        """One deterministic pass from the start of the stream (no wrap), independent of the train position. Each
+        batch is one contiguous span, so validation figures compare across loader changes; every rank yields the
+        same number of batches, so DDP ranks can all-reduce after the loop."""
         step = self.world_size * self.window
         n = (self.total - 1) // step
         if max_batches is not None:

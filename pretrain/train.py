@@ -323,13 +323,8 @@ class _Run:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.low = autocast_dtype(cfg.dtype, self.device)
-        self.optimizers = build_optimizers(
-            model,
-            matrix_lr=cfg.matrix_lr,
-            embedding_lr=cfg.embedding_lr,
-            unembedding_lr=cfg.unembedding_lr,
-            weight_decay=cfg.weight_decay,
-        )
+        hyper = {k: getattr(cfg, k) for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay")}
+        self.optimizers = build_optimizers(model, **hyper)
         self.token_bytes = token_byte_lengths(tokenizer, self.device) if tokenizer is not None else None
         self.step, self.elapsed, self.tokens, self.checkpoint = 0, 0.0, 0, None
         if cfg.resume:

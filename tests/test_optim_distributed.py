@@ -63,7 +63,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_muon_matches_one_process_on_every_rank(world, tmp_path, one_thread):
     # fork, not spawn: the ranks inherit the imported torch instead of each paying seconds to import it again.
-    mp.start_processes(_rank_main, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="fork")
+    mp.start_processes(_rank_main, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="fork")
 
     reference = _params()
     ref_opt = _run_muon(reference)

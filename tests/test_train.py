@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.report import read_metrics
 from pretrain.shards import write_shard
 from pretrain.train import SyntheticLoader, TrainConfig, accumulation, evaluate_bpb, sample, token_byte_lengths, train
+from tests.test_optim_distributed import free_port
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,11 +130,8 @@ def run_script(script: Path, out: Path, home: Path, nproc: int = 0) -> subproces
     """The script in one process, or under torchrun with `nproc` ranks; it writes to `out`."""
     launcher = []
     if nproc:
-        with socket.socket() as s:  # a free port for the rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
-        launcher.append(f"--master_port={port}")
+        launcher.append(f"--master_port={free_port()}")
     cmd = [sys.executable, *launcher, str(script), str(out)]
     return subprocess.run(cmd, env=cli_env(home), cwd=ROOT, capture_output=True, text=True, timeout=180)
 
