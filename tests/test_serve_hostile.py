@@ -20,7 +20,7 @@ import time
 
 import httpx
 import pytest
-from test_serve import SEQ_LEN, _start_stream, error_of, running_server, shared_checkpoint, user
+from test_serve import SEQ_LEN, _start_stream, checkpoint, error_of, running_server, user  # noqa: F401 (checkpoint: a fixture)
 
 HEADER_TIMEOUT = BODY_TIMEOUT = 1.0
 
@@ -33,11 +33,6 @@ def no_5xx(url: str) -> None:
         if line.startswith("scratchchat_requests_total{") and 'route="/health",status="503"' not in line
     ]
     assert lines and not [line for line in lines if 'status="5' in line], lines
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return shared_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

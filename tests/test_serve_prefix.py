@@ -12,7 +12,7 @@ import asyncio
 import httpx
 import pytest
 import torch
-from test_serve import EMOJI, HELLO, running_server, shared_checkpoint, user
+from test_serve import EMOJI, HELLO, checkpoint, running_server, user  # noqa: F401 (checkpoint: a fixture)
 from test_serve_engine import TEXTS, random_model
 
 from finetune.chat import render_prompt
@@ -116,11 +116,6 @@ def test_lru_eviction_within_the_byte_limit_and_extension():
     assert cache.lookup([1, 2, 3, 4])[0] == 3  # the prompt's last token is always prefilled: it picks the next one
     cache.store(list(range(20)), kv(20), kv(20))  # larger than the whole cache: not kept, nothing evicted
     assert len(cache.entries) == 2
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return shared_checkpoint(tmp_path_factory)
 
 
 def test_a_chat_resent_with_a_new_turn_reuses_its_prefix_over_http(checkpoint):

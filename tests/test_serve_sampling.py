@@ -14,15 +14,11 @@ import time
 import httpx
 import pytest
 import torch
-from test_serve import COUNT, HELLO, client, error_of, running_server, server, shared_checkpoint, user  # noqa: F401 (client, server: fixtures)
+from test_serve import COUNT, HELLO, checkpoint, client, error_of, server, serving, user  # noqa: F401 (fixtures)
 
 from finetune.chat import render_prompt
 from pretrain.checkpoint import load_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return shared_checkpoint(tmp_path_factory)
+from serve.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +174,8 @@ def test_bad_logprobs_and_n_are_400_with_param(server, path, body, param):
     assert json.dumps(err)  # one OpenAI-shaped error object
 
 
-def test_n_above_the_batch_is_400(checkpoint):
-    with running_server(checkpoint, "--max-batch", "2") as (url, _):
+def test_n_above_the_batch_is_400(loaded):
+    with serving(lambda: Engine(*loaded, max_batch=2)) as url:
         err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "n": 3}, timeout=30), 400)
         assert err["param"] == "n" and "--max-batch" in err["message"]
 

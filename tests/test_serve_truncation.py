@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
-from test_serve import SEQ_LEN, error_of, running_server, shared_checkpoint, user
+from test_serve import SEQ_LEN, checkpoint, client, error_of, server, tok, user  # noqa: F401 (fixtures)
 
 from finetune.chat import render_prompt
-from pretrain.checkpoint import load_checkpoint
 
 SYSTEM = [{"role": "system", "content": "Be brief."}]
 HISTORY = [
@@ -24,27 +22,6 @@ HISTORY = [
     for r in ("user", "assistant")
 ]
 CHAT = SYSTEM + HISTORY + user("Say hi")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return shared_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tok(checkpoint):
-    return load_checkpoint(checkpoint)[1]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    with running_server(checkpoint) as (url, _):
-        yield url
-
-
-@pytest.fixture()
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.mark.parametrize("kept_pairs", [3, 2, 1, 0])
