@@ -227,11 +227,7 @@ def main() -> None:
     parser.add_argument("--tokens-dir", default=str(tokens_dir("default")))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument(
-        "--newton-schulz",
-        action="store_true",
-        help="instead: time Muon's Newton-Schulz per rank on 1, 2, 4... gloo CPU ranks",
-    )
+    parser.add_argument("--newton-schulz", action="store_true", help="instead: time Muon's Newton-Schulz per rank")
     parser.add_argument("--ranks", default="1,2,4", help="with --newton-schulz: the world sizes to time")
     parser.add_argument("--steps", type=int, default=20, help="with --newton-schulz: timed Muon steps per world size")
     args = parser.parse_args()
