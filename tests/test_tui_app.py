@@ -38,8 +38,9 @@ def app(server, make_app, tmp_path):
     return make_app(server.url, timeout=2.0, export_dir=tmp_path / "exports")
 
 
-async def until(pilot, condition, timeout: float = 5.0) -> None:
-    """Let the app run until condition() holds; fail with the screen's state if it never does."""
+async def until(pilot, condition, timeout: float = 30.0) -> None:
+    """Let the app run until condition() holds; fail with the screen's state if it never does (the generous
+    timeout only matters then; the tests against the real server share it)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting; messages on screen: {views_text(pilot.app)}"

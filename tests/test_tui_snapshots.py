@@ -8,11 +8,11 @@ after checking the new pictures (snapshot_report.html).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 
 import pytest
+from test_tui_app import until
 from test_tui_fakeserver import server  # noqa: F401 (a fixture)
 from textual.widgets import Input, TextArea
 
@@ -70,10 +70,7 @@ def make_app(url: str, store: Store) -> ChatApp:
 
 async def settle(pilot, server_up: bool = True) -> None:
     app = pilot.app
-    deadline = time.monotonic() + 10
-    while not (app.server_ok if server_up else app.query_one("#banner").has_class("down")):
-        assert time.monotonic() < deadline, "the server check never finished"
-        await asyncio.sleep(0.02)
+    await until(pilot, lambda: app.server_ok if server_up else app.query_one("#banner").has_class("down"))
     for widget in app.query("*"):  # also the widgets of pushed screens
         if isinstance(widget, Input | TextArea):
             widget.cursor_blink = False
