@@ -358,11 +358,8 @@ class ChatsScreen(Screen[int | None]):
         options.focus()
 
     def _selected(self) -> Chat | None:
-        options = self.query_one("#chats", OptionList)
-        if options.highlighted is None:
-            return None
-        option = options.get_option_at_index(options.highlighted)
-        return self.store.get_chat(int(option.id)) if option.id else None
+        option = self.query_one("#chats", OptionList).highlighted_option
+        return self.store.get_chat(int(option.id)) if option and option.id else None
 
     @on(OptionList.OptionSelected)
     def opened(self) -> None:
