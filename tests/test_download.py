@@ -137,7 +137,11 @@ def test_fineweb_cli_downloads_train_and_val_shards(tmp_path, server, monkeypatc
     monkeypatch.setenv("SCRATCHCHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SCRATCHCHAT_FINEWEB_URL", server.url)
     server.faults = {"shard_00001.parquet": ["drop", 502]}
-    assert data.main(["fineweb-edu", "--shards", "2", "--val-shard", "9", "--backoff", "0.01"]) == 0
+
+    def fetch(shards):
+        return data.main(["fineweb-edu", "--shards", str(shards), "--val-shard", "9", "--backoff", "0.01"])
+
+    assert fetch(2) == 0
     assert "next: python -m pretrain.data tokenize --corpus fineweb-edu" in capsys.readouterr().out
     out = tmp_path / "home" / "data" / "fineweb-edu"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -148,15 +152,11 @@ def test_fineweb_cli_downloads_train_and_val_shards(tmp_path, server, monkeypatc
         assert (out / name).read_bytes() == server.files[name]
     stamp = (out / "manifest.json").stat().st_mtime_ns
     requests = len(server.log)
-    assert data.main(["fineweb-edu", "--shards", "2", "--val-shard", "9", "--backoff", "0.01"]) == 0
+    assert fetch(2) == 0
     assert len(server.log) == requests and (out / "manifest.json").stat().st_mtime_ns == stamp
-    assert (
-        data.main(["fineweb-edu", "--shards", "3", "--val-shard", "9", "--backoff", "0.01"]) == 0
-    )  # growing fetches only the new shard
+    assert fetch(3) == 0  # growing fetches only the new shard
     assert [n for n, _ in server.log[requests:]] == ["shard_00002.parquet"]
     capsys.readouterr()
-    assert (
-        data.main(["fineweb-edu", "--shards", "4", "--val-shard", "9", "--backoff", "0.01"]) == 1
-    )  # shard 3 is not on the server
+    assert fetch(4) == 1  # shard 3 is not on the server
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert last.startswith("error: ") and "shard_00003.parquet: HTTP 404" in last
