@@ -269,6 +269,12 @@ def test_cli_corrupt_store_is_one_line_exit_1(tmp_path):
     assert bad.read_bytes() == b"garbage" * 1000  # left as it was
 
 
+def test_cli_paths_are_paths(tmp_path):
+    config = parse_args(["--db", str(tmp_path / "c.db"), "--export-dir", str(tmp_path)])
+    assert (config.db, config.export_dir) == (tmp_path / "c.db", tmp_path)
+    assert isinstance(config.export_dir, Path)  # exports join it with a file name
+
+
 def test_cli_help_names_env_vars_and_defaults(monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHCHAT_URL", "http://example:1/v1")
     monkeypatch.setenv("SCRATCHCHAT_API_KEY", "sk-secret")

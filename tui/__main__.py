@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None):
     )
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
-        kind = {float: float, int: int, Path: Path}.get(type(default), str)
+        kind = {"float": float, "int": int, "Path": Path}.get(f.type, str)  # f.type: the annotation, as text
         shown = (
             "" if f.name == "api_key" or default == "" or "default" in f.metadata["help"] else f" (default: {default})"
         )
