@@ -118,6 +118,10 @@ class State:
         """The header that tells a client told 429 or 503 when to come back."""
         return {"Retry-After": str(self.limits.retry_after)}
 
+    def unavailable(self, message: str, code: str, status: int = 503, type: str = "server_error") -> APIError:
+        """A 503 (or 429) that the client may retry after Retry-After seconds."""
+        return APIError(status, message, type=type, code=code, headers=self.retry_after())
+
 
 # ---------------------------------------------------------------- request parsing and validation
 
@@ -389,9 +393,7 @@ def state_of(request: Request) -> State:
 
 
 def shutting_down(state: State) -> APIError:
-    return APIError(
-        503, "the server is shutting down", type="server_error", code="shutting_down", headers=state.retry_after()
-    )
+    return state.unavailable("the server is shutting down", "shutting_down")
 
 
 def ready_engine(state: State) -> Engine:
@@ -400,7 +402,7 @@ def ready_engine(state: State) -> Engine:
         raise shutting_down(state)
     if state.engine is None:
         why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
-        raise APIError(503, why, type="server_error", code="model_not_ready", headers=state.retry_after())
+        raise state.unavailable(why, "model_not_ready")
     return state.engine
 
 
@@ -478,12 +480,8 @@ def start(state: State, eng: Engine, prompt: list[int], params: SamplingParams) 
     try:
         return eng.submit(prompt, params, timeout=state.limits.request_timeout)
     except QueueFull as e:
-        raise APIError(
-            429,
-            f"the server is busy ({e}); retry shortly",
-            type="rate_limit_error",
-            code="queue_full",
-            headers=state.retry_after(),
+        raise state.unavailable(
+            f"the server is busy ({e}); retry shortly", "queue_full", 429, "rate_limit_error"
         ) from None
     except EngineClosed:
         raise shutting_down(state) from None
@@ -495,13 +493,7 @@ async def first_chunk(state: State, it: AsyncIterator[Chunk]) -> Chunk:
     if chunk.finish_reason == "error":
         raise APIError(500, GENERATION_FAILED, type="server_error")
     if chunk.finish_reason == "timeout":
-        raise APIError(
-            503,
-            "the request waited in the queue past the server's timeout; retry later",
-            type="server_error",
-            code="timeout",
-            headers=state.retry_after(),
-        )
+        raise state.unavailable("the request waited in the queue past the server's timeout; retry later", "timeout")
     if chunk.finish_reason == "shutdown":
         raise shutting_down(state)
     if chunk.finish_reason == "cancelled":  # the client left while queued: the answer goes nowhere
