@@ -54,6 +54,7 @@ from serve.engine import (
     SamplingParams,
     TokenLogprob,
 )
+from tokenizer import Tokenizer
 
 STATIC = Path(__file__).parent / "static"
 GENERATION_FAILED = "generation failed on the server; see its log"
@@ -881,15 +882,14 @@ class Reply:
     kind: str
     model: str
     with_usage: bool  # stream_options.include_usage: every chunk has a usage slot, and a last chunk fills it
-    tokenizer: object = None
-    extra: dict = field(default_factory=dict)  # our extension fields (truncation), at the top level of each answer
-    logprobs_on: bool = False  # the request asked for logprobs
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
+    tokenizer: Tokenizer
+    extra: dict  # our extension fields (truncation), at the top level of each answer
+    logprobs_on: bool  # the request asked for logprobs
 
     def __post_init__(self) -> None:
-        self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.specials = {i: name for name, i in self.tokenizer.special_tokens.items()} if self.tokenizer else {}
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.specials = {i: name for name, i in self.tokenizer.special_tokens.items()}
 
     def head(self, stream: bool) -> dict:
         """The fields every answer and chunk starts with."""

@@ -99,10 +99,7 @@ class Generation:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def __aiter__(self):
-        return self._chunks()
-
-    async def _chunks(self):
+    async def __aiter__(self):
         running = self.params.n
         while running:
             chunk = await self.queue.get()
