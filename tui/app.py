@@ -168,11 +168,6 @@ class PromptInput(TextArea):
         self._recall = len(self.prompts)
 
 
-PROMPT_KEYS = [
-    ("Enter", "send the prompt"),
-    ("ctrl+j, shift+enter", "new line in the prompt"),
-    ("↑ / ↓", "previous / next prompt (on the first / last line)"),
-]
 # The conversation's keys: (key, action, footer label, help). The app's bindings and the help (F1) both come from here.
 CHAT_KEYS = [
     ("escape", "stop", "Stop", "stop generating; the partial answer is kept"),
@@ -185,8 +180,10 @@ CHAT_KEYS = [
     ("ctrl+s", "settings", "Settings", "settings: system prompt, temperature, tokens, model"),
     ("f1", "help", "Help", "this help"),
 ]
-KEYS = [
-    *PROMPT_KEYS,
+KEYS = [  # what the help lists: the prompt's keys, then the conversation's
+    ("Enter", "send the prompt"),
+    ("ctrl+j, shift+enter", "new line in the prompt"),
+    ("↑ / ↓", "previous / next prompt (on the first / last line)"),
     *(({"escape": "Esc", "f1": "F1"}.get(key, key), does) for key, _, _, does in CHAT_KEYS),
     ("ctrl+q", "quit"),
 ]

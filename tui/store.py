@@ -92,7 +92,7 @@ class Message:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_per_s: float | None = None
-    created: float = field(default=0.0)
+    created: float = 0.0
     calculator_calls: list[dict] = field(default_factory=list)
     trimmed: int = 0
 
