@@ -190,24 +190,14 @@ class CausalSelfAttention(nn.Module):
         qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1).view(B, T, H + 2 * Hkv, self.head_dim)
         qk = norm(apply_rotary(qkv[:, :, : H + Hkv], cos, sin))  # QK-norm keeps logits tame
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv :]
-        gqa = self.n_head != self.n_kv_head
-        if cache is None:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
-            )
-        else:
+        mask, causal = None, True
+        if cache is not None:  # write the new keys/values, then attend over the cached prefix
             kc, vc = cache.kv.k[self.layer_idx], cache.kv.v[self.layer_idx]
             kc[cache.write] = k.to(kc.dtype)
             vc[cache.write] = v.to(vc.dtype)
-            keys, values = kc[cache.read], vc[cache.read]
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                keys.transpose(1, 2).to(q.dtype),
-                values.transpose(1, 2).to(q.dtype),
-                attn_mask=cache.mask,
-                is_causal=cache.causal,
-                enable_gqa=gqa,
-            )
+            k, v, mask, causal = kc[cache.read].to(q.dtype), vc[cache.read].to(q.dtype), cache.mask, cache.causal
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
