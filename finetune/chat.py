@@ -11,7 +11,7 @@ Mask convention (one flag per token, aligned with the ids themselves): ``mask[i]
 "the model should learn to produce ids[i]", which is true exactly for the assistant's content
 tokens and its <|assistant_end|>; everything the user, the system or the format supplies
 (including <|assistant_start|>) is 0. For next-token training the inputs are ``ids[:-1]``, the
-targets ``ids[1:]`` and the model's loss_mask ``mask[1:]`` (see ``training_example``), so a target
+targets ``ids[1:]`` and the model's loss_mask ``mask[1:]`` (finetune.data.SFTLoader), so a target
 position is learned iff its target token is an assistant token.
 
 An assistant message may also carry ``calculator_calls``: [{"expression", "result", "offset"}], the calls it made
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 ROLES = ("system", "user", "assistant")
 
@@ -171,10 +169,3 @@ def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
     msgs = validate_messages(messages, for_prompt=True)
     ids, _ = render_conversation(tok, msgs)
     return ids + [_special(tok, "<|assistant_start|>")]
-
-
-def training_example(ids: Sequence[int], mask: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, loss_mask) for next-token training: shifts the ids and the mask together."""
-    t = torch.tensor(ids, dtype=torch.long)
-    m = torch.tensor(mask, dtype=torch.bool)
-    return t[:-1], t[1:], m[1:]

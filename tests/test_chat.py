@@ -9,9 +9,9 @@ from finetune.chat import (
     assistant_end_id,
     render_conversation,
     render_prompt,
-    training_example,
     validate_messages,
 )
+from finetune.data import SFTLoader
 from tokenizer import Tokenizer
 
 TEXT = (
@@ -55,7 +55,7 @@ def test_two_turn_conversation_token_by_token(tok):
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "Paris.<|assistant_end|>42<|assistant_end|>"
 
     # Shifted for next-token training: a position learns iff its *target* is an assistant token.
-    x, y, lm = training_example(ids, mask)
+    x, y, lm = (t[0] for t in next(SFTLoader([(ids, mask)], batch_size=1, seq_len=len(ids) - 1, pad_id=0)))
     assert x.tolist() == ids[:-1] and y.tolist() == ids[1:]
     assert lm.dtype == torch.bool and lm.tolist() == [bool(m) for m in mask[1:]]
     learned_targets = y[lm].tolist()
