@@ -1,15 +1,10 @@
 """Conversation data for SFT: sources, the default mix, fitting to the context, and packed batches.
 
-Sources (each yields conversations: lists of {"role", "content"} messages):
-- chatterbot-corpus english ``.yml`` Q/A (read with a tiny parser for its one YAML shape),
-- chitchat-dataset ``dataset.json`` casual conversations,
-- our own generated tasks and identity conversations (finetune.tasks, training side of the split),
-- the user's ``.jsonl`` files with {"messages": [...]} and SmolTalk parquet (column ``messages``).
-
-``fit_conversation`` renders one conversation within the context, splitting a long one between
-exchanges and dropping exchanges that cannot fit alone (counted, never cut mid-answer).
-``SFTLoader`` packs rendered conversations into rows of ``seq_len + 1`` tokens and yields
-(inputs, targets, loss_mask) batches with the mask shifted like the targets (finetune.chat).
+Sources of conversations (lists of {"role", "content"} messages): chatterbot-corpus's English .yml Q/A (a tiny
+parser for its one YAML shape), chitchat-dataset, our generated tasks and identity conversations (finetune.tasks,
+training side of the split), and the user's .jsonl files of {"messages": [...]} or SmolTalk-style parquet.
+``fit_conversation`` fits one conversation to the context between exchanges, never cutting an answer;
+``SFTLoader`` packs the results into rows and yields (inputs, targets, loss_mask) batches.
 """
 
 from __future__ import annotations
