@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from markdown_it import MarkdownIt
@@ -446,10 +446,9 @@ class ChatApp(App[None]):
         # The chat keys act on the conversation, so only while it is the screen on top.
         return action not in {a for _, a, _, _ in CHAT_KEYS} or len(self.screen_stack) == 1
 
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: Config, store: Store) -> None:
         super().__init__()
-        self.config = config
-        self.store = store or Store(config.db)
+        self.config, self.store = config, store
         self.store.recover()
         self.http = make_http(config.url, config.api_key, config.timeout)
         self.models: list[str] = []
@@ -676,9 +675,7 @@ class ChatApp(App[None]):
                         self.store.update_message(message)
                     last_save = time.monotonic()
             elif isinstance(item, CalculatorCall):
-                message.calculator_calls.append(
-                    {"expression": item.expression, "result": item.result, "offset": item.offset}
-                )
+                message.calculator_calls.append(asdict(item))
                 await stream.write(calculator_markdown(item.expression, item.result))
             elif isinstance(item, Usage):
                 message.prompt_tokens, message.completion_tokens = item.prompt_tokens, item.completion_tokens
