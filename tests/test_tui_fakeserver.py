@@ -186,15 +186,13 @@ def server():
         yield s
 
 
-async def collect(url: str, prompt: str, api_key: str = "sk-test", timeout: float = 5.0) -> list:
-    http = make_http(url, api_key, timeout)
-    try:
-        return [
-            item
-            async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})
-        ]
-    finally:
-        await http.aclose()
+async def collect(url: str, prompt: str, api_key: str = "sk-test", timeout: float = 5.0, into: list | None = None):
+    """What stream_chat yields for one prompt, appended to `into` (which keeps them when the stream fails)."""
+    items = [] if into is None else into
+    async with make_http(url, api_key, timeout) as http:
+        async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}):
+            items.append(item)
+    return items
 
 
 def openai_reference(url: str, prompt: str) -> tuple[str, str | None, tuple[int, int] | None]:
@@ -249,17 +247,8 @@ def test_models_match_openai_client(server):
 )
 def test_failures_become_one_clear_error(server, prompt, expected):
     got: list = []
-
-    async def run():
-        http = make_http(server.url, "sk-test", 5.0)
-        try:
-            async for item in stream_chat(http, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}):
-                got.append(item)
-        finally:
-            await http.aclose()
-
     with pytest.raises(ServerError) as err:
-        asyncio.run(run())
+        asyncio.run(collect(server.url, prompt, into=got))
     assert str(err.value).startswith(expected)
     if "[500]" in prompt:  # the openai client sees the same status and message
         import openai
