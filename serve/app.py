@@ -502,12 +502,14 @@ async def first_chunk(state: State, it: AsyncIterator[Chunk]) -> Chunk:
     return chunk
 
 
-async def completion_request(request: Request) -> tuple[State, dict, Engine]:
-    """What both completion routes check first, in this order: the API key, the body, the model name, the engine."""
+async def posted(request: Request, has_model: bool = True) -> tuple[State, dict, Engine]:
+    """What the POST routes check first, in this order: the API key, the body, its model name (`has_model`: the
+    completion routes), the engine."""
     state = state_of(request)
     authorize(request)
     data = await read_json(request, state.limits)
-    check_model(state, data)
+    if has_model:
+        check_model(state, data)
     return state, data, ready_engine(state)
 
 
@@ -591,7 +593,7 @@ async def events(reply: Reply, gen: Generation, it: AsyncIterator[Chunk], first:
 
 
 async def chat_completions(request: Request) -> Response:
-    state, data, eng = await completion_request(request)
+    state, data, eng = await posted(request)
     messages = chat_messages(data, state.limits)
     params = sampling_params(data, state.limits, state.limits.default_max_tokens, eng, chat_logprobs(data))
     limit = read("truncate_prompt_tokens", data, None, eng.max_context - 1)  # vLLM's: the most prompt tokens to keep
@@ -603,7 +605,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    state, data, eng = await completion_request(request)
+    state, data, eng = await posted(request)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -645,10 +647,7 @@ async def get_model(request: Request) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
-    state = state_of(request)
-    authorize(request)
-    data = await read_json(request, state.limits)
-    eng = ready_engine(state)
+    state, data, eng = await posted(request, has_model=False)
     if "messages" in data:
         ids, _ = await chat_prompt(state, eng, chat_messages(data, state.limits))
     elif isinstance(data.get("text"), str):
@@ -896,16 +895,21 @@ class Reply:
         kind = "text_completion" if self.kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        """One stream chunk, given as its chat delta; a text completion's choice has the delta's content as "text"
-        (and its calculator calls beside it)."""
+    def choice(self, index: int, key: str, said: dict, logprobs: dict | None, finish: str | None) -> dict:
+        """A choice, given as what chat puts under `key` (delta or message): a text completion's choice has that
+        content as "text", and the calculator calls beside it."""
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if self.kind == "chat":
-            choice["delta"] = delta
+            choice[key] = said
         else:
-            choice["text"] = delta.get("content", "")
-            if "calculator_calls" in delta:
-                choice["calculator_calls"] = delta["calculator_calls"]
+            choice["text"] = said.get("content", "")
+            if "calculator_calls" in said:
+                choice["calculator_calls"] = said["calculator_calls"]
+        return choice
+
+    def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        """One stream chunk, given as its chat delta."""
+        choice = self.choice(index, "delta", delta, logprobs, finish)
         out = {**self.head(stream=True), "choices": [choice], **self.extra}
         if self.with_usage:  # every chunk carries usage: null until the final usage chunk
             out["usage"] = None
@@ -914,17 +918,11 @@ class Reply:
     def completion(self, samples: list[Sample]) -> dict:
         choices = []
         for i, s in enumerate(samples):
-            calls = [self.call(c) for c in s.calls]
-            if self.kind == "chat":
-                message = {"role": "assistant", "content": s.text}
-                if calls:
-                    message["calculator_calls"] = calls
-                choice = {"index": i, "message": message}
-            else:
-                choice = {"index": i, "text": s.text, **({"calculator_calls": calls} if calls else {})}
+            message = {"role": "assistant", "content": s.text}
+            if s.calls:
+                message["calculator_calls"] = [self.call(c) for c in s.calls]
             logprobs = self.logprobs(s.logprobs, 0) if self.logprobs_on else None
-            choice.update({"logprobs": logprobs, "finish_reason": _openai_reason(s.last.finish_reason)})
-            choices.append(choice)
+            choices.append(self.choice(i, "message", message, logprobs, _openai_reason(s.last.finish_reason)))
         return {**self.head(stream=False), "choices": choices, "usage": _usage(samples), **self.extra}
 
     def token(self, i: int) -> tuple[str, list[int]]:
