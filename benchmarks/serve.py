@@ -167,24 +167,9 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
+        flags = ["--port", str(self.port), "--max-batch", "8", "--threads", str(threads), "--device", device]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "serve",
-                "--checkpoint",
-                str(checkpoint),
-                "--port",
-                str(self.port),
-                "--max-batch",
-                "8",
-                "--threads",
-                str(threads),
-                "--device",
-                device,
-                "--log-level",
-                "warning",
-            ],
+            [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), *flags, "--log-level", "warning"],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
