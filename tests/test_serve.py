@@ -674,9 +674,17 @@ def test_cli_bad_paths_and_flags_are_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(corrupt), "--port", str(free_port()), "--log-level", "critical"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot load {corrupt}: ") and "Traceback" not in err
+    assert "--max-batch must be at least 1" in cli_error(["--max-batch", "0"], capsys)
+
+
+def cli_error(args: list[str], capsys) -> str:
+    """What `python -m serve ARGS` prints when it refuses its flags, with exit status 2."""
+    from serve.__main__ import parse_args
+
     with pytest.raises(SystemExit) as exit:
-        main(["--max-batch", "0"])
-    assert exit.value.code == 2 and "--max-batch must be at least 1" in capsys.readouterr().err
+        parse_args(args)
+    assert exit.value.code == 2
+    return capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the OpenAPI document, checked by schemathesis
@@ -735,20 +743,12 @@ def test_schemathesis_finds_no_5xx_and_no_response_contradicting_the_schema(serv
     ],
 )
 def test_cli_bad_numbers_are_one_line_exit_2(args, message, capsys):
-    from serve.__main__ import parse_args
-
-    with pytest.raises(SystemExit) as exit:
-        parse_args(args)
-    assert exit.value.code == 2 and capsys.readouterr().err == f"error: {message} (see --help)\n"
+    assert cli_error(args, capsys) == f"error: {message} (see --help)\n"
 
 
 def test_cli_bad_device_is_one_line_exit_2(capsys):
-    from serve.__main__ import parse_args
-
-    with pytest.raises(SystemExit) as exit:
-        parse_args(["--device", "tpu9"])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.startswith("error: bad --device 'tpu9': ") and err.count("\n") == 1
+    err = cli_error(["--device", "tpu9"], capsys)
+    assert err.startswith("error: bad --device 'tpu9': ") and err.count("\n") == 1
 
 
 def test_cli_api_key_sources(tmp_path, monkeypatch, capsys):
@@ -763,6 +763,4 @@ def test_cli_api_key_sources(tmp_path, monkeypatch, capsys):
     assert parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
     assert "visible to other users in `ps`" in capsys.readouterr().err  # prefer the variable or the file
     monkeypatch.setenv("SCRATCHCHAT_API_KEY", "clé")  # no HTTP client could ever send it to match
-    with pytest.raises(SystemExit) as exit:
-        parse_args([])
-    assert exit.value.code == 2 and "the API key must be printable ASCII" in capsys.readouterr().err
+    assert "the API key must be printable ASCII" in cli_error([], capsys)

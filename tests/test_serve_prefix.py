@@ -12,7 +12,7 @@ import asyncio
 import httpx
 import pytest
 import torch
-from test_serve import EMOJI, HELLO, checkpoint, running_server, user  # noqa: F401 (checkpoint: a fixture)
+from test_serve import EMOJI, HELLO, checkpoint, cli_error, running_server, user  # noqa: F401 (checkpoint: a fixture)
 from test_serve_engine import TEXTS, random_model
 
 from finetune.chat import render_prompt
@@ -146,6 +146,4 @@ def test_prefix_cache_flag_must_not_be_negative(capsys):
     from serve.__main__ import parse_args
 
     assert parse_args(["--prefix-cache-mb", "0"]).prefix_cache_mb == 0
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--prefix-cache-mb", "-1"])
-    assert e.value.code == 2 and "--prefix-cache-mb must be at least 0, got -1" in capsys.readouterr().err
+    assert "--prefix-cache-mb must be at least 0, got -1" in cli_error(["--prefix-cache-mb", "-1"], capsys)
