@@ -305,7 +305,8 @@ class Engine:
         return len(self._pending)
 
     def submit(self, prompt: list[int], params: SamplingParams, timeout: float = 300.0) -> Generation:
-        """Queue a request; raises QueueFull or EngineClosed. Prompt length is the caller's to check."""
+        """Queue a request; raises QueueFull, EngineClosed, or ValueError for a request that could never run (the
+        HTTP side refuses those with a clearer message first)."""
         if not 0 < len(prompt) < self.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens; the context holds {self.max_context}")
         if not all(0 <= t < self.model.config.vocab_size for t in prompt):
