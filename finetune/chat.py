@@ -166,6 +166,5 @@ def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
     The model continues from here; its answer ends with ``assistant_end_id(tok)``. The ids equal
     what render_conversation produces for the same turns, so training and serving agree.
     """
-    msgs = validate_messages(messages, for_prompt=True)
-    ids, _ = render_conversation(tok, msgs)
-    return ids + [_special(tok, "<|assistant_start|>")]
+    validate_messages(messages, for_prompt=True)
+    return render_conversation(tok, messages)[0] + [_special(tok, "<|assistant_start|>")]

@@ -301,7 +301,7 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
     with torch.device("meta"):  # shapes only: counting parameters needs no memory
         model = GPT(mc)
     params, fpt = model.num_params(), model.flops_per_token()
-    tokens, elapsed = meta.get("tokens", 0), meta.get("elapsed")
+    tokens = meta.get("tokens", 0)
     records = _train_records(run_dir)
     tok_s, mfu = steady_rate(records, "tok_per_s"), steady_rate(records, "mfu")
     figures = meta.get("metrics", {})
@@ -316,7 +316,7 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         ["steps", f"{meta.get('step', 0):,}"],
         ["tokens", f"{tokens:,} ({tokens / params:.3g} per parameter)"],
         ["training FLOPs", f"{fpt * tokens:.3g}"],
-        ["training time", _duration(elapsed)],
+        ["training time", _duration(meta.get("elapsed"))],
         ["tokens/s", f"{tok_s:,.0f} (median of the later half of the steps)" if tok_s else "-"],
         ["MFU", _num(mfu, ".1%", "- (GPU only)")],
         ["final train loss", _num(figures.get("loss"), ".4f")],
@@ -330,7 +330,7 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         lines += ["", "Greedy continuations at the end:", "", "```text", *samples[-1]["samples"], "```"]
     if (home / "report" / "base_loss.png").is_file():
         lines += ["", "![pretraining loss and validation bits per byte](base_loss.png)"]
-    return lines, {"params": params, "val_bpb": figures.get("val_bpb"), "tok_s": tok_s, "mfu": mfu}
+    return lines, {"params": params, "val_bpb": figures.get("val_bpb")}
 
 
 def sft_section(home: Path) -> list[str]:

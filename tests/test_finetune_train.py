@@ -49,27 +49,13 @@ def home(tmp_path_factory):
         yield root
 
 
+QUIET = ["--eval-every", "0", "--quick-eval-items", "0"]  # no evaluations during these short runs
+
+
 def run_sft(*extra: str) -> int:
-    return sft.main(
-        [
-            "--data",
-            str(os.environ["SCRATCHCHAT_HOME"]) + "/chat.jsonl",
-            "--device-batch-size",
-            "4",
-            "--eval-every",
-            "0",
-            "--quick-eval-items",
-            "0",
-            "--matrix-lr",
-            "0.04",
-            "--embedding-lr",
-            "0.3",
-            "--unembedding-lr",
-            "0.02",
-            "--no-compile",
-            *extra,
-        ]
-    )
+    data = str(os.environ["SCRATCHCHAT_HOME"]) + "/chat.jsonl"
+    lrs = "--matrix-lr 0.04 --embedding-lr 0.3 --unembedding-lr 0.02".split()
+    return sft.main(["--data", data, "--device-batch-size", "4", *QUIET, *lrs, "--no-compile", *extra])
 
 
 def test_sft_learns_the_conversations_and_stops_at_the_end_token(home, monkeypatch, capsys):
@@ -128,22 +114,8 @@ def test_bad_data_names_the_line_and_can_be_skipped(home, tmp_path, monkeypatch,
     bad = tmp_path / "bad.jsonl"
     lines = (home / "chat.jsonl").read_text().splitlines()
     bad.write_text("\n".join(lines[:2] + ['{"messages": [{"role": "wizard", "content": "x"}]}'] + lines[2:]) + "\n")
-    args = [
-        "--from",
-        str(home / "checkpoints" / "base" / "step_000010"),
-        "--data",
-        str(bad),
-        "--max-steps",
-        "1",
-        "--device-batch-size",
-        "2",
-        "--eval-every",
-        "0",
-        "--quick-eval-items",
-        "0",
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
+    args = ["--from", str(home / "checkpoints" / "base" / "step_000010"), "--data", str(bad), "--max-steps", "1"]
+    args += ["--device-batch-size", "2", *QUIET, "--run-dir", str(tmp_path / "run")]
     assert sft.main(args) == 1
     err = capsys.readouterr().err
     assert err == f"error: {bad}:3: message 0 has unknown role 'wizard'; expected one of system, user, assistant\n"
@@ -161,20 +133,7 @@ def test_epochs_and_batch_do_not_grow_with_the_world_size(home, tmp_path):
     import sys
     from pathlib import Path
 
-    args = [
-        "-m",
-        "finetune",
-        "--data",
-        str(home / "chat.jsonl"),
-        "--epochs",
-        "40",
-        "--eval-every",
-        "0",
-        "--quick-eval-items",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    args = ["-m", "finetune", "--data", str(home / "chat.jsonl"), "--epochs", "40", *QUIET, "--device", "cpu"]
     env = {
         **os.environ,
         "SCRATCHCHAT_HOME": str(home),
@@ -185,20 +144,8 @@ def test_epochs_and_batch_do_not_grow_with_the_world_size(home, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     plans = []
-    for launch, run_dir in (
-        ([sys.executable], "one"),
-        (
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-            ],
-            "two",
-        ),
-    ):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    for launch, run_dir in (([sys.executable], "one"), ([*torchrun, f"--master_port={port}"], "two")):
         run = subprocess.run(
             [*launch, *args, "--run-dir", str(tmp_path / run_dir)], env=env, capture_output=True, text=True, timeout=300
         )

