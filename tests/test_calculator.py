@@ -115,20 +115,19 @@ def tok():
     return Tokenizer.train(["What is 23 + 45? It is 68. " * 20], vocab_size=300)
 
 
-def feed(tok, tool: ToolUse, ids: list[int]):
-    exchanges = [e for t in ids if (e := tool.after(t))]
-    return exchanges
+def feed(tool: ToolUse, ids: list[int]):
+    return [e for t in ids if (e := tool.after(t))]
 
 
 def test_tool_use_returns_the_result_block_when_a_call_closes(tok):
     sp = tok.special_tokens
     tool = ToolUse(tok)
-    assert feed(tok, tool, tok.encode("23+45")) == []  # text outside a call is nobody's business
-    (ex,) = feed(tok, tool, [sp["<|tool_start|>"], *tok.encode("23+45"), sp["<|tool_end|>"]])
+    assert feed(tool, tok.encode("23+45")) == []  # text outside a call is nobody's business
+    (ex,) = feed(tool, [sp["<|tool_start|>"], *tok.encode("23+45"), sp["<|tool_end|>"]])
     assert (ex.expression, ex.result) == ("23+45", "68")
     assert ex.forced == [sp["<|output_start|>"], *tok.encode("68"), sp["<|output_end|>"]]
     # A call that never closes is closed for the model, with an error it can read.
-    (ex,) = feed(tok, tool, [sp["<|tool_start|>"]] + tok.encode("1") * (calculator.MAX_CALL_TOKENS + 1))
+    (ex,) = feed(tool, [sp["<|tool_start|>"]] + tok.encode("1") * (calculator.MAX_CALL_TOKENS + 1))
     assert ex.result.startswith("error:") and ex.forced[:2] == [sp["<|tool_end|>"], sp["<|output_start|>"]]
 
 
