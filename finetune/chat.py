@@ -101,11 +101,9 @@ def validate_messages(messages: Any, *, for_prompt: bool = False) -> list[dict]:
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
-            why = (
-                "a system message may only come first"
-                if m["role"] == "system"
-                else "turns must alternate user/assistant, starting with user"
-            )
+            why = "turns must alternate user/assistant, starting with user"
+            if m["role"] == "system":
+                why = "a system message may only come first"
             raise ChatFormatError(f"message {i + offset} is {m['role']!r} but should be {want!r}: {why}")
     if for_prompt and turns[-1]["role"] != "user":
         raise ChatFormatError("a prompt must end with a user message (the assistant speaks next)")
