@@ -190,6 +190,37 @@ def tokens_are_current(out_dir: Path, wanted: dict) -> dict | None:
     return manifest
 
 
+def _tokenize_split(files, docs_total, tmp, split, tok, shard_tokens, chunk_chars, workers, progress) -> dict:
+    """One split's documents, each preceded by <|bos|>, into shards in `tmp`; the split's manifest entry."""
+    from tqdm import tqdm
+
+    from tokenizer.files import batch_by_chars, iter_texts
+
+    dtype = dtype_for_vocab(tok.vocab_size)
+    bos = np.array([tok.bos_id], dtype=dtype)
+    writer = _ShardWriter(tmp, split, shard_tokens, tok.vocab_size)
+    docs = nbytes = 0
+    bar = tqdm(total=docs_total, unit=" docs", desc=f"tokenizing {split}", disable=not progress)
+    for chunk in batch_by_chars(iter_texts(files), chunk_chars):
+        for ids in tok.encode_batch(chunk, workers=workers):
+            writer.add(bos)
+            writer.add(np.asarray(ids, dtype=dtype))
+        docs += len(chunk)
+        nbytes += sum(len(t.encode("utf-8")) for t in chunk)
+        bar.update(len(chunk))
+    writer.close()
+    bar.close()
+    ntokens = sum(writer.counts)
+    return {
+        "files": writer.names,
+        "shard_counts": writer.counts,
+        "tokens": ntokens,
+        "docs": docs,
+        "utf8_bytes": nbytes,
+        "bytes_per_token": round(nbytes / max(ntokens, 1), 4),
+    }
+
+
 def tokenize_corpus(
     corpus_dir: Path,
     out_dir: Path,
@@ -203,10 +234,6 @@ def tokenize_corpus(
     """Encode every document of the corpus, each preceded by <|bos|>, into `out_dir` shards; (manifest, built).
     The output directory is assembled beside the final one and swapped in: a killed run leaves the old shards (or
     none), never a mix."""
-    from tqdm import tqdm
-
-    from tokenizer.files import batch_by_chars, iter_texts
-
     corpus = load_corpus_manifest(corpus_dir)
     wanted = {
         "format": TOKENS_FORMAT,
@@ -223,8 +250,6 @@ def tokenize_corpus(
     # encode_batch cuts a call into tasks of >= 128 k characters: a call must hold a few per worker, or a 200-core
     # node would keep ~31 of them busy.
     chunk_chars = chunk_chars or max(4_000_000, 512_000 * (workers or os.cpu_count() or 1))
-    dtype = dtype_for_vocab(tok.vocab_size)
-    bos = np.array([tok.bos_id], dtype=dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -233,34 +258,16 @@ def tokenize_corpus(
     try:
         for split, info in corpus["splits"].items():
             files = [corpus_dir / f for f in info["files"]]
-            writer = _ShardWriter(tmp, split, shard_tokens, tok.vocab_size)
-            docs = nbytes = 0
-            bar = tqdm(total=info.get("docs"), unit=" docs", desc=f"tokenizing {split}", disable=not progress)
-            for chunk in batch_by_chars(iter_texts(files), chunk_chars):
-                for ids in tok.encode_batch(chunk, workers=workers):
-                    writer.add(bos)
-                    writer.add(np.asarray(ids, dtype=dtype))
-                docs += len(chunk)
-                nbytes += sum(len(t.encode("utf-8")) for t in chunk)
-                bar.update(len(chunk))
-            writer.close()
-            bar.close()
-            ntokens = sum(writer.counts)
-            splits[split] = {
-                "files": writer.names,
-                "shard_counts": writer.counts,
-                "tokens": ntokens,
-                "docs": docs,
-                "utf8_bytes": nbytes,
-                "bytes_per_token": round(nbytes / max(ntokens, 1), 4),
-            }
+            splits[split] = _tokenize_split(
+                files, info.get("docs"), tmp, split, tok, shard_tokens, chunk_chars, workers, progress
+            )
         manifest = {
             "config": wanted,
             "corpus": corpus_dir.name,
             "tokenizer_hash": tok.hash,
             "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id,
-            "dtype": dtype.name,
+            "dtype": dtype_for_vocab(tok.vocab_size).name,
             "splits": splits,
         }
         write_json_atomic(tmp / TOKENS_MANIFEST, manifest)
