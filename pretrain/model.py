@@ -50,7 +50,8 @@ class GPTConfig:
             while n_embd % n_head or (n_embd // n_head) % 2:
                 n_head += 1
         n_kv_head = overrides.pop("n_kv_head", None) or n_head
-        return cls(vocab_size, sequence_len, depth, n_head, n_kv_head, n_embd, **overrides)  # the fields' order
+        shape = dict(n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+        return cls(vocab_size=vocab_size, sequence_len=sequence_len, **shape, **overrides)
 
 
 class RMSNorm(torch.autograd.Function):
