@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sqlite3
 import tempfile
 import time
@@ -50,10 +49,7 @@ CREATE TABLE IF NOT EXISTS messages (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     tokens_per_s REAL,
-    created REAL NOT NULL,
-    owner TEXT NOT NULL DEFAULT '',
-    calculator_calls TEXT NOT NULL DEFAULT '[]',
-    trimmed INTEGER NOT NULL DEFAULT 0
+    created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 """
@@ -63,8 +59,13 @@ CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 # An answer's calculator_calls are the server's [{expression, result, offset}] (JSON), sent back with the history;
 # trimmed is how many of the oldest turns were left out of its request to fit the model's context.
 
-# Columns of messages added after the first release: an older store gains them, defined as in SCHEMA.
-ADDED_COLUMNS = ("owner", "calculator_calls", "trimmed")
+# Columns of messages added after the first release. Every store, new or older, gains the ones it lacks when
+# opened, so each column is defined once, here.
+ADDED_COLUMNS = {
+    "owner": "TEXT NOT NULL DEFAULT ''",
+    "calculator_calls": "TEXT NOT NULL DEFAULT '[]'",
+    "trimmed": "INTEGER NOT NULL DEFAULT 0",
+}
 # What a chat's settings screen changes (and a new chat copies from the unsaved one).
 CHAT_SETTINGS = ("system_prompt", "temperature", "max_tokens", "model")
 
@@ -150,11 +151,11 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
-            have = {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}
-            for name in ADDED_COLUMNS:
-                if name not in have:
-                    kind = re.search(rf"^\s*{name} (.*?),?$", SCHEMA, re.MULTILINE).group(1)
-                    self.db.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
+            with self._tx() as db:  # one writer at a time: two clients opening one store add each column once
+                have = {r["name"] for r in db.execute("PRAGMA table_info(messages)")}
+                for name, kind in ADDED_COLUMNS.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
             if fcntl is not None:
                 self._owners.mkdir(mode=0o700, exist_ok=True)
                 self._lock = os.open(self._owners / self.owner, os.O_RDWR | os.O_CREAT, 0o600)
