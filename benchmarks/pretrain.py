@@ -84,7 +84,7 @@ class BaselineGPT(nn.Module):
         logits = self.lm_head(self.ln_f(x)).float()
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
         return loss.view(targets.shape) if reduction == "none" else loss.mean()
 
 
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--sequence-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="validation tokens (0: the whole val split)")
     parser.add_argument("--baseline-lr", type=float, default=1e-3, help="nanoGPT's small-model AdamW lr")
     parser.add_argument("--tokens-dir", default=str(tokens_dir("default")))
     parser.add_argument("--seed", type=int, default=0)
@@ -286,7 +286,7 @@ def main() -> None:
     for name, run in runs.items():
         run.model.eval()
         val = make_loader("val")
-        figures = evaluate_bpb(run.model, val.iter_val(args.eval_batches), token_bytes, Dist())
+        figures = evaluate_bpb(run.model, val.iter_val(args.eval_tokens), token_bytes, Dist())
         params = sum(p.numel() for p in run.model.parameters())
         results[name] = dict(params=params, tokens=run.tokens, rate=run.rate, **figures)
         bpb = f", val bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""

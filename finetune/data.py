@@ -422,14 +422,15 @@ class SFTLoader:
         m = torch.tensor([mask for _, mask in rows], dtype=torch.bool, device=self.device)
         return t[:, :-1], t[:, 1:], m[:, 1:]
 
-    def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed pass over this rank's rows as (inputs, targets) with unlearned targets set to -1.
-
-        The -1 targets make the pretraining loop's validation measure the assistant tokens only."""
-        rows = self._pack(0)[self.rank :: self.world_size]
+    def iter_val(self, max_tokens: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed pass over the first rows (enough for max_tokens; 0: all), this rank's share of them, as
+        (inputs, targets) with unlearned targets set to -1: the pretraining loop's validation then measures the
+        assistant tokens only."""
+        rows = self._pack(0)
+        if max_tokens > 0:
+            rows = rows[: -(-max_tokens // self.seq_len)]
+        rows = rows[self.rank :: self.world_size]
         for b in range(0, len(rows), self.batch_size):
-            if max_batches is not None and b // self.batch_size >= max_batches:
-                return
             x, y, m = self._tensors(rows[b : b + self.batch_size])
             yield x, y.masked_fill(~m, -1)
 

@@ -33,7 +33,7 @@ from pretrain.train import TrainConfig, accumulation, print_result, train
 # (pretraining: 20%), so its mean is ~0.6x pretraining's from the same peak. A lower peak (half) was
 # measured worse on a CPU-sized run (val loss 3.57 vs 3.53, held-out arithmetic 12% vs 14%).
 SFT_DEFAULTS = dict(
-    matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.8, eval_every=150, eval_batches=8
+    matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.8, eval_every=150, eval_tokens=2**15
 )
 CPU_DEFAULTS = dict(device_batch_size=16, max_minutes=7.5)  # + data, evals and saving: <= 10 min on 2 cores
 CUDA_DEFAULTS = dict(device_batch_size=16)
@@ -183,7 +183,7 @@ def finetune(scfg: SFTConfig, tcfg: TrainConfig, explicit: set[str]) -> None:
             loader,
             run_dir=run_dir,
             tokenizer=tok,
-            val_batches=(lambda: val_loader.iter_val(tcfg.eval_batches)) if val_loader else None,
+            val_batches=(lambda: val_loader.iter_val(tcfg.eval_tokens)) if val_loader else None,
             evaluate=quick_eval(tok, scfg.quick_eval_items, tcfg.seed, say),
             dist=dist,
             meta=meta,

@@ -21,7 +21,9 @@ from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 
 # Per-hardware defaults for the flags the user left unset.
-CPU_DEFAULTS = dict(depth=4, sequence_len=256, device_batch_size=16, max_minutes=12.0, eval_every=100, eval_batches=8)
+CPU_DEFAULTS = dict(
+    depth=4, sequence_len=256, device_batch_size=16, max_minutes=12.0, eval_every=100, eval_tokens=2**17
+)
 CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
 
 
@@ -121,11 +123,11 @@ def pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, explicit: set[str]) -> Non
         B, T = tcfg.device_batch_size, pcfg.sequence_len
         if pcfg.synthetic:
             loader = SyntheticLoader(vocab_size, B, T, tcfg.seed, dist.rank, dist.world_size, dist.device)
-            val_batches = lambda: loader.iter_val(tcfg.eval_batches)  # noqa: E731
+            val_batches = lambda: loader.iter_val(tcfg.eval_tokens)  # noqa: E731
         else:
             loader = TokenLoader(token_dir, "train", B, T, dist.rank, dist.world_size, dist.device)
             val = TokenLoader(token_dir, "val", B, T, dist.rank, dist.world_size, dist.device)
-            val_batches = lambda: val.iter_val(tcfg.eval_batches)  # noqa: E731
+            val_batches = lambda: val.iter_val(tcfg.eval_tokens)  # noqa: E731
         meta = {"corpus": str(token_dir) if token_dir else "synthetic"}
         run_dir = Path(pcfg.run_dir) if pcfg.run_dir else checkpoints_dir("base")
         if dist.is_main:

@@ -137,7 +137,6 @@ class TokenLoader:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
-        self.window = batch_size * seq_len  # tokens of one rank's contiguous validation batch (+1 target)
         self.windows = (self.total - 1) // seq_len  # train windows: seq_len + 1 tokens at every multiple of seq_len
         if self.windows < world_size * batch_size:
             raise ShardError(
@@ -182,16 +181,22 @@ class TokenLoader:
             buf = buf.pin_memory()
         return buf.to(self.device, non_blocking=self.pin)
 
-    def iter_val(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One deterministic pass from the start of the stream (no wrap), independent of the train position. Each
-        batch is one contiguous span, so validation figures compare across loader changes; every rank yields the
-        same number of batches, so DDP ranks can all-reduce after the loop."""
-        step = self.world_size * self.window
-        n = (self.total - 1) // step
-        if max_batches is not None:
-            n = min(n, max_batches)
-        for i in range(n):
-            yield self._batch(i * step + self.rank * self.window)
+    def iter_val(self, max_tokens: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One deterministic pass over the stream's first windows, independent of the train position: enough for
+        max_tokens targets (0: every window). The windows are the same whatever the batch size and number of
+        ranks, so validation figures compare across run shapes. Each batch is one rank's contiguous span; the
+        last ones are padded with ignored rows (target -1), so every rank yields as many batches, all of one shape
+        (DDP ranks all-reduce after the loop, and a compiled model sees no new shape)."""
+        B, T = self.batch_size, self.seq_len
+        n = self.windows if max_tokens <= 0 else min(self.windows, -(-max_tokens // T))
+        for first in range(0, n, self.world_size * B):
+            lo = min(n, first + self.rank * B)
+            count = min(B, n - lo)
+            x, y = np.zeros((B, T), dtype=np.int64), np.full((B, T), -1, dtype=np.int64)
+            if count:
+                tokens = self._tokens(lo * T, count * T + 1)
+                x[:count], y[:count] = tokens[:-1].reshape(count, T), tokens[1:].reshape(count, T)
+            yield self._to_device(x), self._to_device(y)
 
     def _tokens(self, start: int, count: int) -> np.ndarray:
         """`count` stream tokens from `start`, stitched across shard boundaries, as int64."""
@@ -205,10 +210,6 @@ class TokenLoader:
             k += 1
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out.astype(np.int64)
-
-    def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = self._to_device(self._tokens(start, self.window + 1))
-        return buf[:-1].view(self.batch_size, self.seq_len), buf[1:].view(self.batch_size, self.seq_len)
 
     def state_dict(self) -> dict:
         """The next batch's position: epoch and windows used of its shuffled order (json-able, equal on every rank)."""

@@ -58,7 +58,7 @@ class TrainConfig:
     final_lr_frac: float = flag(0.0, "lr at the end of the warmdown, as a fraction of the peak")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = flag(250, "evaluate validation bits per byte every N steps (and at the end; 0: end only)")
-    eval_batches: int = flag(20, "validation micro-batches per evaluation (per device)")
+    eval_tokens: int = flag(2**20, "validation tokens per evaluation, the same ones for any batch shape (0: all)")
     sample_every: int = flag(0, "print samples from fixed prompts every N steps (0: at the end only)")
     save_every: int = flag(0, "checkpoint every N steps (0: at the end only, -1: never, e.g. for benchmarks)")
     save_every_minutes: float = flag(0.0, "also checkpoint every M minutes of training (0: off)")
@@ -147,8 +147,9 @@ class SyntheticLoader:
         self.index += 1
         return batch
 
-    def iter_val(self, max_batches: int | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(max_batches or 4):
+    def iter_val(self, max_tokens: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        per_batch = self.batch_size * self.seq_len * self.world_size
+        for i in range(-(-max_tokens // per_batch) if max_tokens > 0 else 4):
             yield self._batch(-1 - (i * self.world_size + self.rank))  # negative indices: never trained on
 
     def state_dict(self) -> dict:

@@ -196,9 +196,28 @@ def test_val_pass_is_deterministic_and_ignores_train_position(tmp_path):
     next(loader), next(loader)
     assert [x.flatten().tolist() for x, _ in loader.iter_val()] == first
     assert len(first) == 8 and first[-1] == stream[49:56].tolist()
-    assert len(list(loader.iter_val(max_batches=3))) == 3
+    assert len(list(loader.iter_val(max_tokens=21))) == 3
     ranks = [list(TokenLoader(tmp_path, "val", 1, 7, rank=r, world_size=2).iter_val()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4  # equal counts so DDP ranks can all-reduce together
+
+
+@pytest.mark.parametrize("batch_size,world_size,max_tokens", [(3, 1, 0), (3, 2, 0), (2, 3, 0), (4, 2, 36)])
+def test_val_pass_covers_the_same_windows_for_any_batch_shape(tmp_path, batch_size, world_size, max_tokens):
+    stream = make_dir(tmp_path, [30, 30], split="val")
+    n = 8 if max_tokens == 0 else 6  # 59 // 7 windows in all; 36 tokens need ceil(36 / 7) of them
+    rows, counts = [], []
+    for rank in range(world_size):
+        batches = list(
+            TokenLoader(tmp_path, "val", batch_size, 7, rank=rank, world_size=world_size).iter_val(max_tokens)
+        )
+        counts.append(len(batches))
+        for x, y in batches:
+            assert x.shape == y.shape == (batch_size, 7)  # padded to one shape
+            rows += [(xr.tolist(), yr.tolist()) for xr, yr in zip(x, y) if (yr >= 0).any()]
+            assert all((yr >= 0).all() or (yr == -1).all() for yr in y)  # a row is whole or padding
+    assert len(set(counts)) == 1
+    expected = [(stream[7 * w : 7 * w + 7].tolist(), stream[7 * w + 1 : 7 * w + 8].tolist()) for w in range(n)]
+    assert sorted(rows) == sorted(expected)
 
 
 def test_loader_errors(tmp_path):

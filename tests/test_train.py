@@ -49,7 +49,7 @@ def corpus(tmp_path_factory):
 
 def cli_args(corpus_root, run_dir, *extra):
     paths = ["--tokens-dir", str(corpus_root / "tokens"), "--tokenizer", str(corpus_root / "tokenizer.json")]
-    small = "--depth 1 --sequence-len 32 --device-batch-size 4 --device cpu --eval-every 10 --eval-batches 2"
+    small = "--depth 1 --sequence-len 32 --device-batch-size 4 --device cpu --eval-every 10 --eval-tokens 256"
     return [*paths, *small.split(), "--run-dir", str(run_dir), *extra]
 
 
@@ -112,7 +112,7 @@ dist = init_distributed("cpu")
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=64, sequence_len=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
 loader = SyntheticLoader(64, 2, 32, seed=0, rank=dist.rank, world_size=dist.world_size)
-cfg = TrainConfig(max_steps=6, total_batch_tokens=256, eval_every=3, eval_batches=1, device="cpu")
+cfg = TrainConfig(max_steps=6, total_batch_tokens=256, eval_every=3, eval_tokens=64, device="cpu")
 train(model, cfg, loader, run_dir=sys.argv[1], dist=dist)
 torch.save(model.state_dict(), f"{sys.argv[1]}/weights_rank{dist.rank}.pt")
 cleanup_distributed()
@@ -270,7 +270,7 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path):
             TrainConfig(max_steps=8, eval_every=0, save_every=-1, device="cpu", dtype=dtype),
             loader,
             run_dir=tmp_path / dtype,
-            val_batches=lambda: loader.iter_val(2),
+            val_batches=lambda: loader.iter_val(256),
         )
         return train_losses(tmp_path / dtype), result["val_loss"]
 
