@@ -313,7 +313,7 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         ],
         ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
         ["FLOPs/token (training)", _si(fpt)],
-        ["steps", f"{meta.get('step', 0):,}"],
+        ["steps", f"{meta.get('step', 0):,} of {tokens // max(1, meta.get('step', 0)):,} tokens"],
         ["tokens", f"{tokens:,} ({tokens / params:.3g} per parameter)"],
         ["training FLOPs", f"{fpt * tokens:.3g}"],
         ["training time", _duration(meta.get("elapsed"))],
@@ -330,7 +330,17 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         lines += ["", "Greedy continuations at the end:", "", "```text", *samples[-1]["samples"], "```"]
     if (home / "report" / "base_loss.png").is_file():
         lines += ["", "![pretraining loss and validation bits per byte](base_loss.png)"]
+    lines += sweep_rows(home)
     return lines, {"params": params, "val_bpb": figures.get("val_bpb")}
+
+
+def sweep_rows(home: Path, best: int = 5) -> list[str]:
+    """The best shapes of benchmarks/sweep.py's table, where the sweep ran with this home."""
+    sweep = home / "report" / "sweep.md"
+    if not sweep.is_file():
+        return []
+    table = sweep.read_text().splitlines()[2 : 4 + best]  # below its heading: the table's head, then best first
+    return ["", "Shapes measured by `benchmarks/sweep.py` on this machine, best first:", "", *table]
 
 
 def sft_section(home: Path) -> list[str]:

@@ -131,3 +131,15 @@ def test_cli_takes_gpus_and_nodes_and_rejects_bad_values(tmp_path, capsys):
 def test_repeated_ngrams(text, share):
     """The report's loop measure: the share of word 4-grams that repeat an earlier one in the same text."""
     assert report.repeated_ngrams(text) == pytest.approx(share)
+
+
+def test_sweep_rows_show_the_best_shapes_when_the_sweep_ran_here(tmp_path):
+    assert report.sweep_rows(tmp_path) == []
+    head = "| val bpb | depth |\n|---|---|"
+    rows = [f"| 1.{i}000 | {i} |" for i in range(1, 8)]  # best first, as benchmarks/sweep.py writes it
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "sweep.md").write_text(
+        "## Shape sweep: 10 minutes per point, 2 threads\n\n" + head + "\n" + "\n".join(rows) + "\n"
+    )
+    lines = report.sweep_rows(tmp_path, best=3)
+    assert lines[-5:] == [*head.splitlines(), *rows[:3]]
