@@ -76,11 +76,12 @@ elif [ "$gpus" -gt 0 ]; then
     pre_args=(--depth "$depth" --save-every-minutes 30); eval_args=(); sft_args=()
 else
     # <= 20 minutes in all: pretraining gets the most, SFT less than half of it, the eval 100 items per task. The
-    # shape comes from benchmarks/sweep.py on 2 cores (depth 3, vocab 8192; see README); more cores buy a deeper
-    # model, as compute^(1/6): the compute-optimal parameter count grows as compute^(1/2), parameters as depth^3.
+    # shape comes from benchmarks/sweep.py on 2 cores (depth 2, vocab 8192, 32 x 256 tokens per step: pretrain's
+    # CPU defaults; see README); more cores buy a deeper model, as compute^(1/6): the compute-optimal parameter
+    # count grows as compute^(1/2), parameters as depth^3.
     cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
     plan=cpu; vocab=${vocab_size:-8192}
-    depth=${depth:-$(python -c "print(max(3, round(3 * ($cores / 2) ** (1 / 6))))")}
+    depth=${depth:-$(python -c "print(max(2, round(2 * ($cores / 2) ** (1 / 6))))")}
     pre_args=(--depth "$depth" --max-minutes 10 --save-every-minutes 2); sft_args=(--max-minutes 4)
     eval_args=(--limit 100)
 fi

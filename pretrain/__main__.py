@@ -22,7 +22,7 @@ from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 
 # Per-hardware defaults for the flags the user left unset.
 CPU_DEFAULTS = dict(
-    depth=4, sequence_len=256, device_batch_size=16, max_minutes=12.0, eval_every=100, eval_tokens=2**17
+    depth=2, sequence_len=256, device_batch_size=32, max_minutes=10.0, eval_every=100, eval_tokens=2**17
 )
 CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
 
@@ -34,7 +34,7 @@ class PretrainConfig:
     tokenizer: str = flag("", "tokenizer.json (default: $SCRATCHCHAT_HOME/tokenizer/tokenizer.json)")
     synthetic: bool = flag(False, "train on seeded synthetic tokens: no corpus or tokenizer needed (benchmarks)")
     vocab_size: int = flag(65536, "vocabulary size for --synthetic (otherwise the tokenizer's)")
-    depth: int = flag(0, "transformer layers; width = 64 x depth, heads of ~128 dims (0: 4 on CPU, 20 on CUDA)")
+    depth: int = flag(0, "transformer layers; width = 64 x depth, heads of ~128 dims (0: 2 on CPU, 20 on CUDA)")
     sequence_len: int = flag(0, "context length in tokens (0: 256 on CPU, 2048 on CUDA)")
     n_embd: int = flag(0, "override the width (0: 64 x depth)")
     n_head: int = flag(0, "override the query heads (0: from the width)")
