@@ -4,8 +4,8 @@ Both models have the same width, depth and (within ~1%) parameter count, read th
 default corpus' shards, train for the same wall-clock budget on this machine (alternating in slices, so load
 from other processes falls on both alike), and are scored on the same validation batches in bits per byte. Also measures the TokenLoader's own throughput.
 
-    python benchmarks/pretrain.py [--minutes 3] [--depth 4] [--tokens-dir DIR] [--threads N]
-    python benchmarks/pretrain.py --newton-schulz [--depth 4] [--ranks 1,2,4]   # Muon's work per gloo CPU rank
+    python benchmarks/pretrain.py [--minutes 3] [--depth 2] [--tokens-dir DIR] [--threads N]
+    python benchmarks/pretrain.py --newton-schulz [--depth 2] [--ranks 1,2,4]   # Muon's work per gloo CPU rank
 
 Without shards (run `python -m pretrain.data tokenize` first) it falls back to SYNTHETIC tokens and says so;
 then only the loss is comparable, not bits per byte.
@@ -219,9 +219,9 @@ def newton_schulz_benchmark(depth: int, ranks: list[int], steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="training wall clock per model")
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--sequence-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=0, help="validation tokens (0: the whole val split)")
     parser.add_argument("--baseline-lr", type=float, default=1e-3, help="nanoGPT's small-model AdamW lr")
     parser.add_argument("--tokens-dir", default=str(tokens_dir("default")))

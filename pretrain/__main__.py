@@ -24,7 +24,7 @@ from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 CPU_DEFAULTS = dict(
     depth=2, sequence_len=256, device_batch_size=32, max_minutes=10.0, eval_every=100, eval_tokens=2**17
 )
-CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288)
+CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288, eval_tokens=2**22)
 
 
 @dataclass
