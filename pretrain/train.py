@@ -58,7 +58,7 @@ class TrainConfig:
     final_lr_frac: float = flag(0.0, "lr at the end of the warmdown, as a fraction of the peak")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = flag(250, "evaluate validation bits per byte every N steps (and at the end; 0: end only)")
-    eval_tokens: int = flag(2**20, "validation tokens per evaluation, the same ones for any batch shape (0: all)")
+    eval_tokens: int = flag(1_048_576, "validation tokens per evaluation, the same ones for any batch shape (0: all)")
     sample_every: int = flag(0, "print samples from fixed prompts every N steps (0: at the end only)")
     save_every: int = flag(0, "checkpoint every N steps (0: at the end only, -1: never, e.g. for benchmarks)")
     save_every_minutes: float = flag(0.0, "also checkpoint every M minutes of training (0: off)")
