@@ -73,10 +73,28 @@ class RMSNorm(torch.autograd.Function):
         return torch.addcmul(grad, y, (grad * y).mean(-1, keepdim=True), value=-1).mul_(rstd)
 
 
+class ReluSquared(torch.autograd.Function):
+    """relu(x)^2 keeping only relu(x) for backward: two passes each way, where autograd takes five."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.mul(grad, r).mul_(2.0)
+
+
+def eager_cpu_training(x: torch.Tensor) -> bool:
+    """Where the hand-differentiated ops pay: elsewhere fused kernels (GPU, torch.compile) or no backward."""
+    return x.is_cpu and x.requires_grad and not torch.compiler.is_compiling()
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
-    if x.is_cpu and x.requires_grad and not torch.compiler.is_compiling():
-        return RMSNorm.apply(x)  # eager CPU training
-    return F.rms_norm(x, (x.size(-1),))  # inference; fused kernels on GPU and under torch.compile
+    return RMSNorm.apply(x) if eager_cpu_training(x) else F.rms_norm(x, (x.size(-1),))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,34 +105,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin)
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of soft-capped logits cap * tanh(z / cap) against targets (-1 = ignored, loss 0).
+class SoftcapHeadLoss(torch.autograd.Function):
+    """The training loss from the last hidden states h [N, C]: lm_head weight w [V, C], soft-capped logits
+    cap * tanh(h w^T / cap), cross-entropy against targets, averaged with per-row weights [N] (0 = not learned).
 
-    The plain formula makes ~8 temporaries the size of the [N, vocab] logits across forward and backward; on
-    CPU, each fresh buffer that size costs as much as the arithmetic on it (page faults). Here the gradient
-    w.r.t. z, (softmax - onehot) * (1 - tanh^2), is computed in the forward pass into one new buffer, and z
-    itself is overwritten: it is the raw lm_head output, which nothing else reads (the matmul's backward needs
-    only its inputs). Capped logits lie in [-cap, cap], so exp() cannot overflow without max-subtraction."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        valid = targets != -1
-        rows, tgt = torch.arange(z.size(0), device=z.device), targets.clamp(min=0)
-        t = z.mul_(2.0 / cap).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(z / cap); ATen's sigmoid is ~3x faster on CPU
-        grad = t.mul(cap).exp_()
-        total = grad.sum(-1, keepdim=True)
-        loss = (total.squeeze(-1).log() - cap * t[rows, tgt]) * valid
-        grad.div_(total)  # softmax
-        grad[rows, tgt] -= 1.0
-        grad.mul_(t.square_().neg_().add_(1.0))  # chain rule through tanh
-        ctx.save_for_backward(grad, valid)
-        return loss
+    Eager autograd would keep [N, V] logits and several temporaries that size; on a CPU, passes over those
+    buffers (and page faults on fresh ones) cost as much as the lm_head matmuls. Here HEAD_CHUNK rows at a time
+    go through logits, loss and the gradient while they sit in cache, and both gradients are made in the forward
+    pass. With s = sigmoid(2z / cap): cap * tanh(z / cap) = cap * (2s - 1), whose softmax is that of 2 cap s,
+    and d/dz = 1 - tanh^2 = 4 s (1 - s). Logits are at most cap in size, so exp() needs no max-subtraction."""
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad, valid = ctx.saved_tensors
-        # In place: the graph's backward runs once (no retain_graph), so the saved buffer is ours to scale.
-        return grad.mul_((grad_loss * valid)[:, None]), None, None
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, cap: float):
+        dt = h.dtype  # bf16 under autocast: the matmuls in it, the loss arithmetic in fp32
+        fp32 = dt == torch.float32
+        with torch.autocast(h.device.type, enabled=False):
+            w_dt, w_scaled = w.to(dt), (w.t() * (2.0 / cap)).to(dt)
+            grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
+            total = torch.zeros((), device=h.device)
+            # Two buffers reused by every chunk: a fresh one each time would cost a page fault per 4 KB.
+            s_buf, g_buf = (torch.empty(HEAD_CHUNK, w.size(0), device=h.device) for _ in range(2))
+            for start in range(0, h.size(0), HEAD_CHUNK):
+                hc, tc, wc = (t[start : start + HEAD_CHUNK] for t in (h, targets, weights))
+                n = hc.size(0)
+                rows, tgt = torch.arange(n, device=h.device), tc.clamp(min=0)
+                s = torch.mm(hc, w_scaled, out=s_buf[:n]) if fp32 else s_buf[:n].copy_(hc @ w_scaled)
+                s.sigmoid_()
+                g = torch.mul(s, 2.0 * cap, out=g_buf[:n]).exp_()
+                sums = g.sum(-1)
+                total += ((sums.log() - 2.0 * cap * s[rows, tgt]) * wc).sum()
+                g.mul_((4.0 * wc / sums)[:, None])  # weighted softmax, times the 4 of 4 s (1 - s)
+                g[rows, tgt] -= 4.0 * wc
+                g = g.mul_(s.addcmul_(s, s, value=-1.0)).to(dt)  # the gradient w.r.t. the raw logits h w^T
+                torch.mm(g, w_dt, out=grad_h[start : start + n])
+                grad_w.addmm_(g.t(), hc) if fp32 else grad_w.add_(g.t() @ hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total, grad_w * grad_total, None, None, None
+
+
+HEAD_CHUNK = 256  # rows per pass of SoftcapHeadLoss: 4 MB of fp32 logits at vocab 8192, which stays in cache
 
 
 class KVCache:
@@ -209,7 +243,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = self.c_fc(x)
+        return self.c_proj(ReluSquared.apply(h) if eager_cpu_training(h) else F.relu(h).square())
 
 
 class Block(nn.Module):
@@ -331,28 +366,30 @@ class GPT(nn.Module):
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, cache)
-        logits = self.lm_head(norm(x)).float()  # the loss and soft-cap want fp32 even under bf16 autocast
+        x = norm(x)
         if cache is not None:
             step = T if lengths is None else torch.as_tensor(lengths, dtype=torch.long).cpu()
             kv_cache.pos += step
         cap = self.config.softcap
-        if targets is not None and cap and logits.requires_grad and not torch.compiler.is_compiling():
-            # Training in eager mode: the hand-fused loss. Compiled, the plain formula below fuses into a few
-            # kernels anyway; without gradients (evaluation) it is only the forward.
-            loss = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets.reshape(-1), cap).view(B, T)
-        else:
-            if cap:
-                logits = cap * torch.tanh(logits / cap)
-            if targets is None:
-                return logits
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none"
-            ).view(B, T)
+        if targets is not None:
+            weight = (targets != -1).float()
+            if loss_mask is not None:
+                weight = weight * loss_mask.float()
+            if cap and reduction == "mean" and eager_cpu_training(x):
+                # The chunked head and loss; compiled or on a GPU the plain formula below fuses into a few kernels,
+                # and without gradients (evaluation) it is only the forward.
+                row_weights = (weight / weight.sum().clamp(min=1.0)).view(-1)
+                return SoftcapHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), row_weights, cap)
+        logits = self.lm_head(x).float()  # the loss and soft-cap want fp32 even under bf16 autocast
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none"
+        ).view(B, T)
         if reduction == "none":
             return loss
-        weight = (targets != -1).float()
-        if loss_mask is not None:
-            weight = weight * loss_mask.float()
         return (loss * weight).sum() / weight.sum().clamp(min=1.0)
 
     @torch.no_grad()
