@@ -148,7 +148,7 @@ class SoftcapHeadLoss(torch.autograd.Function):
         return grad_h * grad_total, grad_w * grad_total, None, None, None
 
 
-HEAD_CHUNK = 256  # rows per pass of SoftcapHeadLoss: 4 MB of fp32 logits at vocab 8192, which stays in cache
+HEAD_CHUNK = 256  # rows per pass of SoftcapHeadLoss: 8 MB of fp32 logits at vocab 8192, which the L3 cache holds
 
 
 class KVCache:
@@ -378,8 +378,8 @@ class GPT(nn.Module):
             if cap and reduction == "mean" and eager_cpu_training(x):
                 # The chunked head and loss; compiled or on a GPU the plain formula below fuses into a few kernels,
                 # and without gradients (evaluation) it is only the forward.
-                row_weights = (weight / weight.sum().clamp(min=1.0)).view(-1)
-                return SoftcapHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), row_weights, cap)
+                rows = (weight / weight.sum().clamp(min=1.0)).view(-1)
+                return SoftcapHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), rows, cap)
         logits = self.lm_head(x).float()  # the loss and soft-cap want fp32 even under bf16 autocast
         if cap:
             logits = cap * torch.tanh(logits / cap)

@@ -90,14 +90,14 @@ def test_hand_differentiated_cpu_training_matches_autograd_of_plain_ops(monkeypa
     # Eager CPU training runs RMSNorm, ReLU^2 and the chunked soft-capped head loss by hand; the plain ops (what
     # GPUs and torch.compile run) differentiated by autograd must give the same loss and gradients.
     model = tiny_model()
-    # 3 x 100 rows: the head loss takes HEAD_CHUNK (128) rows at a time, the last chunk partial.
+    # 3 x 100 rows: the head loss takes HEAD_CHUNK (256) rows at a time, the last chunk partial.
     idx, tgt = torch.randint(0, 101, (3, 100)), torch.randint(0, 101, (3, 100))
     tgt[1, 40:] = -1
     weight = torch.rand(3, 100)  # a float loss_mask weighs each position
     weight[2, :10] = 0
     grads, losses = [], []
     for by_hand in (True, False):
-        monkeypatch.setattr(model_module, "eager_cpu_training", lambda x: by_hand and x.requires_grad)
+        monkeypatch.setattr(model_module, "eager_cpu_training", lambda x, by_hand=by_hand: by_hand and x.requires_grad)
         model.zero_grad()
         loss = model(idx, tgt, loss_mask=weight)
         loss.backward()
