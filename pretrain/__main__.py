@@ -21,8 +21,15 @@ from pretrain.shards import ShardError, TokenLoader, load_manifest
 from pretrain.train import SyntheticLoader, TrainConfig, print_result, train
 
 # Per-hardware defaults for the flags the user left unset.
+# CPU: a warmdown over the last half of a 10-minute run ends 0.0095 bits/byte lower than over the last fifth.
 CPU_DEFAULTS = dict(
-    depth=2, sequence_len=256, device_batch_size=32, max_minutes=10.0, eval_every=100, eval_tokens=2**17
+    depth=2,
+    sequence_len=256,
+    device_batch_size=32,
+    max_minutes=10.0,
+    warmdown_ratio=0.5,
+    eval_every=100,
+    eval_tokens=2**17,
 )
 CUDA_DEFAULTS = dict(depth=20, sequence_len=2048, device_batch_size=32, total_batch_tokens=524288, eval_tokens=2**22)
 
