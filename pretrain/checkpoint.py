@@ -116,15 +116,19 @@ def save_checkpoint(
 
 
 def _check_model_config(config: dict) -> None:
-    """Each field of the right type (json "8192" is not 8192): integers at least 1, numbers finite and >= 0."""
+    """Each field of the right type (json "8192" is not 8192): flags true or false, integers at least 1, numbers
+    finite and >= 0."""
     for f in fields(GPTConfig):
         value = config.get(f.name, f.default)
-        if isinstance(f.default, int):
+        if isinstance(f.default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(f.default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            kind = "an integer >= 1"
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            kind = "a finite number >= 0"
         if not ok:
-            kind = "an integer >= 1" if isinstance(f.default, int) else "a finite number >= 0"
             raise ValueError(f"model_config.{f.name} must be {kind}, got {value!r}")
 
 

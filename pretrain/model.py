@@ -2,6 +2,8 @@
 
 Token embedding -> [RMSNorm -> attention (rotary, QK-norm, grouped-query) -> RMSNorm -> ReLU^2 MLP] x n_layer
 -> RMSNorm -> untied lm_head -> tanh logit soft-cap. No biases; RMSNorm is functional (no parameters).
+Optionally each layer has value embeddings (as in modded-nanogpt): a second token embedding added to the
+attention values, many parameters for almost no compute, which small models gain most from.
 
 Training calls `model(idx, targets)` on the fast causal SDPA path. Inference calls `model(idx, kv_cache=cache)`:
 the `KVCache` keeps one length per row, so a serving engine can batch sequences of different lengths, prefill
@@ -28,6 +30,7 @@ class GPTConfig:
     n_embd: int = 1280
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
     rope_base: float = 10000.0
+    value_embeds: bool = False  # a token embedding per layer added to its attention values (False: older checkpoints)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -217,7 +220,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         # q and k side by side get one rotary and one norm. (Concatenating the three weights for one matmul
@@ -225,6 +230,8 @@ class CausalSelfAttention(nn.Module):
         qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1).view(B, T, H + 2 * Hkv, self.head_dim)
         qk = norm(apply_rotary(qkv[:, :, : H + Hkv], cos, sin))  # QK-norm keeps logits tame
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv :]
+        if ve is not None:  # the value embeddings of these tokens [B, T, Hkv * D]
+            v = v + ve.view_as(v)
         mask, causal = None, True
         if cache is not None:  # write the new keys/values, then attend over the cached prefix
             kc, vc = cache.kv.k[self.layer_idx], cache.kv.v[self.layer_idx]
@@ -253,8 +260,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, cache)
+    def forward(
+        self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache: CacheStep | None
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), ve, cos, sin, cache)
         return x + self.mlp(norm(x))
 
 
@@ -265,10 +274,15 @@ class GPT(nn.Module):
         # On the meta device (checkpoint loading: the weights come from the file) no init runs at all:
         # normal_ there imports torch._dynamo, seconds at every CLI start. An empty _weight skips nn.Embedding's.
         meta = torch.get_default_device().type == "meta"
-        empty = torch.empty(config.vocab_size, config.n_embd) if meta else None
-        wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=empty)
+
+        def embedding(dim: int) -> nn.Embedding:
+            return nn.Embedding(config.vocab_size, dim, _weight=torch.empty(config.vocab_size, dim) if meta else None)
+
         blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.transformer = nn.ModuleDict({"wte": wte, "h": blocks})
+        self.transformer = nn.ModuleDict({"wte": embedding(config.n_embd), "h": blocks})
+        # Empty without value embeddings; they go in AdamW's embedding group like wte.
+        n_ve = config.n_layer if config.value_embeds else 0
+        self.value_embeds = nn.ModuleList(embedding(config.n_kv_head * config.head_dim) for _ in range(n_ve))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived, not learned: non-persistent buffers, so checkpoints hold only weights.
         self.rotary_len = 10 * config.sequence_len
@@ -304,7 +318,8 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wte.weight.numel() if non_embedding else n
+        embeddings = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n - embeddings if non_embedding else n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per non-embedding weight + attention scores (nanochat's estimate)."""
@@ -364,8 +379,9 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, cos, sin = x.to(dtype), cos.to(dtype), sin.to(dtype)
         x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache)
+        for i, block in enumerate(self.transformer.h):
+            ve = self.value_embeds[i](idx).to(x.dtype) if self.value_embeds else None
+            x = block(x, ve, cos, sin, cache)
         x = norm(x)
         if cache is not None:
             step = T if lengths is None else torch.as_tensor(lengths, dtype=torch.long).cpu()

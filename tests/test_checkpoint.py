@@ -47,8 +47,9 @@ def train_steps(model, opts, n, seed=1):
     return train_on(model, opts, (torch.randint(0, model.config.vocab_size, (2, 17), generator=g) for _ in range(n)))
 
 
-def test_round_trip_model_tokenizer_meta(tmp_path, tok):
-    model = make(tok)
+@pytest.mark.parametrize("value_embeds", [False, True])
+def test_round_trip_model_tokenizer_meta(tmp_path, tok, value_embeds):
+    model = make(tok, value_embeds=value_embeds)
     path = save_checkpoint(tmp_path / "step_000007", model, tok, {"step": 7, "loader": {"epoch": 1}})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     loaded, tok2, meta = load_checkpoint(path)
@@ -139,7 +140,7 @@ def test_loading_skips_init_and_never_imports_dynamo(tmp_path, tok):
     import subprocess
     import sys
 
-    save_checkpoint(tmp_path / "step_1", make(tok), tok, {"step": 1})
+    save_checkpoint(tmp_path / "step_1", make(tok, value_embeds=True), tok, {"step": 1})
     code = (
         "import sys; from pretrain.checkpoint import load_checkpoint; "
         f"load_checkpoint({str(tmp_path / 'step_1')!r}); print('torch._dynamo' in sys.modules)"
@@ -156,6 +157,7 @@ def test_loading_skips_init_and_never_imports_dynamo(tmp_path, tok):
         ({"n_layer": True}, "model_config.n_layer must be an integer >= 1, got True"),
         ({"n_layer": 0}, "model_config.n_layer must be an integer >= 1, got 0"),
         ({"softcap": "15"}, "model_config.softcap must be a finite number >= 0, got '15'"),
+        ({"value_embeds": 1}, "model_config.value_embeds must be true or false, got 1"),
     ],
 )
 def test_config_fields_of_the_wrong_type_are_corrupt(tmp_path, tok, change, message):

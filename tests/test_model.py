@@ -39,18 +39,21 @@ def test_from_depth_shapes():
         GPTConfig(n_embd=64, n_head=3)
 
 
-def test_param_and_flop_counts():
-    model = tiny_model()
+@pytest.mark.parametrize("value_embeds", [False, True])
+def test_param_and_flop_counts(value_embeds):
+    model = tiny_model(value_embeds=value_embeds)
     c = model.config
-    expected = 2 * c.vocab_size * c.n_embd + c.n_layer * (
-        c.n_embd * (c.n_embd + 2 * c.n_kv_head * c.head_dim) + c.n_embd**2 + 8 * c.n_embd**2
-    )
-    assert model.num_params() == expected
-    assert model.flops_per_token() == 6 * (expected - c.vocab_size * c.n_embd) + 12 * 2 * 4 * 16 * 32
+    kv = c.n_kv_head * c.head_dim
+    body = c.n_layer * (c.n_embd * (c.n_embd + 2 * kv) + c.n_embd**2 + 8 * c.n_embd**2)
+    embeddings = c.vocab_size * (c.n_embd + (c.n_layer * kv if value_embeds else 0))
+    assert model.num_params() == embeddings + c.vocab_size * c.n_embd + body
+    # Embeddings are lookups, not FLOPs: value embeddings leave the estimate as it was.
+    assert model.flops_per_token() == 6 * (c.vocab_size * c.n_embd + body) + 12 * 2 * 4 * 16 * 32
 
 
-def test_logits_shape_and_causality():
-    model = tiny_model()
+@pytest.mark.parametrize("value_embeds", [False, True])
+def test_logits_shape_and_causality(value_embeds):
+    model = tiny_model(value_embeds=value_embeds)
     idx = torch.randint(0, 101, (3, 20))
     logits = model(idx)
     assert logits.shape == (3, 20, 101)
@@ -108,8 +111,9 @@ def test_hand_differentiated_cpu_training_matches_autograd_of_plain_ops(monkeypa
         torch.testing.assert_close(a, b)
 
 
-def test_kv_cache_matches_full_forward_for_ragged_batch():
-    model = tiny_model()
+@pytest.mark.parametrize("value_embeds", [False, True])
+def test_kv_cache_matches_full_forward_for_ragged_batch(value_embeds):
+    model = tiny_model(value_embeds=value_embeds)
     lengths = [9, 15, 5]
     seqs = [torch.randint(0, 101, (n,)) for n in lengths]
     full = [model(s[None])[0] for s in seqs]
@@ -192,13 +196,13 @@ def test_sample_next_is_greedy_at_temperature_0_and_keeps_to_top_k_and_top_p():
 
 
 def test_optimizer_groups_cover_every_parameter_once():
-    model = tiny_model()
+    model = tiny_model(value_embeds=True)
     model.register_parameter("gain", torch.nn.Parameter(torch.ones(64)))  # a scalar/vector goes to AdamW
     adamw, muon = build_optimizers(model)
     seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
     names = {g["name"]: g["params"] for g in adamw.param_groups}
-    assert names["embedding"] == [model.transformer.wte.weight]
+    assert names["embedding"] == [model.transformer.wte.weight] + [ve.weight for ve in model.value_embeds]
     assert names["unembedding"] == [model.lm_head.weight]
     assert names["scalar"] == [model.gain]
     assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
