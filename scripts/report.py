@@ -309,7 +309,7 @@ def pretrain_section(home: Path) -> tuple[list[str], dict]:
         [
             "model",
             f"depth {mc.n_layer}, width {mc.n_embd}, {mc.n_head} heads ({mc.n_kv_head} kv), "
-            f"context {mc.sequence_len}, vocab {mc.vocab_size:,}",
+            f"{'value embeddings, ' if mc.value_embeds else ''}context {mc.sequence_len}, vocab {mc.vocab_size:,}",
         ],
         ["parameters", f"{params:,} ({_si(model.num_params(non_embedding=True))} non-embedding)"],
         ["FLOPs/token (training)", _si(fpt)],
