@@ -49,8 +49,9 @@ class PretrainConfig:
     n_head: int = flag(0, "override the query heads (0: from the width)")
     n_kv_head: int = flag(0, "override the key/value heads, < n_head for grouped-query attention (0: = n_head)")
     softcap: float = flag(15.0, "logit soft-cap (0: off)")
-    value_embeds: bool = flag(False, "add a token embedding per layer to the attention values (on by default on CPU)")
     run_dir: str = flag("", "checkpoints, metrics and plots go here (default: $SCRATCHCHAT_HOME/checkpoints/base)")
+    # Off on CUDA: at depth 20 and vocabulary 65,536 value embeddings would add 1.7 B parameters, so far untried.
+    value_embeds: bool = flag(False, "add a token embedding per layer to the attention values (on by default on CPU)")
 
 
 def apply_hardware_defaults(pcfg: PretrainConfig, tcfg: TrainConfig, device: torch.device, explicit: set[str]) -> None:
