@@ -3,7 +3,7 @@
 Token embedding -> [RMSNorm -> attention (rotary, QK-norm, grouped-query) -> RMSNorm -> ReLU^2 MLP] x n_layer
 -> RMSNorm -> untied lm_head -> tanh logit soft-cap. No biases; RMSNorm is functional (no parameters).
 Optionally each layer has value embeddings (as in modded-nanogpt): a second token embedding added to the
-attention values, many parameters for almost no compute, which small models gain most from.
+attention values: many parameters for almost no compute (the CPU plan's largest single gain).
 
 Training calls `model(idx, targets)` on the fast causal SDPA path. Inference calls `model(idx, kv_cache=cache)`:
 the `KVCache` keeps one length per row, so a serving engine can batch sequences of different lengths, prefill
